@@ -1,0 +1,243 @@
+"""Reading a run: its records, ``run.json`` and ``summary.json``, and the per-group lookups
+that the report, the diagnoses, the plots and the exports all share.
+
+Runs in: any process that reads a run, finished, crashed or still training (no torch).
+
+A run directory holds ``telemetry.jsonl`` (or ``telemetry.rank<r>.jsonl`` per rank), and
+usually ``run.json`` (written at start) and ``summary.json`` (written by ``stop()``); either
+JSON file may be missing after a crash, so everything here treats them as optional.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train_telemetry.records import RECORDS_FILE, RUN_FILE, SUMMARY_FILE, read_json, read_records
+
+__all__ = [
+    "OVERALL",
+    "Record",
+    "Run",
+    "RunNotFoundError",
+    "find_record_files",
+    "load_run",
+    "load_runs",
+    "number",
+    "record_step",
+]
+
+Record = dict[str, Any]
+
+OVERALL = "overall"
+# Per-group families: {overall, <group>...} in every record that has them.
+GROUP_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "update_ratio")
+
+_RANK_FILE = re.compile(r"^telemetry\.rank(\d+)\.jsonl$")
+_GROUP_INDEX = re.compile(r"^group_(\d+)$")
+
+
+class RunNotFoundError(FileNotFoundError):
+    """The path holds no telemetry records; the message names the path and what was expected."""
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (NaN and +-Inf included), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def record_step(record: Record, index: int) -> int:
+    """The step a record was collected at: ``batch_idx``, else ``seq``, else its position."""
+    for key in ("batch_idx", "seq"):
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return index
+
+
+@dataclass
+class Run:
+    """One run (one rank of it) as read from disk: records plus the optional JSON files."""
+
+    path: Path
+    records: list[Record]
+    meta: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    rank: int | None = None
+    records_file: Path | None = None
+    _groups: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        base = self.path.name or str(self.path)
+        return f"{base}[rank {self.rank}]" if self.rank is not None else base
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The TelemetryConfig the run was started with, as a dict ({} if run.json is missing)."""
+        config = (self.meta or {}).get("config")
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def groups(self) -> list[str]:
+        """The param-group names, in optimizer order.
+
+        From run.json when present (its order is the optimizer's), else from the per-group
+        families' keys; ``learning_rates`` is the last resort because it holds every group
+        twice (``group_<i>`` and the name), so it must not be read as the group list.
+        """
+        if self._groups is None:
+            self._groups = self._find_groups()
+        return self._groups
+
+    def _find_groups(self) -> list[str]:
+        declared = (self.meta or {}).get("groups")
+        if isinstance(declared, dict) and declared:
+            return [str(name) for name in declared]
+        seen: dict[str, None] = {}
+        for record in self.records:
+            for family in GROUP_FAMILIES:
+                values = record.get(family)
+                if isinstance(values, dict):
+                    seen.update((k, None) for k in values if k != OVERALL)
+        if seen:
+            return list(seen)
+        for record in self.records:
+            lrs = record.get("learning_rates")
+            if isinstance(lrs, dict) and lrs:
+                named = [k for k in lrs if not _GROUP_INDEX.match(k)]
+                return named or list(lrs)
+        return []
+
+    @property
+    def steps(self) -> list[int]:
+        return [record_step(r, i) for i, r in enumerate(self.records)]
+
+    def value(self, record: Record, family: str, key: str) -> float | None:
+        """``record[family][key]`` as a float, or None when absent, null or not a number."""
+        values = record.get(family)
+        if not isinstance(values, dict):
+            return None
+        return number(values.get(key))
+
+    def learning_rate(self, record: Record, group: str) -> float | None:
+        """The LR of ``group`` in ``record``, by name, else by its ``group_<i>`` index key."""
+        lrs = record.get("learning_rates")
+        if not isinstance(lrs, dict):
+            return None
+        if group in lrs:
+            return number(lrs[group])
+        if group in self.groups:
+            return number(lrs.get(f"group_{self.groups.index(group)}"))
+        return None
+
+    def series(self, family: str, key: str, *, finite: bool = False) -> list[tuple[int, float]]:
+        """(step, value) for each record holding a number at ``family.key``."""
+        out: list[tuple[int, float]] = []
+        for i, record in enumerate(self.records):
+            v = self.value(record, family, key)
+            if v is not None and (not finite or math.isfinite(v)):
+                out.append((record_step(record, i), v))
+        return out
+
+    def lr_series(self, group: str) -> list[tuple[int, float]]:
+        out: list[tuple[int, float]] = []
+        for i, record in enumerate(self.records):
+            v = self.learning_rate(record, group)
+            if v is not None:
+                out.append((record_step(record, i), v))
+        return out
+
+    def torn_tail(self) -> bool:
+        """Whether the records file ends in a partial line (a crash mid-write)."""
+        file = self.records_file
+        if file is None:
+            return False
+        try:
+            with open(file, "rb") as f:
+                if f.seek(0, os.SEEK_END) == 0:
+                    return False
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) != b"\n"
+        except OSError:
+            return False
+
+
+def find_record_files(directory: Path) -> list[tuple[int | None, Path]]:
+    """(rank, file) for the records files of a run directory: the plain one, else per rank."""
+    plain = directory / RECORDS_FILE
+    if plain.is_file():
+        return [(None, plain)]
+    ranked: list[tuple[int | None, Path]] = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        match = _RANK_FILE.match(entry.name)
+        if match:
+            ranked.append((int(match.group(1)), entry))
+    return sorted(ranked, key=lambda item: item[0] if item[0] is not None else -1)
+
+
+def _sidecar(directory: Path, base: str, rank: int | None) -> dict[str, Any] | None:
+    # Per-rank runs may write run.rank<r>.json; fall back to the shared file.
+    if rank is not None:
+        stem, ext = os.path.splitext(base)
+        ranked = read_json(directory / f"{stem}.rank{rank}{ext}")
+        if ranked is not None:
+            return ranked
+    return read_json(directory / base)
+
+
+def _read(directory: Path, file: Path | None, rank: int | None) -> Run:
+    records = read_records(file) if file is not None and file.exists() else []
+    return Run(
+        path=directory,
+        records=records,
+        meta=_sidecar(directory, RUN_FILE, rank),
+        summary=_sidecar(directory, SUMMARY_FILE, rank),
+        rank=rank,
+        records_file=file,
+    )
+
+
+def load_runs(path: str | os.PathLike[str], *, allow_empty: bool = False) -> list[Run]:
+    """Every run in ``path``: a run directory (one Run, or one per rank) or a ``.jsonl`` file.
+
+    ``allow_empty`` accepts a directory that has no records file yet (a run just started),
+    returning one Run with no records; otherwise that raises :class:`RunNotFoundError`.
+    """
+    path = Path(path)
+    if path.is_file():
+        match = _RANK_FILE.match(path.name)
+        rank = int(match.group(1)) if match else None
+        return [_read(path.parent, path, rank)]
+    if not path.is_dir():
+        raise RunNotFoundError(f"{path}: no such run directory or records file")
+    files = find_record_files(path)
+    if not files:
+        if allow_empty:
+            return [_read(path, path / RECORDS_FILE, None)]
+        raise RunNotFoundError(
+            f"{path}: no {RECORDS_FILE} (or telemetry.rank<r>.jsonl) here: "
+            "is this a run directory written by train-telemetry?"
+        )
+    return [_read(path, file, rank) for rank, file in files]
+
+
+def load_run(path: str | os.PathLike[str], *, rank: int | None = None) -> Run:
+    """One run: the only one in ``path``, or the given ``rank`` of a per-rank run."""
+    runs = load_runs(path)
+    if rank is None:
+        if len(runs) > 1:
+            ranks = ", ".join(str(r.rank) for r in runs)
+            raise RunNotFoundError(f"{path}: holds one records file per rank ({ranks}): pick one with rank=")
+        return runs[0]
+    for run in runs:
+        if run.rank == rank or (run.rank is None and rank == 0):
+            return run
+    ranks = ", ".join(str(r.rank if r.rank is not None else 0) for r in runs)
+    raise RunNotFoundError(f"{path}: no records for rank {rank} (ranks present: {ranks})")

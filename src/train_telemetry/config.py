@@ -1,0 +1,173 @@
+"""TelemetryConfig: every setting of a telemetry run, its YAML/dict loading and validation.
+
+Runs in: the training process (and, pickled, in the worker). Imports no torch and no
+other module of this package, so configs can be checked where torch is absent.
+
+The seed design's keys keep their names and defaults (``enabled``, ``collect_every_n``,
+``output_dir``, ``track_*``, ``holdout_size``); the rest are what the asynchronous design
+needs. ``configs/default.yaml`` lists every key with a one-line comment; keep the two in
+step (a unit test checks that they agree).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+__all__ = ["TelemetryConfig", "TelemetryConfigError"]
+
+
+class TelemetryConfigError(ValueError):
+    """A setting, a config file or a start-up condition is wrong; the message says the fix."""
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What to collect, how often, where to write it, and how the worker behaves.
+
+    Build it directly, with :meth:`from_dict`, or with :meth:`from_yaml`. Every field is
+    validated on construction; a wrong value raises :class:`TelemetryConfigError`.
+    """
+
+    # --- the seed's keys -------------------------------------------------------------
+    enabled: bool = True
+    collect_every_n: PositiveInt = 200
+    output_dir: str | None = None
+    track_gradients: bool = True
+    track_weight_delta: bool = True
+    track_learning_rates: bool = True
+    track_holdout_logits: bool = True
+    track_batch_stats: bool = True
+    holdout_size: PositiveInt = 50
+
+    # --- what the batches look like --------------------------------------------------
+    input_keys: list[str] = msgspec.field(default_factory=lambda: ["img1", "img2"])
+    label_key: str = "winner"
+
+    # --- how collection runs ---------------------------------------------------------
+    mode: Literal["async", "sync"] = "async"
+    on_full: Literal["drop", "block"] = "drop"
+    block_timeout_s: PositiveFloat = 60.0
+    num_slots: PositiveInt = 2
+    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    start_timeout_s: PositiveFloat = 120.0
+    stop_timeout_s: PositiveFloat = 60.0
+    worker_threads: PositiveInt = 1
+    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    eval_batch_size: PositiveInt = 256
+    fsync: bool = True
+
+    # --- distributed (torch.distributed) ---------------------------------------------
+    per_rank: bool = False
+
+    # --- what the groups are meant to be, for the report's diagnoses -----------------
+    # e.g. {backbone: 1, head: 10}: the LR of each group relative to the others.
+    expected_lr_ratios: dict[str, PositiveFloat] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_dir, Path):  # accept Path as the seed's API did
+            self.output_dir = str(self.output_dir)
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            try:
+                msgspec.convert(value, field.type, strict=True)
+            except msgspec.ValidationError as exc:
+                raise TelemetryConfigError(
+                    f"{field.name}: {value!r} is not valid: {_allowed(field.name, exc)}"
+                ) from None
+        if not self.input_keys:
+            raise TelemetryConfigError(
+                "input_keys: [] is not valid: name at least one batch key to feed the model"
+            )
+
+    # --- loading ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], *, source: str | None = None) -> TelemetryConfig:
+        """Build a config from a dict (e.g. a YAML section); unknown keys are errors.
+
+        ``source`` names where the dict came from, for error messages.
+        """
+        where = f"{source}: " if source else ""
+        if not isinstance(config_dict, dict):
+            raise TelemetryConfigError(
+                f"{where}expected a mapping of telemetry settings, got {type(config_dict).__name__}"
+            )
+        valid = cls.field_names()
+        for key in config_dict:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TelemetryConfigError(
+                    f"{where}unknown key {key!r}{hint} (valid keys: {', '.join(valid)})"
+                )
+        try:
+            return cls(**config_dict)
+        except TelemetryConfigError as exc:
+            raise TelemetryConfigError(f"{where}{exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TelemetryConfig:
+        """Load a YAML file whose top level, or whose ``telemetry:`` section, holds the keys."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TelemetryConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise TelemetryConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if isinstance(data, dict) and "telemetry" in data:
+            data = data["telemetry"] or {}
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in msgspec.structs.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    def replace(self, **changes: Any) -> TelemetryConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        data = self.to_dict()
+        data.update(changes)
+        return type(self).from_dict(data)
+
+
+_ALLOWED: dict[str, str] = {
+    "collect_every_n": "an integer >= 1",
+    "holdout_size": "an integer >= 1",
+    "num_slots": "an integer >= 1",
+    "worker_threads": "an integer >= 1",
+    "eval_batch_size": "an integer >= 1",
+    "worker_nice": "an integer from 0 to 19",
+    "block_timeout_s": "a number of seconds > 0",
+    "start_timeout_s": "a number of seconds > 0",
+    "stop_timeout_s": "a number of seconds > 0",
+    "mode": "one of 'async', 'sync'",
+    "on_full": "one of 'drop', 'block'",
+    "start_method": "one of 'spawn', 'forkserver', 'fork'",
+    "output_dir": "a directory path (string) or null",
+    "input_keys": "a list of batch keys (strings)",
+    "label_key": "a batch key (string)",
+    "expected_lr_ratios": "a mapping of group name to a number > 0, or null",
+}
+
+
+def _allowed(name: str, exc: msgspec.ValidationError) -> str:
+    allowed = _ALLOWED.get(name)
+    if allowed is None and name.startswith(("enabled", "track_", "fsync", "per_rank")):
+        allowed = "true or false"
+    detail = str(exc).split(" - at ")[0]
+    return f"expected {allowed} ({detail})" if allowed else detail
