@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .records import CHECKPOINT_FILE
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -35,6 +37,9 @@ class Setup:
     forward_fn: Any  # picklable forward_fn(model, batch) -> logits, or None
     holdout: dict[str, Any] | None  # the fixed holdout batch (CPU tensors)
     init_slot: int | None  # slot holding the weights at start(): the first delta reference
+    # The delta reference's file name in the run directory; with per_rank each rank has its
+    # own (last_checkpoint.rank1.pt), else two workers would race on one file.
+    checkpoint_name: str = CHECKPOINT_FILE
 
 
 @dataclass

@@ -14,6 +14,7 @@ import contextlib
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -123,6 +124,8 @@ class Telemetry:
         self._rank = 0
         self._world_size = 1
         self._dist_group: Any = None
+        self._global_batch = False  # batch stats summed over ranks (one all_reduce per collection)
+        self._count_device = torch.device("cpu")  # where that all_reduce's vector lives
         self._layout: Layout | None = None
         self._pool: SlotPool | None = None
         self._slot_state: Any = None
@@ -277,7 +280,7 @@ class Telemetry:
             return  # a non-writing rank: the hook only joins the label-count collective
         assert self.output_dir is not None
         with contextlib.suppress(FileNotFoundError):
-            (self.output_dir / CHECKPOINT_FILE).unlink()  # a stale reference would fake a delta
+            (self.output_dir / self._file_name(CHECKPOINT_FILE)).unlink()  # a stale reference would fake a delta
         if cfg.mode == "async":
             self._start_worker()
         else:
@@ -307,22 +310,48 @@ class Telemetry:
             ) from None
 
     def _detect_distributed(self) -> None:
+        """Rank and world size from torch.distributed; see docs/distributed.md.
+
+        Without ``per_rank`` only rank 0 writes, and the batch statistics of each
+        collection are summed over the ranks (``_global_batch``). That all_reduce is the
+        only collective telemetry ever runs; every rank joins it at every collection step.
+        """
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             self._rank = dist.get_rank()
             self._world_size = dist.get_world_size()
+            self._global_batch = (
+                self._world_size > 1 and not self.config.per_rank and self.config.track_batch_stats
+            )
+            if self._global_batch and dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+                self._count_device = torch.device("cuda", torch.cuda.current_device())
+        elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            # Launched by torchrun, but start() came before init_process_group: without the
+            # rank every process would write the same files. No collective is possible.
+            self._rank = int(os.environ.get("RANK", "0") or 0)
+            self._world_size = int(os.environ["WORLD_SIZE"])
+            self._warn_once(
+                "dist_late",
+                f"WORLD_SIZE={self._world_size} but torch.distributed is not initialised at start(): "
+                f"taking rank {self._rank} from $RANK; batch statistics cover this rank's batch only. "
+                "Call start() after init_process_group for global batch statistics",
+            )
 
     @property
     def _writes(self) -> bool:
         """Whether this process writes records (rank 0, or every rank with per_rank)."""
         return self._rank == 0 or self.config.per_rank
 
+    def _file_name(self, name: str) -> str:
+        """``name``, or with per_rank under DDP ``<stem>.rank<r>.<ext>`` (telemetry.rank1.jsonl)."""
+        if self.config.per_rank and self._world_size > 1:
+            stem, _, ext = name.partition(".")
+            return f"{stem}.rank{self._rank}.{ext}"
+        return name
+
     def _records_path(self) -> Path:
         assert self.output_dir is not None
-        if self.config.per_rank and self._world_size > 1:
-            path = self.output_dir / f"telemetry.rank{self._rank}.jsonl"
-        else:
-            path = self.output_dir / RECORDS_FILE
+        path = self.output_dir / self._file_name(RECORDS_FILE)
         self.records_file = path
         return path
 
@@ -403,6 +432,7 @@ class Telemetry:
             forward_fn=self.forward_fn,
             holdout=self._holdout if cfg.track_holdout_logits else None,
             init_slot=init_slot,
+            checkpoint_name=self._file_name(CHECKPOINT_FILE),
         )
         if cfg.mode == "sync":
             assert self._writer is not None and self.output_dir is not None
@@ -471,9 +501,12 @@ class Telemetry:
             "worker_pid": self.worker_pid,
             "rank": self._rank,
             "world_size": self._world_size,
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0") or 0),
+            "host": socket.gethostname(),
+            "global_batch_stats": self._global_batch,
             "torch_version": str(torch.__version__),
         }
-        _write_json_atomic(self.output_dir / (RUN_FILE if self._rank == 0 else f"run.rank{self._rank}.json"), info)
+        _write_json_atomic(self.output_dir / self._file_name(RUN_FILE), info)
 
     # ------------------------------------------------------------------ the hook
     def _idle_hook(self) -> None:
@@ -682,9 +715,8 @@ class Telemetry:
     def _write_summary(self, summary: TelemetrySummary) -> None:
         if self.output_dir is None or not self._writes:
             return
-        name = SUMMARY_FILE if not (self.config.per_rank and self._world_size > 1) else f"summary.rank{self._rank}.json"
         with contextlib.suppress(OSError):
-            _write_json_atomic(self.output_dir / name, summary.to_dict())
+            _write_json_atomic(self.output_dir / self._file_name(SUMMARY_FILE), summary.to_dict())
 
     def _atexit_stop(self) -> None:
         # The interpreter is exiting without stop(): flush what is queued, bounded in time.

@@ -63,7 +63,7 @@ import torch
 from . import metrics
 from .config import TelemetryConfig
 from .messages import Done, Ready, Setup, SetupDone, Snapshot, Stop
-from .records import CHECKPOINT_FILE, SCHEMA_VERSION, encode_record, repair_torn_tail
+from .records import SCHEMA_VERSION, encode_record, repair_torn_tail
 
 POLL_S = 0.5  # how often an idle worker checks that the trainer is alive
 _MAX_LOGGED_ERRORS = 20
@@ -136,7 +136,7 @@ class SnapshotProcessor:
         self.run_dir = run_dir
         self.setup = setup
         self.writer = writer
-        self.checkpoint = run_dir / CHECKPOINT_FILE
+        self.checkpoint = run_dir / setup.checkpoint_name
         self.group_of: list[int] = [-1] * setup.num_params
         self.group_names: list[str] = []
         self.num_classes = 0

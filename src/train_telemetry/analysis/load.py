@@ -24,7 +24,11 @@ __all__ = [
     "Record",
     "Run",
     "RunNotFoundError",
+    "class_sort_key",
     "find_record_files",
+    "holdout_accuracy",
+    "holdout_chance",
+    "holdout_class_count",
     "load_run",
     "load_runs",
     "number",
@@ -154,6 +158,40 @@ class Run:
                 out.append((record_step(record, i), v))
         return out
 
+    def holdout(self) -> list[tuple[int, Record, dict[str, Any]]]:
+        """(step, record, holdout_logits) for each record with a holdout evaluation."""
+        out = []
+        for i, record in enumerate(self.records):
+            holdout = record.get("holdout_logits")
+            if isinstance(holdout, dict):
+                out.append((record_step(record, i), record, holdout))
+        return out
+
+    def batch_classes(self) -> list[tuple[int, dict[str, float], float | None]]:
+        """(step, {class: pct of the batch}, batch_size) for each record with batch stats.
+
+        The class keys are ``<label_key>_<class>_pct``; label_key comes from run.json's
+        config, else any ``<key>_<class>_pct`` key counts.
+        """
+        label_key = self.config.get("label_key")
+        pattern = re.compile(
+            rf"^{re.escape(label_key)}_(.+)_pct$" if isinstance(label_key, str) else r"^(?:.+)_(.+?)_pct$"
+        )
+        out = []
+        for i, record in enumerate(self.records):
+            stats = record.get("batch_stats")
+            if not isinstance(stats, dict):
+                continue
+            classes = {}
+            for key, value in stats.items():
+                match = pattern.match(key)
+                pct = number(value)
+                if match and pct is not None and math.isfinite(pct):
+                    classes[match.group(1)] = pct
+            if classes:
+                out.append((record_step(record, i), classes, number(stats.get("batch_size"))))
+        return out
+
     def torn_tail(self) -> bool:
         """Whether the records file ends in a partial line (a crash mid-write)."""
         file = self.records_file
@@ -167,6 +205,42 @@ class Run:
                 return f.read(1) != b"\n"
         except OSError:
             return False
+
+
+def class_sort_key(name: str) -> tuple[int, int, str]:
+    """Sort class names numerically when they are integers ("2" before "10"), else by text."""
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def holdout_accuracy(holdout: dict[str, Any]) -> float | None:
+    """A holdout evaluation's accuracy: the recorded one, else from predictions and labels."""
+    acc = number(holdout.get("accuracy"))
+    if acc is not None:
+        return acc
+    preds, labels = holdout.get("predictions"), holdout.get("labels")
+    if isinstance(preds, list) and isinstance(labels, list) and labels and len(preds) == len(labels):
+        return sum(p == t for p, t in zip(preds, labels, strict=True)) / len(labels)
+    return None
+
+
+def holdout_class_count(holdout: dict[str, Any]) -> int:
+    """How many classes the holdout's model distinguishes: logit width, else labels seen (>= 2)."""
+    labels = holdout.get("labels") or []
+    preds = holdout.get("predictions") or []
+    logits = holdout.get("logits") or []
+    width = len(logits[0]) if logits and isinstance(logits[0], list) and len(logits[0]) > 1 else 2
+    classes = {v for v in list(labels) + list(preds) if isinstance(v, int)}
+    return max(width, len(classes), 2)
+
+
+def holdout_chance(holdout: dict[str, Any]) -> tuple[float, int]:
+    """(chance accuracy, holdout size): the better of 1/classes and always guessing the majority."""
+    labels = [v for v in holdout.get("labels") or [] if isinstance(v, int)]
+    k = holdout_class_count(holdout)
+    if not labels:
+        return 1.0 / k, 0
+    majority = max(labels.count(c) for c in set(labels)) / len(labels)
+    return max(1.0 / k, majority), len(labels)
 
 
 def find_record_files(directory: Path) -> list[tuple[int | None, Path]]:

@@ -1,0 +1,834 @@
+"""The diagnoses: pure functions from a run's records (plus run.json/summary.json) to findings.
+
+Runs in: any process that reads a run (no torch).
+
+Each detector takes a :class:`~train_telemetry.analysis.load.Run` and returns a list of
+:class:`Diagnosis` (code, severity, title, evidence, hint). ``code`` is stable: tests,
+scripts and the ``--json`` output key on it. The thresholds are module constants with the
+reason for their value; they are chosen so that a run of a handful of records can be
+judged and a healthy but noisy run is not flagged. "serious" means the run is not doing
+what it should (the CLI exits 1); "warning" deserves a look; "info" is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from train_telemetry.analysis.load import (
+    OVERALL,
+    Run,
+    class_sort_key,
+    holdout_accuracy,
+    holdout_chance,
+    number,
+    record_step,
+)
+
+__all__ = [
+    "CODES",
+    "DETECTORS",
+    "Diagnosis",
+    "Evidence",
+    "Severity",
+    "diagnose",
+    "is_serious",
+]
+
+Severity = Literal["info", "warning", "serious"]
+_SEVERITY_ORDER = {"serious": 0, "warning": 1, "info": 2}
+
+CODES = (
+    "nonfinite",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "frozen_group",
+    "lr_ratio_mismatch",
+    "update_ratio_inverted",
+    "overfitting",
+    "no_learning",
+    "prediction_collapse",
+    "single_class_batches",
+    "data_imbalance",
+    "dropped_snapshots",
+    "telemetry_errors",
+    "incomplete_run",
+)
+
+# --- how much data a judgement needs -------------------------------------------------------
+# A trend needs an "early" and a "late" part that do not overlap: with 3 records they are the
+# first and the last one. Fewer records and the trend detectors stay silent.
+MIN_TREND_RECORDS = 3
+# How many (step, values) points a diagnosis shows: enough to see the shape, short enough to read.
+EVIDENCE_POINTS = 5
+
+# --- gradients -----------------------------------------------------------------------------
+# Healthy runs keep a group's gradient norm within ~10x of its early level (warm-up, sharpening
+# of the loss surface); 100x growth of the late peak over the early median is a blow-up.
+EXPLODING_GROWTH = 100.0
+# A gradient norm that turns NaN after growing this much since the early records was
+# exploding, not poisoned by a bad input (that shows as NaN without growth: code nonfinite).
+EXPLODING_BEFORE_NAN_GROWTH = 10.0
+# Below 1e-7 a gradient is under float32 resolution of weights of order 1: updates are lost.
+VANISHING_NORM = 1e-7
+# Converging runs shrink gradients 10-100x; 1e-4 of the early level with the loss not near 0
+# means the signal is not reaching the group.
+VANISHING_DECAY = 1e-4
+# Train loss below this fraction of its early level: tiny gradients are expected (converged).
+CONVERGED_LOSS_FRACTION = 0.1
+
+# --- frozen groups -------------------------------------------------------------------------
+# weight_delta / weight_norm below this counts as "did not move": the checkpoint copy is exact,
+# so a frozen group's delta is 0.0; 1e-10 only absorbs summation rounding.
+FROZEN_RELATIVE_DELTA = 1e-10
+# A group must look frozen in this many records (all of them) before it is called frozen;
+# one record without gradients can be a branch that a batch did not use.
+MIN_FROZEN_RECORDS = 2
+
+# --- learning rates ------------------------------------------------------------------------
+# Observed LR ratio / expected ratio beyond 1.1x is a configuration difference (LRs are exact
+# numbers, not measurements); beyond 2x it changes training materially.
+LR_RATIO_WARNING_FACTOR = 1.1
+LR_RATIO_SERIOUS_FACTOR = 2.0
+# Groups whose intended LRs differ at least 2x have an intended order of update sizes ...
+UPDATE_ORDER_MIN_LR_FACTOR = 2.0
+# ... and that order counts as inverted when the group meant to move faster moves 2x slower
+# (median update/weight ratio); the margin absorbs per-layer scale differences under Adam.
+UPDATE_INVERSION_FACTOR = 2.0
+
+# --- holdout and train trends --------------------------------------------------------------
+# "At chance" allows two standard errors of a binomial accuracy on the holdout (0.14 for 50
+# examples at 50%), and never less than 5 points.
+CHANCE_MARGIN_MIN = 0.05
+CHANCE_MARGIN_SE = 2.0
+# Train loss falling 10% (late third mean vs early third mean) or train accuracy rising 10
+# points is learning; single-batch losses are noisy, hence the thirds and the margins.
+TRAIN_LOSS_DROP = 0.10
+TRAIN_ACC_RISE = 0.10
+# A holdout accuracy this far (and beyond the chance margin) below its smoothed peak is falling.
+OVERFIT_DROP_MIN = 0.05
+
+# --- holdout predictions -------------------------------------------------------------------
+# One class for >= 95% of the holdout, 20 points more than that class's true share: collapsed.
+COLLAPSE_SHARE = 0.95
+COLLAPSE_EXCESS = 0.20
+# Fewer holdout examples cannot show a collapse convincingly.
+COLLAPSE_MIN_EXAMPLES = 10
+
+# --- batches -------------------------------------------------------------------------------
+# Single-class batches are expected by chance with probability sum_c prior_c ** batch_size
+# (e.g. 2/256 for balanced binary batches of 8); they are flagged when at least 2 batches and
+# 20% of them are single-class and that is 5x more than chance; 50% or more is serious.
+SINGLE_CLASS_MIN_FRACTION = 0.2
+SINGLE_CLASS_EXCESS = 5.0
+SINGLE_CLASS_SERIOUS_FRACTION = 0.5
+# Class shares (pooled over the recorded batches) differing 3x between the most and the least
+# common class is imbalance; judged only with >= 20 samples per class on average, where
+# sampling noise alone stays well under 2x.
+IMBALANCE_RATIO = 3.0
+IMBALANCE_MIN_PER_CLASS = 20
+
+# --- the collector itself ------------------------------------------------------------------
+# Dropping more than 10% of snapshots leaves holes in every trend: warn; fewer is bookkeeping.
+DROPPED_WARNING_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One point of a diagnosis: the step (``batch_idx``) and the values that show it there."""
+
+    step: int | None
+    values: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "values": dict(self.values)}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A finding about a run: what (``code``), how bad, the evidence, and what to try."""
+
+    code: str
+    severity: Severity
+    title: str
+    hint: str
+    evidence: list[Evidence] = field(default_factory=list)
+    subject: str | None = None  # the group or class it is about, when it is about one
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """What identifies the finding across re-diagnoses of a growing run (for ``watch``)."""
+        return (self.code, self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "subject": self.subject,
+            "title": self.title,
+            "evidence": [e.to_dict() for e in self.evidence],
+            "hint": self.hint,
+        }
+
+
+def is_serious(diagnoses: Iterable[Diagnosis]) -> bool:
+    """Whether any diagnosis is serious (the CLI's exit status 1)."""
+    return any(d.severity == "serious" for d in diagnoses)
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "none"
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    return f"{value:.2e}"
+
+
+def _thirds(values: Sequence[float]) -> tuple[list[float], list[float]]:
+    k = max(1, len(values) // 3)
+    return list(values[:k]), list(values[-k:])
+
+
+def _pick(items: Sequence[Any], n: int = EVIDENCE_POINTS) -> list[Any]:
+    """Up to ``n`` items spread evenly, always the first and the last."""
+    if len(items) <= n:
+        return list(items)
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+def _train_trend(run: Run) -> dict[str, Any]:
+    """Whether the training batches show learning: early/late loss and accuracy, and the verdict."""
+    losses = [v for _, v in run.series("train", "loss", finite=True)]
+    accs = [v for _, v in run.series("train", "accuracy", finite=True)]
+    out: dict[str, Any] = {"improving": False, "known": False}
+    if len(losses) >= MIN_TREND_RECORDS:
+        early, late = _thirds(losses)
+        out.update(loss_early=statistics.fmean(early), loss_late=statistics.fmean(late), known=True)
+        if out["loss_early"] > 0 and out["loss_late"] <= out["loss_early"] * (1 - TRAIN_LOSS_DROP):
+            out["improving"] = True
+    if len(accs) >= MIN_TREND_RECORDS:
+        early, late = _thirds(accs)
+        out.update(acc_early=statistics.fmean(early), acc_late=statistics.fmean(late), known=True)
+        if out["acc_late"] - out["acc_early"] >= TRAIN_ACC_RISE:
+            out["improving"] = True
+    return out
+
+
+def _chance_margin(p: float, n: int) -> float:
+    se = math.sqrt(max(p * (1 - p), 0.0) / n) if n else 0.5
+    return max(CHANCE_MARGIN_MIN, CHANCE_MARGIN_SE * se)
+
+
+# --- detectors -----------------------------------------------------------------------------
+
+_SCANNED_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "learning_rates", "train")
+
+
+def _nonfinite_in(record: dict[str, Any]) -> dict[str, Any]:
+    """"family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
+    found: dict[str, Any] = {}
+    listed = record.get("nonfinite")
+    if isinstance(listed, list):
+        for key in listed:
+            if isinstance(key, str):
+                family, _, name = key.partition(".")
+                value = record.get(family, {}).get(name) if isinstance(record.get(family), dict) else None
+                found[key] = value if value is not None else "non-finite"
+    for family in _SCANNED_FAMILIES:
+        values = record.get(family)
+        if isinstance(values, dict):
+            for key, v in values.items():
+                f = number(v)
+                if f is not None and not math.isfinite(f):
+                    found[f"{family}.{key}"] = f
+    holdout = record.get("holdout_logits")
+    if isinstance(holdout, dict):
+        for key in ("loss", "accuracy"):
+            f = number(holdout.get(key))
+            if f is not None and not math.isfinite(f):
+                found[f"holdout_logits.{key}"] = f
+    return found
+
+
+def detect_nonfinite(run: Run) -> list[Diagnosis]:
+    """NaN/Inf anywhere in the metrics (the record's ``nonfinite`` list or the values)."""
+    hits = []
+    for i, record in enumerate(run.records):
+        found = _nonfinite_in(record)
+        if found:
+            hits.append(Evidence(record_step(record, i), found))
+    if not hits:
+        return []
+    first = hits[0]
+    keys = ", ".join(sorted(first.values)[:4]) + (", ..." if len(first.values) > 4 else "")
+    return [
+        Diagnosis(
+            code="nonfinite",
+            severity="serious",
+            title=f"NaN/Inf in {len(hits)} of {len(run.records)} records, first at step {first.step}: {keys}",
+            evidence=_pick(hits),
+            hint="training diverged or met bad data: lower the LR, clip gradients "
+            "(clip_grad_norm_), check inputs and loss for NaN; with AMP use a GradScaler",
+        )
+    ]
+
+
+def detect_gradients(run: Run) -> list[Diagnosis]:
+    """Exploding (growth, Inf, NaN after growth) or vanishing gradient norms, per group."""
+    out: list[Diagnosis] = []
+    groups = run.groups or [OVERALL]
+    train = _train_trend(run)
+    converged = train.get("loss_early", 0) > 0 and train.get("loss_late", math.inf) < (
+        train["loss_early"] * CONVERGED_LOSS_FRACTION
+    )
+    for group in groups:
+        series = run.series("gradient_norm", group)
+        if len(series) < 2:
+            continue
+        first_bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), None)
+        finite = series[:first_bad] if first_bad is not None else series
+        # Early level: the median of the first third of the finite part.
+        early_vals = _thirds([v for _, v in finite])[0] if finite else []
+        base = statistics.median(early_vals) if early_vals else None
+        after = finite[len(early_vals):]
+        peak = max(after, key=lambda sv: sv[1]) if after else None
+        growth = peak[1] / base if peak and base else 0.0
+        exploding = None
+        if first_bad is not None:
+            bad_step, bad_value = series[first_bad]
+            if bad_value == math.inf or (finite and growth >= EXPLODING_BEFORE_NAN_GROWTH):
+                exploding = f"became {bad_value} at step {bad_step}"
+        if exploding is None and len(finite) >= MIN_TREND_RECORDS and growth >= EXPLODING_GROWTH:
+            assert peak is not None and base is not None
+            exploding = f"grew {growth:.3g}x, from {_fmt(base)} early to {_fmt(peak[1])} at step {peak[0]}"
+        if exploding is not None:
+            points = _pick(finite) + ([series[first_bad]] if first_bad is not None else [])
+            out.append(
+                Diagnosis(
+                    code="exploding_gradients",
+                    severity="serious",
+                    subject=group,
+                    title=f"gradient norm of group '{group}' {exploding}",
+                    evidence=[Evidence(s, {"gradient_norm": v, "lr": _lr_at(run, s, group)}) for s, v in points],
+                    hint="lower this group's LR (or add warm-up), clip gradients (clip_grad_norm_), "
+                    "check the loss scale and normalisation layers",
+                )
+            )
+            continue
+        positive = [(s, v) for s, v in finite if v > 0]
+        if len(positive) < MIN_TREND_RECORDS:
+            continue
+        late_vals = _thirds([v for _, v in positive])[1]
+        late = statistics.median(late_vals)
+        if late < VANISHING_NORM:
+            why = f"is {_fmt(late)} (median of the last {len(late_vals)} records), below {VANISHING_NORM:g}"
+        elif base and late / base < VANISHING_DECAY and not converged:
+            why = f"fell {base / late:.3g}x, from {_fmt(base)} early to {_fmt(late)} late, while the train loss did not converge"
+        else:
+            continue
+        out.append(
+            Diagnosis(
+                code="vanishing_gradients",
+                severity="serious",
+                subject=group,
+                title=f"gradient norm of group '{group}' {why}",
+                evidence=[Evidence(s, {"gradient_norm": v}) for s, v in _pick(positive)],
+                hint="gradients are not reaching this group: check saturating activations, "
+                "initialisation, missing normalisation/residual paths, or a loss scaled to ~0",
+            )
+        )
+    return out
+
+
+def _lr_at(run: Run, step: int, group: str) -> float | None:
+    for i, record in enumerate(run.records):
+        if record_step(record, i) == step:
+            return run.learning_rate(record, group)
+    return None
+
+
+def detect_frozen(run: Run) -> list[Diagnosis]:
+    """A group whose weights never change: no gradients, zero LR, or zero weight delta."""
+    out: list[Diagnosis] = []
+    for group in run.groups:
+        grads: list[float | None] = []
+        lrs: list[float] = []
+        moved: list[bool] = []
+        points: list[Evidence] = []
+        for i, record in enumerate(run.records):
+            values: dict[str, Any] = {}
+            if isinstance(record.get("gradient_norm"), dict):
+                g = run.value(record, "gradient_norm", group)
+                grads.append(g)
+                values["gradient_norm"] = g
+            lr = run.learning_rate(record, group)
+            if lr is not None:
+                lrs.append(lr)
+                values["lr"] = lr
+            delta = run.value(record, "weight_delta", group)
+            if delta is not None:
+                norm = run.value(record, "weight_norm", group)
+                ratio = run.value(record, "update_ratio", group)
+                if ratio is None and norm:
+                    ratio = delta / norm
+                still = delta == 0 or (ratio is not None and ratio <= FROZEN_RELATIVE_DELTA)
+                moved.append(not still)
+                values["weight_delta"] = delta
+            if values:
+                points.append(Evidence(record_step(record, i), values))
+        if any(moved):
+            continue  # it moved at some point: whatever the grads/LR say, it is not frozen
+        no_grads = len(grads) >= MIN_FROZEN_RECORDS and all(g is None or g == 0 for g in grads)
+        zero_lr = len(lrs) >= MIN_FROZEN_RECORDS and all(lr == 0 for lr in lrs)
+        still = bool(moved)
+        if not (still or no_grads or zero_lr):
+            continue
+        reasons = []
+        if no_grads:
+            reasons.append("no gradients reach it" if all(g is None for g in grads) else "its gradients are all zero")
+        if zero_lr:
+            reasons.append("its LR is 0")
+        if still:
+            reasons.append(f"its weights did not change in {len(moved)} intervals")
+        out.append(
+            Diagnosis(
+                code="frozen_group",
+                severity="serious",
+                subject=group,
+                title=f"group '{group}' is frozen: " + ", ".join(reasons),
+                evidence=_pick(points),
+                hint="if unintended: check requires_grad of its parameters, that the forward uses "
+                "them without detach()/no_grad(), and its LR; if intended, leave the group out of "
+                "the optimizer",
+            )
+        )
+    return out
+
+
+def _median_lrs(run: Run, groups: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for group in groups:
+        values = [v for _, v in run.lr_series(group) if math.isfinite(v)]
+        if values:
+            out[group] = statistics.median(values)
+    return out
+
+
+def detect_lr_ratio(run: Run) -> list[Diagnosis]:
+    """Observed per-group LR ratios against the config's ``expected_lr_ratios``."""
+    expected = run.config.get("expected_lr_ratios")
+    if not isinstance(expected, dict) or not expected:
+        return []
+    out: list[Diagnosis] = []
+    groups = run.groups
+    missing = [g for g in expected if g not in groups]
+    if missing and groups:
+        out.append(
+            Diagnosis(
+                code="lr_ratio_mismatch",
+                severity="warning",
+                subject=",".join(missing),
+                title=f"expected_lr_ratios names group(s) {', '.join(repr(g) for g in missing)} "
+                f"that the optimizer does not have (groups: {', '.join(groups)})",
+                hint="name the param groups (param_groups[i]['name']) as expected_lr_ratios does",
+            )
+        )
+    present = [g for g in expected if g in groups and number(expected[g])]
+    if len(present) < 2:
+        return out
+    ref = min(present, key=lambda g: float(expected[g]))
+    for group in present:
+        if group == ref:
+            continue
+        want = float(expected[group]) / float(expected[ref])
+        points: list[tuple[float, Evidence]] = []
+        for i, record in enumerate(run.records):
+            lr_g, lr_ref = run.learning_rate(record, group), run.learning_rate(record, ref)
+            # A zero LR makes the ratio meaningless; that group is reported as frozen instead.
+            if not lr_g or not lr_ref or not math.isfinite(lr_g) or not math.isfinite(lr_ref):
+                continue
+            got = lr_g / lr_ref
+            points.append(
+                (got / want, Evidence(record_step(record, i), {f"lr.{group}": lr_g, f"lr.{ref}": lr_ref, "ratio": got}))
+            )
+        if not points:
+            continue
+        factor = statistics.median(f for f, _ in points)
+        off = max(factor, 1 / factor)
+        if off <= LR_RATIO_WARNING_FACTOR:
+            continue
+        got = want * factor
+        out.append(
+            Diagnosis(
+                code="lr_ratio_mismatch",
+                severity="serious" if off >= LR_RATIO_SERIOUS_FACTOR else "warning",
+                subject=group,
+                title=f"LR of '{group}' is {got:.3g}x that of '{ref}', expected {want:.3g}x "
+                f"(expected_lr_ratios): off by {off:.3g}x",
+                evidence=_pick([e for _, e in points]),
+                hint=f"check the lr of each param group given to the optimizer and any scheduler "
+                f"that scales groups differently; expected_lr_ratios is {expected}",
+            )
+        )
+    return out
+
+
+def detect_update_inversion(run: Run) -> list[Diagnosis]:
+    """A group meant to move faster (higher intended LR) moving clearly slower than another."""
+    groups = run.groups
+    medians: dict[str, float] = {}
+    for group in groups:
+        values = [v for _, v in run.series("update_ratio", group, finite=True) if v > 0]
+        if len(values) >= MIN_TREND_RECORDS - 1:
+            medians[group] = statistics.median(values)
+    expected = run.config.get("expected_lr_ratios")
+    if isinstance(expected, dict) and all(number(expected.get(g)) for g in medians):
+        intended = {g: float(expected[g]) for g in medians}
+        source = "expected_lr_ratios"
+    else:
+        intended = _median_lrs(run, list(medians))
+        source = "their LRs"
+    out: list[Diagnosis] = []
+    for fast in medians:
+        for slow in medians:
+            if fast == slow or fast not in intended or slow not in intended or intended[slow] <= 0:
+                continue
+            if intended[fast] < UPDATE_ORDER_MIN_LR_FACTOR * intended[slow]:
+                continue
+            if medians[fast] * UPDATE_INVERSION_FACTOR > medians[slow]:
+                continue
+            evidence = [
+                Evidence(s, {f"update_ratio.{fast}": v, f"update_ratio.{slow}": run.value(r, "update_ratio", slow)})
+                for s, v, r in _pick(
+                    [
+                        (record_step(r, i), run.value(r, "update_ratio", fast), r)
+                        for i, r in enumerate(run.records)
+                        if run.value(r, "update_ratio", fast) is not None
+                    ]
+                )
+            ]
+            out.append(
+                Diagnosis(
+                    code="update_ratio_inverted",
+                    severity="warning",
+                    subject=f"{fast}<{slow}",
+                    title=f"group '{fast}' should update {intended[fast] / intended[slow]:.3g}x faster than "
+                    f"'{slow}' ({source}) but its median update/weight ratio is "
+                    f"{_fmt(medians[fast])} vs {_fmt(medians[slow])}",
+                    evidence=evidence,
+                    hint="check which parameters went into which param group (a head in the "
+                    "backbone's group inverts the intent), and each group's weight decay",
+                )
+            )
+    return out
+
+
+def detect_learning(run: Run) -> list[Diagnosis]:
+    """Overfitting (train improving, holdout at chance or falling) or no learning at all."""
+    holdout = run.holdout()
+    train = _train_trend(run)
+    accs = [(s, a) for s, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)]
+    if len(accs) < MIN_TREND_RECORDS:
+        return _no_learning_from_train(run, train)
+    chance, n = holdout_chance(holdout[-1][2])
+    margin = _chance_margin(chance, n)
+    values = [a for _, a in accs]
+    _, late_vals = _thirds(values)
+    late = statistics.fmean(late_vals)
+    w = len(late_vals)
+    smoothed = [statistics.fmean(values[i : i + w]) for i in range(len(values) - w + 1)]
+    peak_i = max(range(len(smoothed)), key=smoothed.__getitem__)
+    peak = smoothed[peak_i]
+    at_chance = late <= chance + margin
+    falling = peak_i < len(smoothed) - 1 and peak - late >= max(OVERFIT_DROP_MIN, _chance_margin(peak, n))
+    evidence = []
+    train_by_step = {
+        record_step(r, i): r.get("train") for i, r in enumerate(run.records) if isinstance(r.get("train"), dict)
+    }
+    for s, a in _pick(accs):
+        values_at: dict[str, Any] = {"holdout_accuracy": a}
+        t = train_by_step.get(s)
+        if isinstance(t, dict):
+            values_at["train_loss"] = number(t.get("loss"))
+            values_at["train_accuracy"] = number(t.get("accuracy"))
+        evidence.append(Evidence(s, values_at))
+    train_text = _train_text(train)
+    if train["improving"] and (at_chance or falling):
+        what = (
+            f"holdout accuracy stays at chance ({late:.2f}, chance {chance:.2f})"
+            if at_chance
+            else f"holdout accuracy fell from {peak:.2f} to {late:.2f}"
+        )
+        return [
+            Diagnosis(
+                code="overfitting",
+                severity="serious",
+                title=f"{what} while {train_text}",
+                evidence=evidence,
+                hint="the model fits the training batches but not the holdout: check that train "
+                "and holdout labels mean the same thing (shuffled/mismatched labels), add "
+                "regularisation or data, or stop earlier",
+            )
+        ]
+    if at_chance:
+        what = f"holdout accuracy stays at chance ({late:.2f}, chance {chance:.2f}, {n} examples)"
+        return [
+            Diagnosis(
+                code="no_learning",
+                severity="serious",
+                title=what + (f" and {train_text}" if train["known"] else "; no train loss/accuracy recorded"),
+                evidence=evidence,
+                hint="nothing is being learned: check the LR (too low, or so high that it diverged), "
+                "frozen groups, that the loss uses the right labels, and the input pipeline",
+            )
+        ]
+    return []
+
+
+def _train_text(train: dict[str, Any]) -> str:
+    parts = []
+    if "loss_early" in train:
+        parts.append(f"train loss went {train['loss_early']:.3g} -> {train['loss_late']:.3g}")
+    if "acc_early" in train:
+        parts.append(f"train accuracy {train['acc_early']:.2f} -> {train['acc_late']:.2f}")
+    return ", ".join(parts) if parts else "no train metrics"
+
+
+def _no_learning_from_train(run: Run, train: dict[str, Any]) -> list[Diagnosis]:
+    # Without a holdout, only a train loss that does not move at all says "no learning";
+    # it is a warning because a flat single-batch loss can also be a hard task's plateau.
+    if not train["known"] or train["improving"] or "loss_early" not in train:
+        return []
+    if train["loss_late"] < train["loss_early"] * (1 - TRAIN_LOSS_DROP / 2):
+        return []
+    points = [Evidence(s, {"train_loss": v}) for s, v in _pick(run.series("train", "loss"))]
+    return [
+        Diagnosis(
+            code="no_learning",
+            severity="warning",
+            title=f"train loss does not fall ({train['loss_early']:.3g} -> {train['loss_late']:.3g}); "
+            "no holdout recorded to confirm",
+            evidence=points,
+            hint="check the LR, frozen groups and the labels; call set_holdout() to let the "
+            "report judge learning on fixed examples",
+        )
+    ]
+
+
+def detect_collapse(run: Run) -> list[Diagnosis]:
+    """Holdout predictions all (>= 95%) one class late in the run, beyond that class's share."""
+    holdout = run.holdout()
+    collapsed: list[tuple[int, int, float, float]] = []  # (index, class, pred share, true share)
+    for idx, (_, _, h) in enumerate(holdout):
+        preds, labels = h.get("predictions"), h.get("labels")
+        if not isinstance(preds, list) or len(preds) < COLLAPSE_MIN_EXAMPLES:
+            continue
+        labels = labels if isinstance(labels, list) else []
+        if len(set(labels)) < 2:
+            continue
+        top = max(set(preds), key=preds.count)
+        share = preds.count(top) / len(preds)
+        true_share = labels.count(top) / len(labels)
+        if share >= COLLAPSE_SHARE and share - true_share >= COLLAPSE_EXCESS:
+            collapsed.append((idx, top, share, true_share))
+    if not collapsed or collapsed[-1][0] != len(holdout) - 1:
+        return []
+    late_start = len(holdout) // 2
+    late_hits = [c for c in collapsed if c[0] >= late_start]
+    if len(late_hits) * 2 < len(holdout) - late_start:
+        return []
+    _, cls, share, true_share = collapsed[-1]
+    since = holdout[late_hits[0][0]][0]
+    return [
+        Diagnosis(
+            code="prediction_collapse",
+            severity="serious",
+            subject=str(cls),
+            title=f"holdout predictions collapsed to class {cls}: {share:.0%} of examples "
+            f"(true share {true_share:.0%}), in {len(late_hits)} of the last "
+            f"{len(holdout) - late_start} records since step {since}",
+            evidence=[
+                Evidence(holdout[i][0], {"predicted_class": c, "predicted_share": s, "true_share": t})
+                for i, c, s, t in _pick(collapsed)
+            ],
+            hint="the model outputs one class whatever the input: check the label encoding and "
+            "loss, class weights, batch shuffling, and an LR that is too high",
+        )
+    ]
+
+
+def detect_batches(run: Run) -> list[Diagnosis]:
+    """Single-class batches beyond chance, and class imbalance across the recorded batches."""
+    batches = run.batch_classes()
+    if not batches:
+        return []
+    out: list[Diagnosis] = []
+    holdout = run.holdout()
+    holdout_labels = [str(v) for v in (holdout[-1][2].get("labels") or [])] if holdout else []
+    classes = sorted({c for _, cs, _ in batches for c in cs} | set(holdout_labels), key=class_sort_key)
+    weights = [bs if bs and bs > 0 else 1.0 for _, _, bs in batches]
+    total_weight = sum(weights)
+    prior = {c: sum(cs.get(c, 0.0) * w for (_, cs, _), w in zip(batches, weights, strict=True)) / 100 / total_weight for c in classes}
+    present = {c for c, p in prior.items() if p > 0}
+    sizes = [bs for _, _, bs in batches if bs]
+    batch_size = statistics.median(sizes) if sizes else None
+
+    singles = [
+        (s, cs) for s, cs, bs in batches if sum(1 for p in cs.values() if p > 0) == 1 and (bs is None or bs > 1)
+    ]
+    if len(present) >= 2 and batch_size and batch_size > 1:
+        p_single = sum(p**batch_size for p in prior.values())
+        frac = len(singles) / len(batches)
+        if len(singles) >= 2 and frac >= max(SINGLE_CLASS_MIN_FRACTION, SINGLE_CLASS_EXCESS * p_single):
+            out.append(
+                Diagnosis(
+                    code="single_class_batches",
+                    severity="serious" if frac >= SINGLE_CLASS_SERIOUS_FRACTION else "warning",
+                    title=f"{len(singles)} of {len(batches)} recorded batches hold a single class "
+                    f"(expected by chance: {p_single:.1%})",
+                    evidence=[
+                        Evidence(s, {"class": next(c for c, p in cs.items() if p > 0), "batch_size": batch_size})
+                        for s, cs in _pick(singles)
+                    ],
+                    hint="the data is not shuffled (sorted by label?): use shuffle=True or a sampler "
+                    "that mixes classes within each batch",
+                )
+            )
+
+    samples = total_weight if sizes else len(batches)
+    if len(classes) >= 2 and samples / len(classes) >= IMBALANCE_MIN_PER_CLASS:
+        most = max(classes, key=lambda c: prior[c])
+        least = min(classes, key=lambda c: prior[c])
+        absent = [c for c in holdout_labels if c not in present]
+        ratio = prior[most] / prior[least] if prior[least] > 0 else math.inf
+        if ratio >= IMBALANCE_RATIO:
+            shares = {f"class {c}": round(prior[c], 4) for c in classes}
+            out.append(
+                Diagnosis(
+                    code="data_imbalance",
+                    severity="serious" if absent else "warning",
+                    title=(
+                        f"class(es) {', '.join(sorted(set(absent), key=class_sort_key))} of the holdout never appear in "
+                        f"{len(batches)} recorded training batches"
+                        if absent
+                        else f"batches are imbalanced: class {most} is {prior[most]:.0%} of samples, "
+                        f"class {least} {prior[least]:.0%} ({ratio:.3g}x)"
+                    ),
+                    evidence=[Evidence(None, shares)],
+                    hint="rebalance the sampler (WeightedRandomSampler) or weight the loss per class; "
+                    "check the split did not drop classes",
+                )
+            )
+    return out
+
+
+def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
+    """The collector's own health: dropped snapshots, metric errors, an unclean stop."""
+    out: list[Diagnosis] = []
+    summary = run.summary or {}
+    seqs = [r["seq"] for r in run.records if isinstance(r.get("seq"), int)]
+    gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1)
+    dropped_records = max(
+        (number((r.get("telemetry") or {}).get("dropped_total")) or 0 for r in run.records), default=0
+    )
+    dropped = int(max(number(summary.get("snapshots_dropped")) or 0, dropped_records, gaps))
+    if dropped:
+        taken = number(summary.get("snapshots_taken")) or (len(run.records) + dropped)
+        frac = dropped / max(taken + dropped if "snapshots_taken" in summary else taken, 1)
+        out.append(
+            Diagnosis(
+                code="dropped_snapshots",
+                severity="warning" if frac >= DROPPED_WARNING_FRACTION else "info",
+                title=f"{dropped} snapshots dropped ({frac:.0%}): the worker could not keep up",
+                evidence=[
+                    Evidence(record_step(r, i), {"dropped_before": (r.get("telemetry") or {}).get("dropped_before")})
+                    for i, r in enumerate(run.records)
+                    if (number((r.get("telemetry") or {}).get("dropped_before")) or 0) > 0
+                ][:EVIDENCE_POINTS],
+                hint="raise collect_every_n or num_slots, shrink holdout_size, or set on_full: block",
+            )
+        )
+    errors = [
+        Evidence(record_step(r, i), {"where": e.get("where"), "type": e.get("type"), "message": e.get("message")})
+        for i, r in enumerate(run.records)
+        for e in (r.get("errors") or [])
+        if isinstance(e, dict)
+    ]
+    summary_errors = summary.get("errors")
+    counted = sum(int(v) for v in summary_errors.values() if number(v)) if isinstance(summary_errors, dict) else 0
+    if errors or counted:
+        where = sorted({str(e.values.get("where")) for e in errors}) or sorted(summary_errors or {})
+        out.append(
+            Diagnosis(
+                code="telemetry_errors",
+                severity="warning",
+                title=f"{max(counted, len(errors))} metric errors while collecting ({', '.join(where)})",
+                evidence=_pick(errors) or [Evidence(None, dict(summary_errors or {}))],
+                hint="those metrics are missing from the affected records; the messages say why",
+            )
+        )
+    if finished and run.records:
+        problems = []
+        if run.summary is None:
+            problems.append("no summary.json (stop() never ran: crashed or still running)")
+        else:
+            if summary.get("clean") is False:
+                problems.append("summary.json says the stop was not clean")
+            code = summary.get("worker_exitcode")
+            if isinstance(code, int) and code != 0:
+                problems.append(f"the worker exited with code {code}")
+        if run.torn_tail():
+            problems.append("the records file ends in a torn line (skipped)")
+        if problems:
+            out.append(
+                Diagnosis(
+                    code="incomplete_run",
+                    severity="warning",
+                    title="the run did not finish cleanly: " + "; ".join(problems),
+                    evidence=[Evidence(run.steps[-1], {"records": len(run.records)})],
+                    hint="the records up to the last whole line are valid; call telemetry.stop() "
+                    "(or use it as a context manager) so the summary is written",
+                )
+            )
+    return out
+
+
+DETECTORS: tuple[Callable[[Run], list[Diagnosis]], ...] = (
+    detect_nonfinite,
+    detect_gradients,
+    detect_frozen,
+    detect_lr_ratio,
+    detect_update_inversion,
+    detect_learning,
+    detect_collapse,
+    detect_batches,
+)
+
+
+def diagnose(run: Run, *, finished: bool = True) -> list[Diagnosis]:
+    """Every diagnosis of ``run``, most severe first, then by the step of its first evidence.
+
+    ``finished=False`` (a run still training, as ``watch`` sees it) leaves out the
+    complaints about a missing summary.json.
+    """
+    found: list[Diagnosis] = []
+    for detector in DETECTORS:
+        found.extend(detector(run))
+    found.extend(detect_telemetry(run, finished=finished))
+
+    def order(d: Diagnosis) -> tuple[int, int, int]:
+        first = next((e.step for e in d.evidence if e.step is not None), 1 << 62)
+        return (_SEVERITY_ORDER[d.severity], first, CODES.index(d.code))
+
+    return sorted(found, key=order)

@@ -1,0 +1,157 @@
+"""Runs as tables (pandas: CSV, Parquet) and as TensorBoard scalars.
+
+Runs in: any process that reads a run (no torch). pandas (the ``export`` extra; pyarrow for
+Parquet) and tensorboard (the ``tensorboard`` extra) are imported only when used. The
+TensorBoard writer is tensorboard's own event-file writer and protos, the same ones
+``torch.utils.tensorboard`` uses, so no torch is needed to write them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from train_telemetry.analysis.extras import require
+from train_telemetry.analysis.load import Record, Run, load_run, number, record_step
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "TableFormat",
+    "export_tensorboard",
+    "flatten_record",
+    "holdout_dataframe",
+    "to_dataframe",
+    "write_table",
+]
+
+TableFormat = Literal["csv", "parquet"]
+# The per-example holdout lists would be one column per example; they get their own long
+# table (holdout_dataframe) instead.
+_PER_EXAMPLE = ("holdout_logits.logits", "holdout_logits.labels", "holdout_logits.predictions")
+_LEADING = ("batch_idx", "epoch", "seq", "timestamp")
+# Bookkeeping that is not a training signal: left out of TensorBoard scalars.
+_NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size"}
+
+
+def flatten_record(record: Record, *, per_example: bool = False) -> dict[str, Any]:
+    """One record as flat columns: nested keys joined with '.', e.g. ``gradient_norm.head``.
+
+    ``nonfinite`` becomes one ';'-joined string and ``errors`` a JSON string (both are lists);
+    the holdout's per-example lists are dropped unless ``per_example``.
+    """
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, list):
+            if prefix == "nonfinite":
+                out[prefix] = ";".join(str(v) for v in value)
+            elif prefix in _PER_EXAMPLE and not per_example:
+                return
+            else:
+                out[prefix] = json.dumps(value, default=str)
+        else:
+            out[prefix] = value
+
+    walk("", record)
+    return out
+
+
+def _as_run(run: Run | str | os.PathLike[str]) -> Run:
+    return run if isinstance(run, Run) else load_run(run)
+
+
+def to_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per record, one column per flattened key (``gradient_norm.head``, ``train.loss``...).
+
+    ``timestamp`` is parsed to a datetime; NaN/Inf stay floats. The per-example holdout
+    lists are in :func:`holdout_dataframe`.
+    """
+    pd_ = require("pandas", extra="export", purpose="to_dataframe()")
+    rows = [flatten_record(r) for r in _as_run(run).records]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    ordered = [c for c in _LEADING if c in columns] + [c for c in columns if c not in _LEADING]
+    frame = pd_.DataFrame(rows, columns=ordered)
+    if "timestamp" in frame.columns:
+        frame["timestamp"] = pd_.to_datetime(frame["timestamp"], errors="coerce", format="ISO8601")
+    return frame
+
+
+def holdout_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per (record, holdout example): step, example, label, prediction, correct, logit_<k>."""
+    pd_ = require("pandas", extra="export", purpose="holdout_dataframe()")
+    rows = []
+    for step, record, holdout in _as_run(run).holdout():
+        labels = holdout.get("labels") or []
+        logits = holdout.get("logits") or []
+        for i, pred in enumerate(holdout.get("predictions") or []):
+            row: dict[str, Any] = {
+                "batch_idx": step,
+                "epoch": record.get("epoch"),
+                "seq": record.get("seq"),
+                "example": i,
+                "label": labels[i] if i < len(labels) else None,
+                "prediction": pred,
+            }
+            row["correct"] = row["label"] == pred if row["label"] is not None else None
+            example_logits = logits[i] if i < len(logits) else []
+            for k, v in enumerate(example_logits if isinstance(example_logits, list) else [example_logits]):
+                row[f"logit_{k}"] = v
+            rows.append(row)
+    return pd_.DataFrame(rows)
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike[str], fmt: TableFormat) -> Path:
+    """Write ``frame`` as CSV or Parquet (Parquet needs pyarrow); returns the path written."""
+    path = Path(path)
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "parquet":
+        require("pyarrow", extra="export", purpose="Parquet export")
+        frame.to_parquet(path, index=False)
+    else:
+        raise ValueError(f"format {fmt!r} is not supported: use 'csv' or 'parquet'")
+    return path
+
+
+def _scalars(run: Run) -> Iterator[tuple[str, int, float, float]]:
+    """(tag, step, wall time, value) for each numeric leaf of each record."""
+    for i, record in enumerate(run.records):
+        step = record_step(record, i)
+        wall = number(record.get("time"))
+        wall = wall if wall is not None and math.isfinite(wall) else time.time()
+        for key, value in flatten_record(record).items():
+            f = number(value)
+            if f is None or key in _NOT_SCALARS:
+                continue
+            # TensorBoard groups tags by their first '/' part: gradient_norm/head, train/loss.
+            yield key.replace(".", "/", 1), step, wall, f
+
+
+def export_tensorboard(run: Run | str | os.PathLike[str], logdir: str | os.PathLike[str]) -> int:
+    """Write every numeric value of the run as TensorBoard scalars under ``logdir``; returns the count."""
+    require("tensorboard", extra="tensorboard", purpose="TensorBoard export")
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    writer = EventFileWriter(str(logdir))
+    count = 0
+    try:
+        for tag, step, wall, value in _scalars(_as_run(run)):
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+            writer.add_event(Event(wall_time=wall, step=step, summary=summary))
+            count += 1
+    finally:
+        writer.close()
+    return count

@@ -1,0 +1,338 @@
+"""Images of runs: the one-run dashboard and the several-run overlay.
+
+Runs in: any process that reads a run (no torch). Needs matplotlib (the ``plot`` extra),
+imported when a plot is made, never at import time. Figures are drawn on the Agg canvas
+directly, not through pyplot, so making a plot leaves the caller's pyplot state and
+backend alone (safe from notebooks and from threads).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from train_telemetry.analysis.diagnose import Diagnosis, diagnose
+from train_telemetry.analysis.extras import require
+from train_telemetry.analysis.load import OVERALL, Run, class_sort_key, holdout_chance
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["PlotInfo", "save_dashboard", "save_overlay"]
+
+# Dashboard: 5 rows x 2 panels; at 100 dpi a 14 x 19 in figure is 1400 x 1900 px, legible
+# when opened at full size and each panel still ~650 px wide.
+DASHBOARD_SIZE_IN = (14.0, 19.0)
+OVERLAY_SIZE_IN = (14.0, 13.0)
+DEFAULT_DPI = 100
+_SEVERITY_COLOURS = {"serious": "tab:red", "warning": "tab:orange", "info": "tab:gray"}
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+@dataclass(frozen=True)
+class PlotInfo:
+    """What was written: the file, its size in pixels, and each panel with whether it had data."""
+
+    path: Path
+    width: int
+    height: int
+    panels: dict[str, bool]
+
+    @property
+    def empty_panels(self) -> list[str]:
+        return [title for title, has_data in self.panels.items() if not has_data]
+
+
+def _new_figure(size: tuple[float, float], dpi: int) -> Figure:
+    require("matplotlib", extra="plot", purpose="plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: str | os.PathLike[str], dpi: int, panels: dict[str, bool]) -> PlotInfo:
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # No bbox_inches="tight": the image keeps the figure's exact size (tests and layouts rely on it).
+    figure.savefig(path, dpi=dpi)
+    width, height = (round(v * dpi) for v in figure.get_size_inches())
+    return PlotInfo(path=path, width=width, height=height, panels=panels)
+
+
+def _empty(ax: Axes, message: str) -> bool:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return False
+
+
+def _plot_log_series(
+    ax: Axes, series: Sequence[tuple[int, float]], label: str, colour: Any, style: str = "-"
+) -> bool:
+    """Plot the positive finite values on a log axis; mark zeros at the bottom and NaN/Inf at the top.
+
+    Zeros (a frozen group's delta) and non-finite values cannot be drawn on a log scale, and
+    they are exactly the values a reader must see, so they get markers instead of vanishing.
+    """
+    good = [(s, v) for s, v in series if math.isfinite(v) and v > 0]
+    zeros = [s for s, v in series if v == 0]
+    bad = [s for s, v in series if not math.isfinite(v)]
+    if good:
+        ax.plot([s for s, _ in good], [v for _, v in good], style, color=colour, label=label,
+                marker="." if len(good) < 30 else None)
+    if zeros:
+        ax.plot(zeros, [0.02] * len(zeros), "v", color=colour, transform=ax.get_xaxis_transform(),
+                label=f"{label} = 0" if not good else None, clip_on=False)
+    if bad:
+        ax.plot(bad, [0.98] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(),
+                label=f"{label} NaN/Inf", clip_on=False)
+    return bool(series)
+
+
+def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
+    ax.set_title(title)
+    colours = _colours(len(run.groups))
+    drawn = False
+    missing = []
+    for group, colour in zip(run.groups, colours, strict=True):
+        series = run.lr_series(group) if family == "lr" else run.series(family, group)
+        if series:
+            drawn |= _plot_log_series(ax, series, group, colour)
+        else:
+            missing.append(group)
+    if family != "lr":
+        overall = run.series(family, OVERALL)
+        if overall and len(run.groups) > 1:
+            drawn |= _plot_log_series(ax, overall, OVERALL, "0.3", ":")
+    if not drawn:
+        return _empty(ax, f"no {title.lower()} recorded")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    if missing:
+        ax.plot([], [], " ", label="no data: " + ", ".join(missing))
+    ax.legend(fontsize="small", loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    return True
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"] if n <= 20 else colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+
+
+def _accuracy_panel(ax: Axes, run: Run) -> bool:
+    ax.set_title("accuracy")
+    holdout = run.holdout()
+    drawn = False
+    acc = [(s, a) for s, _, h in holdout if isinstance(a := h.get("accuracy"), (int, float))]
+    if acc:
+        ax.plot(*zip(*acc, strict=True), color="tab:blue", marker=".", label="holdout")
+        chance, _ = holdout_chance(holdout[-1][2])
+        ax.axhline(chance, color="0.5", linestyle="--", label=f"chance {chance:.2f}")
+        drawn = True
+    train = run.series("train", "accuracy", finite=True)
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:orange", alpha=0.8, label="train batch")
+        drawn = True
+    if not drawn:
+        return _empty(ax, "no accuracy recorded (holdout or train outputs)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return True
+
+
+def _loss_panel(ax: Axes, run: Run) -> bool:
+    ax.set_title("loss")
+    drawn = False
+    for family, label, colour in (("holdout_logits", "holdout", "tab:blue"), ("train", "train batch", "tab:orange")):
+        series = run.series(family, "loss", finite=True)
+        if series:
+            ax.plot(*zip(*series, strict=True), color=colour, marker="." if len(series) < 30 else None, label=label)
+            drawn = True
+    if not drawn:
+        return _empty(ax, "no loss recorded")
+    ax.set_xlabel("step")
+    ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return True
+
+
+def _balance_panel(ax: Axes, run: Run) -> bool:
+    label_key = run.config.get("label_key")
+    ax.set_title("batch balance" + (f" ('{label_key}')" if label_key else ""))
+    batches = run.batch_classes()
+    if not batches:
+        return _empty(ax, "no batch stats recorded")
+    classes = sorted({c for _, cs, _ in batches for c in cs}, key=class_sort_key)
+    steps = [s for s, _, _ in batches]
+    stacks = [[cs.get(c, 0.0) for _, cs, _ in batches] for c in classes]
+    colours = _colours(len(classes))
+    if len(steps) == 1:  # a stack plot needs two x values; widen the single batch into a bar
+        bottom = 0.0
+        for c, values, colour in zip(classes, stacks, colours, strict=True):
+            ax.bar(steps, values, bottom=bottom, color=colour, label=f"class {c}")
+            bottom += values[0]
+    else:
+        ax.stackplot(steps, stacks, colors=colours, labels=[f"class {c}" for c in classes], step="mid")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of batch")
+    ax.set_xlabel("step")
+    ax.legend(fontsize="x-small", ncol=min(len(classes), 5), loc="upper right")
+    return True
+
+
+def _heatmap_panel(ax: Axes, run: Run) -> bool:
+    ax.set_title("holdout predictions per example (rows sorted by label; left strip: label)")
+    holdout = [(s, h) for s, _, h in run.holdout() if isinstance(h.get("predictions"), list) and h["predictions"]]
+    if not holdout:
+        return _empty(ax, "no holdout predictions recorded")
+    size = len(holdout[-1][1]["predictions"])
+    holdout = [(s, h) for s, h in holdout if len(h["predictions"]) == size]
+    labels = holdout[-1][1].get("labels") or [0] * size
+    order = sorted(range(size), key=lambda i: (labels[i], i))
+    classes = max(max(labels, default=0), max(max(h["predictions"]) for _, h in holdout)) + 1
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    colours = _colours(classes)
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm(np.arange(-0.5, classes + 0.5), cmap.N)
+    grid = np.array([[h["predictions"][i] for _, h in holdout] for i in order], dtype=float)
+    steps = [s for s, _ in holdout]
+    left = steps[0] - (steps[1] - steps[0]) / 2 if len(steps) > 1 else steps[0] - 0.5
+    right = steps[-1] + (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else steps[0] + 0.5
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+              extent=(left, right, size - 0.5, -0.5))
+    strip = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
+    strip.imshow(np.array([[labels[i]] for i in order], dtype=float), aspect="auto",
+                 interpolation="nearest", cmap=cmap, norm=norm)
+    strip.set_xticks([])
+    strip.set_yticks([])
+    ax.set_xlabel("step")
+    ax.set_ylabel("example")
+    ax.set_yticks([])
+    return True
+
+
+def _telemetry_panel(ax: Axes, run: Run) -> bool:
+    ax.set_title("telemetry cost")
+    drawn = False
+    for key, label, colour in (("hook_ms", "hook (ms)", "tab:purple"), ("worker_lag_ms", "worker lag (ms)", "tab:brown")):
+        series = run.series("telemetry", key)
+        if series:
+            drawn |= _plot_log_series(ax, series, label, colour)
+    dropped = [(s, v) for s, v in run.series("telemetry", "dropped_before") if v > 0]
+    if dropped:
+        for s, _ in dropped:
+            ax.axvline(s, color="tab:red", alpha=0.3)
+        ax.plot([], [], color="tab:red", alpha=0.3, label=f"snapshots dropped before ({len(dropped)})")
+    if not drawn:
+        return _empty(ax, "no telemetry timings recorded")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return True
+
+
+def _diagnoses_panel(ax: Axes, diagnoses: Sequence[Diagnosis]) -> bool:
+    ax.set_title("diagnoses")
+    ax.set_axis_off()
+    if not diagnoses:
+        ax.text(0.02, 0.95, "no problems found", color="tab:green", va="top", transform=ax.transAxes, fontsize="large")
+        return True
+    y = 0.97
+    for d in diagnoses[:12]:
+        ax.text(0.0, y, f"{d.severity.upper()} {d.code}", color=_SEVERITY_COLOURS[d.severity], va="top",
+                transform=ax.transAxes, fontweight="bold", fontsize="small")
+        title = d.title if len(d.title) <= 110 else d.title[:107] + "..."
+        ax.text(0.0, y - 0.035, title, va="top", transform=ax.transAxes, fontsize="x-small", wrap=True)
+        y -= 0.08
+    if len(diagnoses) > 12:
+        ax.text(0.0, y, f"... {len(diagnoses) - 12} more (see the report)", va="top", transform=ax.transAxes)
+    return True
+
+
+def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT_DPI) -> PlotInfo:
+    """Write one image of ``run``: a panel per metric family, then the diagnoses."""
+    figure = _new_figure(DASHBOARD_SIZE_IN, dpi)
+    axes = figure.subplots(5, 2)
+    diagnoses = diagnose(run)
+    steps = run.steps
+    serious = sum(d.severity == "serious" for d in diagnoses)
+    figure.suptitle(
+        f"{run.name}: steps {steps[0] if steps else '-'}..{steps[-1] if steps else '-'}, "
+        f"{len(run.records)} records, {serious} serious diagnoses",
+        fontsize="x-large",
+    )
+    panels = {
+        "gradient norm": _group_panel(axes[0][0], run, "gradient_norm", "Gradient norm"),
+        "weight delta": _group_panel(axes[0][1], run, "weight_delta", "Weight delta since previous collection"),
+        "update/weight ratio": _group_panel(axes[1][0], run, "update_ratio", "Update / weight ratio"),
+        "learning rate": _group_panel(axes[1][1], run, "lr", "Learning rate"),
+        "accuracy": _accuracy_panel(axes[2][0], run),
+        "loss": _loss_panel(axes[2][1], run),
+        "batch balance": _balance_panel(axes[3][0], run),
+        "holdout predictions": _heatmap_panel(axes[3][1], run),
+        "telemetry cost": _telemetry_panel(axes[4][0], run),
+        "diagnoses": _diagnoses_panel(axes[4][1], diagnoses),
+    }
+    return _save(figure, path, dpi, panels)
+
+
+def save_overlay(runs: Sequence[Run], path: str | os.PathLike[str], *, dpi: int = DEFAULT_DPI) -> PlotInfo:
+    """Write one image overlaying ``runs``: colour per run, line style per group."""
+    figure = _new_figure(OVERLAY_SIZE_IN, dpi)
+    axes = figure.subplots(3, 2)
+    colours = _colours(len(runs))
+    figure.suptitle("compare: " + ", ".join(r.name for r in runs), fontsize="x-large")
+    panels: dict[str, bool] = {}
+    layout = (
+        (axes[0][0], "holdout accuracy", "holdout_logits", "accuracy", False),
+        (axes[0][1], "train loss", "train", "loss", False),
+        (axes[1][0], "gradient norm", "gradient_norm", None, True),
+        (axes[1][1], "weight delta", "weight_delta", None, True),
+        (axes[2][0], "update / weight ratio", "update_ratio", None, True),
+        (axes[2][1], "learning rate", "lr", None, True),
+    )
+    groups = list(dict.fromkeys(g for run in runs for g in run.groups))
+    for ax, title, family, key, per_group in layout:
+        ax.set_title(title)
+        drawn = False
+        for run, colour in zip(runs, colours, strict=True):
+            if not per_group:
+                assert key is not None
+                series = run.series(family, key, finite=True)
+                if series:
+                    ax.plot(*zip(*series, strict=True), color=colour, label=run.name)
+                    drawn = True
+                continue
+            for group in run.groups:
+                style = _LINESTYLES[groups.index(group) % len(_LINESTYLES)]
+                series = run.lr_series(group) if family == "lr" else run.series(family, group)
+                if series:
+                    drawn |= _plot_log_series(ax, series, f"{run.name} {group}", colour, style)
+        if drawn:
+            if per_group:
+                ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.legend(fontsize="x-small")
+            ax.grid(True, alpha=0.3)
+        else:
+            _empty(ax, f"no {title} recorded in any run")
+        panels[title] = drawn
+    return _save(figure, path, dpi, panels)
+

@@ -1,0 +1,484 @@
+"""The report: a run's summary and diagnoses as data, and the text rendered from that data.
+
+Runs in: any process that reads a run (no torch).
+
+:func:`report_data` builds one JSON-able dict (what ``train-telemetry report --json``
+prints); :func:`render_report` turns that dict, and nothing else, into the text report, so
+the two always say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from train_telemetry.analysis.diagnose import Diagnosis, diagnose, is_serious
+from train_telemetry.analysis.load import (
+    GROUP_FAMILIES,
+    OVERALL,
+    Run,
+    class_sort_key,
+    holdout_chance,
+    holdout_class_count,
+    number,
+)
+from train_telemetry.records import to_strict_json_value
+
+__all__ = ["format_number", "render_report", "report_data", "report_json", "sparkline", "summarize"]
+
+# A trend is drawn in at most this many characters: enough to show a shape on one line.
+TREND_WIDTH = 24
+_BARS = "▁▂▃▄▅▆▇█"
+_ASCII_BARS = "_.-:=+*#"
+
+_FAMILY_TITLES = {
+    "gradient_norm": "gradient norm",
+    "weight_delta": "weight delta",
+    "update_ratio": "update/weight",
+    "weight_norm": "weight norm",
+    "lr": "learning rate",
+}
+# Norms and ratios span decades, so their trends are drawn on a log scale.
+_LOG_FAMILIES = {"gradient_norm", "weight_delta", "update_ratio", "weight_norm", "lr"}
+
+
+def format_number(value: Any, digits: int = 3) -> str:
+    """A short human form of a number (3 significant digits, exponent when far from 1)."""
+    f = number(value)
+    if f is None:
+        return "-" if value is None else str(value)
+    if not math.isfinite(f):
+        return {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}[repr(f)]
+    if f == 0:
+        return "0"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if 1e-3 <= abs(f) < 1e5:
+        return f"{f:.{digits}g}"
+    return f"{f:.{max(digits - 1, 1)}e}"
+
+
+def _trend(values: Sequence[float], width: int = TREND_WIDTH) -> list[float]:
+    """``values`` averaged into at most ``width`` buckets (non-finite values kept as NaN)."""
+    if len(values) <= width:
+        return list(values)
+    out = []
+    for b in range(width):
+        chunk = values[b * len(values) // width : (b + 1) * len(values) // width]
+        finite = [v for v in chunk if math.isfinite(v)]
+        out.append(statistics.fmean(finite) if len(finite) == len(chunk) else math.nan)
+    return out
+
+
+def sparkline(values: Sequence[float | None], *, log: bool = False, ascii_only: bool = False) -> str:
+    """``values`` as one line of bar characters; '!' marks NaN/Inf, ' ' a missing value."""
+    bars = _ASCII_BARS if ascii_only else _BARS
+
+    def scale(v: float) -> float | None:
+        if not math.isfinite(v):
+            return None
+        if log:
+            return math.log10(v) if v > 0 else None
+        return v
+
+    scaled = [scale(v) if v is not None else None for v in values]
+    known = [s for s in scaled if s is not None]
+    lo, hi = (min(known), max(known)) if known else (0.0, 0.0)
+    chars = []
+    for v, s in zip(values, scaled, strict=True):
+        if v is None:
+            chars.append(" ")
+        elif s is None:
+            chars.append("!" if not math.isfinite(v) else bars[0])
+        elif hi == lo:
+            chars.append(bars[len(bars) // 2])
+        else:
+            chars.append(bars[min(len(bars) - 1, int((s - lo) / (hi - lo) * len(bars)))])
+    return "".join(chars)
+
+
+def _stats(series: Sequence[tuple[int, float]]) -> dict[str, Any] | None:
+    if not series:
+        return None
+    values = [v for _, v in series]
+    finite = [v for v in values if math.isfinite(v)]
+    return {
+        "n": len(values),
+        "first": values[0],
+        "last": values[-1],
+        "first_step": series[0][0],
+        "last_step": series[-1][0],
+        "min": min(finite) if finite else None,
+        "max": max(finite) if finite else None,
+        "median": statistics.median(finite) if finite else None,
+        "nonfinite": len(values) - len(finite),
+        "trend": _trend(values),
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _spread(values: Sequence[float]) -> dict[str, float] | None:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    return {"median": statistics.median(finite), "p95": _percentile(finite, 0.95), "max": max(finite)}
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """What the run recorded, condensed: coverage, per-group trends, LRs, holdout, batches, cost."""
+    meta = run.meta or {}
+    steps = run.steps
+    epochs = [r["epoch"] for r in run.records if isinstance(r.get("epoch"), int)]
+    seqs = [r["seq"] for r in run.records if isinstance(r.get("seq"), int)]
+    groups = run.groups
+    notes: list[str] = []
+
+    per_group: dict[str, dict[str, Any]] = {}
+    for group in [*groups, OVERALL]:
+        entry = {family: _stats(run.series(family, group)) for family in GROUP_FAMILIES}
+        if group != OVERALL:
+            entry["lr"] = _stats(run.lr_series(group))
+        per_group[group] = entry
+
+    summary: dict[str, Any] = {
+        "run": {
+            "name": run.name,
+            "path": str(run.path),
+            "rank": run.rank,
+            "records": len(run.records),
+            "first_step": steps[0] if steps else None,
+            "last_step": steps[-1] if steps else None,
+            "first_epoch": epochs[0] if epochs else None,
+            "last_epoch": epochs[-1] if epochs else None,
+            "seq_gaps": sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1),
+            "collect_every_n": run.config.get("collect_every_n"),
+            "started": meta.get("started"),
+            "torch_version": meta.get("torch_version"),
+            "pid": meta.get("pid"),
+            "has_run_json": run.meta is not None,
+            "has_summary_json": run.summary is not None,
+            "torn_tail": run.torn_tail(),
+            "group_sizes": meta.get("groups") if isinstance(meta.get("groups"), dict) else None,
+        },
+        "groups": per_group,
+        "lr_ratios": _lr_ratios(run),
+        "holdout": _holdout_summary(run),
+        "train": {
+            "loss": _stats(run.series("train", "loss")),
+            "accuracy": _stats(run.series("train", "accuracy")),
+        },
+        "batches": _batch_summary(run),
+        "telemetry": _telemetry_summary(run),
+        "notes": notes,
+    }
+    if run.records and summary["train"]["loss"] is None and summary["train"]["accuracy"] is None:
+        notes.append(
+            "no train loss/accuracy recorded: pass loss= (and outputs=) to on_batch_end "
+            "to let the report tell overfitting from no learning"
+        )
+    if run.records and summary["holdout"] is None:
+        notes.append("no holdout recorded: call set_holdout() to track fixed examples")
+    if run.meta is None:
+        notes.append("no run.json: group sizes, config and expected LR ratios are unknown")
+    return summary
+
+
+def _lr_ratios(run: Run) -> dict[str, Any] | None:
+    lrs: dict[str, float] = {}
+    for group in run.groups:
+        values = [v for _, v in run.lr_series(group) if math.isfinite(v)]
+        if values:
+            lrs[group] = statistics.median(values)
+    if len(lrs) < 2:
+        return None
+    expected = run.config.get("expected_lr_ratios")
+    expected = expected if isinstance(expected, dict) else None
+    candidates = [g for g in lrs if lrs[g] > 0]
+    if expected:
+        known = [g for g in candidates if number(expected.get(g))]
+        candidates = known or candidates
+        ref = min(candidates, key=lambda g: float(expected[g]) if g in expected else math.inf) if candidates else None
+    else:
+        ref = min(candidates, key=lambda g: lrs[g]) if candidates else None
+    if ref is None:
+        return None
+    return {
+        "reference": ref,
+        "median_lr": lrs,
+        "observed": {g: lrs[g] / lrs[ref] for g in lrs},
+        "expected": (
+            {g: float(expected[g]) / float(expected[ref]) for g in expected if number(expected[g])}
+            if expected and number(expected.get(ref))
+            else None
+        ),
+    }
+
+
+def _holdout_summary(run: Run) -> dict[str, Any] | None:
+    holdout = run.holdout()
+    if not holdout:
+        return None
+    last = holdout[-1][2]
+    chance, n = holdout_chance(last)
+    accs = [(s, v) for s, _, h in holdout if (v := number(h.get("accuracy"))) is not None]
+    best = max((a for a in accs if math.isfinite(a[1])), key=lambda a: a[1], default=None)
+    return {
+        "examples": n,
+        "classes": holdout_class_count(last),
+        "chance": chance,
+        "accuracy": _stats(accs),
+        "best_accuracy": best[1] if best else None,
+        "best_step": best[0] if best else None,
+        "loss": _stats([(s, v) for s, _, h in holdout if (v := number(h.get("loss"))) is not None]),
+    }
+
+
+def _batch_summary(run: Run) -> dict[str, Any] | None:
+    batches = run.batch_classes()
+    if not batches:
+        return None
+    classes = sorted({c for _, cs, _ in batches for c in cs}, key=class_sort_key)
+    sizes = [bs for _, _, bs in batches if bs]
+    weights = [bs if bs else 1.0 for _, _, bs in batches]
+    total = sum(weights)
+    return {
+        "label_key": run.config.get("label_key"),
+        "records": len(batches),
+        "batch_size": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)} if sizes else None,
+        "class_pct": {
+            c: sum(cs.get(c, 0.0) * w for (_, cs, _), w in zip(batches, weights, strict=True)) / total
+            for c in classes
+        },
+        "single_class_batches": sum(1 for _, cs, _ in batches if sum(1 for p in cs.values() if p > 0) == 1),
+    }
+
+
+def _telemetry_summary(run: Run) -> dict[str, Any]:
+    def values(key: str) -> list[float]:
+        out = []
+        for record in run.records:
+            v = run.value(record, "telemetry", key)
+            if v is not None:
+                out.append(v)
+        return out
+
+    summary = run.summary or {}
+    dropped = values("dropped_total")
+    errors = summary.get("errors")
+    return {
+        "hook_ms": _spread(values("hook_ms")),
+        "worker_lag_ms": _spread(values("worker_lag_ms")),
+        "dropped": int(max(dropped, default=0)),
+        "records_written": summary.get("records_written"),
+        "snapshots_taken": summary.get("snapshots_taken"),
+        "snapshots_dropped": summary.get("snapshots_dropped"),
+        "errors": errors if isinstance(errors, dict) else {},
+        "record_errors": sum(len(r.get("errors") or []) for r in run.records),
+        "clean": summary.get("clean"),
+        "worker_exitcode": summary.get("worker_exitcode"),
+    }
+
+
+def report_data(run: Run, *, finished: bool = True) -> dict[str, Any]:
+    """The whole report as one JSON-able dict: summary, diagnoses, and whether any is serious."""
+    diagnoses = diagnose(run, finished=finished)
+    return _assemble(run, diagnoses)
+
+
+def _assemble(run: Run, diagnoses: list[Diagnosis]) -> dict[str, Any]:
+    return {
+        "summary": summarize(run),
+        "diagnoses": [d.to_dict() for d in diagnoses],
+        "serious": is_serious(diagnoses),
+    }
+
+
+def report_json(data: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """Strict JSON text of report data (NaN/Inf as the strings records.py uses)."""
+    return json.dumps(to_strict_json_value(data), indent=2, allow_nan=False)
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def _evidence_text(evidence: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for e in evidence:
+        values = ", ".join(f"{k}={format_number(v)}" for k, v in e["values"].items())
+        parts.append(f"step {e['step']}: {values}" if e["step"] is not None else values)
+    return "; ".join(parts)
+
+
+def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
+    """The text report of :func:`report_data`'s dict: summary tables, then the diagnoses."""
+    s = data["summary"]
+    run = s["run"]
+    lines: list[str] = []
+    add = lines.append
+    add(f"Run {run['name']}  ({run['path']})")
+    if not run["records"]:
+        add("  no records yet")
+    else:
+        epochs = (
+            f" (epochs {run['first_epoch']} .. {run['last_epoch']})" if run["first_epoch"] is not None else ""
+        )
+        every = f", collected every {run['collect_every_n']} steps" if run["collect_every_n"] else ""
+        add(f"  steps {run['first_step']} .. {run['last_step']}{epochs}: {run['records']} records{every}")
+    origin = [f"started {run['started']}" if run["started"] else None,
+              f"torch {run['torch_version']}" if run["torch_version"] else None,
+              f"pid {run['pid']}" if run["pid"] else None]
+    if any(origin):
+        add("  " + ", ".join(o for o in origin if o))
+    tel = s["telemetry"]
+    if not run["has_summary_json"]:
+        add("  status: no summary.json (crashed, killed, or still running)")
+    else:
+        add("  status: " + ("stopped cleanly" if tel["clean"] else "stop was NOT clean")
+            + (f", worker exit code {tel['worker_exitcode']}" if tel["worker_exitcode"] not in (None, 0) else ""))
+    if run["torn_tail"]:
+        add("  the records file ends in a torn line (skipped)")
+
+    lines.extend(_group_table(s, ascii_only=ascii_only))
+    lines.extend(_holdout_lines(s, ascii_only=ascii_only))
+    lines.extend(_batch_lines(s))
+    lines.extend(_telemetry_lines(s))
+    for note in s["notes"]:
+        add(f"note: {note}")
+    add("")
+    lines.extend(render_diagnoses(data["diagnoses"]))
+    return "\n".join(lines) + "\n"
+
+
+def render_diagnoses(diagnoses: Sequence[dict[str, Any]]) -> list[str]:
+    """The diagnoses section: a count line, then each with its evidence and hint."""
+    if not diagnoses:
+        return ["Diagnoses: none: no problems found"]
+    counts = {sev: sum(1 for d in diagnoses if d["severity"] == sev) for sev in ("serious", "warning", "info")}
+    head = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n)
+    lines = [f"Diagnoses ({head}):"]
+    for d in diagnoses:
+        lines.append(f"  {d['severity'].upper():8} {d['code']}: {d['title']}")
+        if d["evidence"]:
+            lines.append(f"           evidence: {_evidence_text(d['evidence'])}")
+        lines.append(f"           hint: {d['hint']}")
+    return lines
+
+
+def _row(label: str, stats: dict[str, Any] | None, family: str, ascii_only: bool) -> str:
+    if stats is None:
+        return f"    {label:<14} -"
+    trend = sparkline(stats["trend"], log=family in _LOG_FAMILIES, ascii_only=ascii_only)
+    return (
+        f"    {label:<14} {format_number(stats['first']):>10} {format_number(stats['last']):>10} "
+        f"{format_number(stats['median']):>10} {format_number(stats['min']):>10} "
+        f"{format_number(stats['max']):>10}  {trend}"
+    )
+
+
+def _group_table(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
+    groups: dict[str, dict[str, Any]] = s["groups"]
+    lines = ["", f"  {'per group':<18} {'first':>10} {'last':>10} {'median':>10} {'min':>10} {'max':>10}  trend"]
+    for family in (*GROUP_FAMILIES, "lr"):
+        rows = [(g, stats[family]) for g, stats in groups.items() if stats.get(family) is not None]
+        if not rows:
+            continue
+        lines.append(f"  {_FAMILY_TITLES[family]}")
+        lines.extend(_row(g, st, family, ascii_only) for g, st in rows)
+    ratios = s["lr_ratios"]
+    if ratios:
+        ref = ratios["reference"]
+        parts = []
+        for g, r in ratios["observed"].items():
+            if g == ref:
+                continue
+            exp = (ratios["expected"] or {}).get(g)
+            parts.append(f"{g} {format_number(r)}x" + (f" (expected {format_number(exp)}x)" if exp else ""))
+        if parts:
+            lines.append(f"  LR relative to '{ref}': " + ", ".join(parts))
+    sizes = s["run"]["group_sizes"]
+    if sizes:
+        lines.append("  parameters: " + ", ".join(
+            f"{g} {format_number(v.get('num_params'))}" for g, v in sizes.items() if isinstance(v, dict)))
+    return lines
+
+
+def _holdout_lines(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
+    lines: list[str] = []
+    h = s["holdout"]
+    if h:
+        lines.append("")
+        lines.append(
+            f"  holdout ({h['examples']} examples, {h['classes']} classes, chance {format_number(h['chance'])})"
+        )
+        acc = h["accuracy"]
+        if acc:
+            best = f" (best {format_number(h['best_accuracy'])} at step {h['best_step']})" if h["best_step"] is not None else ""
+            lines.append(
+                f"    accuracy {format_number(acc['first'])} -> {format_number(acc['last'])}{best}  "
+                + sparkline(acc["trend"], ascii_only=ascii_only)
+            )
+        if h["loss"]:
+            lines.append(
+                f"    loss     {format_number(h['loss']['first'])} -> {format_number(h['loss']['last'])}  "
+                + sparkline(h["loss"]["trend"], ascii_only=ascii_only)
+            )
+    t = s["train"]
+    if t["loss"] or t["accuracy"]:
+        lines.append("  train batches")
+        for key in ("loss", "accuracy"):
+            st = t[key]
+            if st:
+                lines.append(
+                    f"    {key:<8} {format_number(st['first'])} -> {format_number(st['last'])} "
+                    f"(median {format_number(st['median'])})  " + sparkline(st["trend"], ascii_only=ascii_only)
+                )
+    return lines
+
+
+def _batch_lines(s: dict[str, Any]) -> list[str]:
+    b = s["batches"]
+    if not b:
+        return []
+    size = b["batch_size"]
+    size_text = (
+        f"batch size {format_number(size['median'])}"
+        + (f" ({format_number(size['min'])}..{format_number(size['max'])})" if size["min"] != size["max"] else "")
+        if size
+        else "batch size unknown"
+    )
+    label = f"'{b['label_key']}', " if b["label_key"] else ""
+    lines = ["", f"  batch balance ({label}{size_text}, {b['records']} batches recorded)"]
+    shares = [f"{c}: {v:.1f}%" for c, v in b["class_pct"].items()]
+    for i in range(0, len(shares), 8):
+        lines.append("    " + "  ".join(shares[i : i + 8]))
+    lines.append(f"    single-class batches: {b['single_class_batches']} of {b['records']}")
+    return lines
+
+
+def _telemetry_lines(s: dict[str, Any]) -> list[str]:
+    t = s["telemetry"]
+    parts = []
+    for key, label in (("hook_ms", "hook"), ("worker_lag_ms", "worker lag")):
+        v = t[key]
+        if v:
+            parts.append(
+                f"{label} {format_number(v['median'])} ms median, {format_number(v['p95'])} p95, "
+                f"{format_number(v['max'])} max"
+            )
+    counts = []
+    if t["snapshots_taken"] is not None:
+        counts.append(f"{t['snapshots_taken']} snapshots taken")
+    if t["records_written"] is not None:
+        counts.append(f"{t['records_written']} records written")
+    dropped = max(t["dropped"], number(t["snapshots_dropped"]) or 0)
+    counts.append(f"{int(dropped)} dropped")
+    errors = sum(int(v) for v in t["errors"].values() if number(v)) or t["record_errors"]
+    counts.append(f"{errors} metric errors")
+    return ["", "  telemetry: " + "; ".join(parts + [", ".join(counts)])]
