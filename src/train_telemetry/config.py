@@ -80,8 +80,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             try:
                 msgspec.convert(value, field.type, strict=True)
             except msgspec.ValidationError as exc:
+                where, bad = _locate(field.name, value, field.type, exc)
                 raise TelemetryConfigError(
-                    f"{field.name}: {value!r} is not valid: {_allowed(field.name, exc)}"
+                    f"{where}: {bad!r} is not valid: {_allowed(field.name, exc)}"
                 ) from None
         if not self.input_keys:
             raise TelemetryConfigError(
@@ -136,7 +137,7 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return [f.name for f in msgspec.structs.fields(cls)]
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+        return msgspec.to_builtins(self)
 
     def replace(self, **changes: Any) -> TelemetryConfig:
         """A copy with some fields changed (validated like a new config)."""
@@ -163,6 +164,26 @@ _ALLOWED: dict[str, str] = {
     "label_key": "a batch key (string)",
     "expected_lr_ratios": "a mapping of group name to a number > 0, or null",
 }
+
+
+def _locate(name: str, value: Any, type_: Any, exc: msgspec.ValidationError) -> tuple[str, Any]:
+    """The failing element of a list or mapping field (``input_keys[1]``, ``expected_lr_ratios.head``).
+
+    msgspec's path names a list index but not a mapping key (``$[...]``), so for a
+    mapping the entries are checked one by one to find the culprit.
+    """
+    path = str(exc).partition(" - at `$")[2].rstrip("`")
+    if isinstance(value, list) and path.startswith("[") and path[1:].split("]")[0].isdigit():
+        i = int(path[1:].split("]")[0])
+        if i < len(value):
+            return f"{name}[{i}]", value[i]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            try:
+                msgspec.convert({key: item}, type_, strict=True)
+            except msgspec.ValidationError:
+                return f"{name}.{key}", item
+    return name, value
 
 
 def _allowed(name: str, exc: msgspec.ValidationError) -> str:

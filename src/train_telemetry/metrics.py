@@ -64,7 +64,7 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     """L2 norm of each tensor, in one fused call."""
     if not tensors:
         return []
-    return torch.stack(torch._foreach_norm(list(tensors))).tolist()  # type: ignore[no-any-return]
+    return torch.stack(torch._foreach_norm(list(tensors))).tolist()
 
 
 def weight_delta_norms(current: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> list[float]:
@@ -72,7 +72,7 @@ def weight_delta_norms(current: Sequence[torch.Tensor], reference: Sequence[torc
     if not current:
         return []
     diffs = torch._foreach_sub(list(current), list(reference))
-    return torch.stack(torch._foreach_norm(diffs)).tolist()  # type: ignore[no-any-return]
+    return torch.stack(torch._foreach_norm(diffs)).tolist()
 
 
 def update_ratios(

@@ -37,6 +37,7 @@ groups, parameter counts, versions) and ``summary.json`` (written by ``stop()``)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -133,17 +134,17 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except msgspec.DecodeError:
             warnings.warn(f"{file}:{number}: skipped a corrupt line", stacklevel=2)
     if torn.strip():
-        try:  # a last line that lacks only its newline is whole
+        # A last line that lacks only its newline is whole; one torn by a crash mid-write
+        # is skipped here and truncated when the run restarts (RecordWriter).
+        with contextlib.suppress(msgspec.DecodeError):
             records.append(_restore_nonfinite(_decoder.decode(torn)))
-        except msgspec.DecodeError:
-            pass  # torn by a crash mid-write: skipped, repaired when the run restarts
     return records
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """A ``run.json`` / ``summary.json`` file as a dict, or None if it is missing or torn."""
     try:
-        return _restore_nonfinite(_decoder.decode(Path(path).read_bytes()))  # type: ignore[no-any-return]
+        return _restore_nonfinite(_decoder.decode(Path(path).read_bytes()))
     except (OSError, msgspec.DecodeError):
         return None
 

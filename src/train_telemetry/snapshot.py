@@ -128,16 +128,26 @@ class SlotPool:
         pin = layout.on_cuda and torch.cuda.is_available()
         self.slots: list[list[torch.Tensor]] = []
         for _ in range(num_slots):
-            tensors = []
-            for src in layout.sources:
+            # One flat buffer per dtype, each tensor a view into it: a slot is then a few
+            # shared-memory segments (file descriptors) however many tensors the model has,
+            # instead of one per tensor (which runs into "too many open files").
+            flats: dict[torch.dtype, torch.Tensor] = {}
+            for dtype in dict.fromkeys(src.dtype for src in layout.sources):
+                numel = sum(src.numel() for src in layout.sources if src.dtype == dtype)
                 # zeros, not empty: touching every page now makes a too-small /dev/shm
                 # fail here, at start(), rather than with SIGBUS in the middle of training.
-                t = torch.zeros(src.shape, dtype=src.dtype, device="cpu")
+                flat = torch.zeros(max(numel, 1), dtype=dtype, device="cpu")
                 if shared:
-                    t.share_memory_()
+                    flat.share_memory_()
                 if pin:
-                    _pin_in_place(t)
-                tensors.append(t)
+                    _pin_in_place(flat)
+                flats[dtype] = flat
+            offsets = dict.fromkeys(flats, 0)
+            tensors = []
+            for src in layout.sources:
+                start = offsets[src.dtype]
+                offsets[src.dtype] = start + src.numel()
+                tensors.append(flats[src.dtype][start : start + src.numel()].view(src.shape))
             self.slots.append(tensors)
         self.nbytes = need
         for i in range(num_slots):

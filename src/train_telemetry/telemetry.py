@@ -33,7 +33,15 @@ from . import metrics
 from .config import TelemetryConfig, TelemetryConfigError
 from .messages import Done, Ready, Setup, SetupDone, Snapshot, Stop
 from .records import CHECKPOINT_FILE, RECORDS_FILE, RUN_FILE, SCHEMA_VERSION, SUMMARY_FILE
-from .snapshot import Layout, SlotPool, build_layout, copy_weights, cpu_model_copy, grad_norm_tensor, unwrap_model
+from .snapshot import (
+    Layout,
+    SlotPool,
+    build_layout,
+    copy_weights,
+    cpu_model_copy,
+    grad_norm_tensor,
+    unwrap_model,
+)
 from .worker import RecordWriter, SnapshotProcessor, worker_loop
 
 __all__ = ["Telemetry", "TrainingTelemetry", "TelemetrySummary", "TelemetryStartError"]
@@ -65,7 +73,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     mode: str
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+        return msgspec.to_builtins(self)
 
 
 # States of a Telemetry object.
@@ -238,11 +246,12 @@ class Telemetry:
         Returns within ``timeout`` (default ``stop_timeout_s``) plus a short grace for
         terminating a worker that does not finish. Calling it again returns the same summary.
         """
+        if self._forked_child or os.getpid() != self._owner_pid:
+            # Before the lock: a fork may have copied it while another thread held it.
+            return self._empty_summary()
         with self._lock:
             if self._summary is not None:
                 return self._summary
-            if self._forked_child or os.getpid() != self._owner_pid:
-                return self._empty_summary()
             if self._state in (_NEW, _DISABLED):
                 self._state = _STOPPED
                 self._summary = self._empty_summary()
@@ -267,8 +276,8 @@ class Telemetry:
     # ------------------------------------------------------------------ start
     def _start(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
         cfg = self.config
-        self._check_output_dir()
         self._detect_distributed()
+        self._check_output_dir()
         if self._holdout is not None and cfg.track_holdout_logits:
             missing = [k for k in [*cfg.input_keys, cfg.label_key] if k not in self._holdout]
             if (missing and self.forward_fn is None) or cfg.label_key in missing:
@@ -294,6 +303,8 @@ class Telemetry:
             raise TelemetryConfigError(
                 "output_dir is not set: set telemetry.output_dir in the config (or TelemetryConfig(output_dir=...))"
             )
+        if not self._writes:
+            return  # a rank that writes nothing needs no directory (on another node it may not exist)
         out = self.output_dir
         if not out.parent.exists():
             raise TelemetryConfigError(
@@ -361,7 +372,7 @@ class Telemetry:
             raise TelemetryConfigError(
                 "start_method: fork after CUDA was initialised would crash the worker; use spawn (the default)"
             )
-        ctx = tmp.get_context(cfg.start_method)
+        ctx: Any = tmp.get_context(cfg.start_method)
         self._to_worker = ctx.Queue()
         # If the worker dies, our exit must not hang flushing this queue (DataLoader does the same).
         self._to_worker.cancel_join_thread()
@@ -371,7 +382,9 @@ class Telemetry:
         self._proc = ctx.Process(
             target=worker_loop,
             args=(cfg, str(self.output_dir), str(self._records_path()), self._to_worker,
-                  self._from_worker, self._slot_state, os.getpid()),
+                  self._from_worker, self._slot_state, os.getpid(),
+                  # PDEATHSIG follows the starting thread: from any other, rely on polling.
+                  threading.current_thread() is threading.main_thread()),
             name="train-telemetry-worker",
             daemon=True,
         )
@@ -529,7 +542,16 @@ class Telemetry:
     ) -> None:
         t0 = time.perf_counter()
         cfg = self.config
-        label_counts = self._label_counts(batch, batch_idx) if cfg.track_batch_stats else None
+        label_counts: Any = None
+        if self._global_batch:
+            # DDP: every rank joins this all_reduce at every collection step, before anything
+            # that depends on this rank's own state (worker dead, no free slot, an error) may
+            # return: a rank that skipped it would leave the others waiting in it for good.
+            # _count_vector never raises. On CPU (gloo) this blocks until all ranks arrive.
+            label_counts = _count_vector(batch, cfg, self._count_device)
+            torch.distributed.all_reduce(label_counts)  # SUM; unpacked in _finalize (no sync here)
+        elif cfg.track_batch_stats:
+            label_counts = self._label_counts(batch, batch_idx)
         if not self._writes:
             return
         if self._worker_dead or (self._proc is not None and not self._proc.is_alive()):
@@ -562,7 +584,8 @@ class Telemetry:
                 train_acc = metrics.batch_accuracy(outputs, batch[cfg.label_key])
             except Exception as exc:
                 errors.append({"where": "train_accuracy", "type": type(exc).__name__, "message": str(exc)})
-        batch_size = _batch_size(batch, cfg) if batch is not None else None
+        # Under DDP the global batch size comes out of the reduced vector, in _finalize.
+        batch_size = _batch_size(batch, cfg) if batch is not None and not self._global_batch else None
         first = getattr(self, "_groups_changed", False)
         self._groups_changed = False
         snap = Snapshot(
@@ -611,8 +634,6 @@ class Telemetry:
         labels = batch[self.config.label_key]
         if not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(labels)
-        if self._world_size > 1 and not self.config.per_rank:
-            return _global_label_counts(labels)
         return metrics.label_counts(labels.detach().cpu())
 
     def _acquire_slot(self) -> int | None:
@@ -653,26 +674,37 @@ class Telemetry:
     def _shutdown(self, deadline: float) -> TelemetrySummary:
         t0 = time.monotonic()
         cfg = self.config
+        if not self._writes:  # a DDP rank other than 0: no worker, no files, nothing to lose
+            summary = self._empty_summary()
+            summary.hook_errors = self._hook_errors
+            return summary
         if self._handoff is not None:
             self._handoff.close(deadline)
         done: Done | None = None
         terminated = False
         if self._processor is not None or self._writer is not None:  # mode: sync
             assert self._writer is not None
-            self._writer.close()
+            with contextlib.suppress(OSError):  # counted in io_errors; stop() never raises
+                self._writer.close()
             proc_errors = self._processor.errors if self._processor else {}
             done = Done(self._writer.records_written, dict(proc_errors),
                         list(self._processor.last_errors) if self._processor else [], self._writer.io_errors)
+            done.last_errors += self._writer.problems.values()
         elif self._proc is not None:
             with contextlib.suppress(Exception):
                 if self._proc.is_alive():
                     self._to_worker.put(Stop())
+            seen_dead = False
             while time.monotonic() < deadline and done is None:
                 try:
                     msg = self._from_worker.get(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
                 except queue.Empty:
                     if not self._proc.is_alive():
-                        break
+                        # Done may have reached the pipe between our timeout and its exit:
+                        # read once more before concluding it ended without reporting.
+                        if seen_dead:
+                            break
+                        seen_dead = True
                     continue
                 except Exception:
                     break
@@ -759,6 +791,8 @@ def _finalize(snap: Snapshot) -> None:
             for i, v in zip(index, norms.tolist(), strict=True):
                 values[i] = v
         snap.grad_norms = values
+    if isinstance(snap.label_counts, torch.Tensor):  # DDP: the all_reduced _count_vector
+        snap.label_counts, snap.batch_size = _unpack_count_vector(snap.label_counts.tolist())
     if isinstance(snap.train_loss, torch.Tensor):
         snap.train_loss = float(snap.train_loss)
     if isinstance(snap.train_accuracy, torch.Tensor):
@@ -779,27 +813,48 @@ def _batch_size(batch: Mapping[str, Any], cfg: TelemetryConfig) -> int | None:
     return None
 
 
-def _global_label_counts(labels: torch.Tensor) -> dict[int, int] | None:
-    """Label counts summed over all ranks: one small all_reduce, at collection steps only.
-
-    Every rank calls this at the same steps (the decision depends on batch_idx alone),
-    so the collective always matches up. Capacity: classes 0..MAX_CLASSES-1.
-    """
-    dist = torch.distributed
-    flat = labels.detach().reshape(-1)
-    if flat.is_floating_point():
-        flat = flat.round()
-    flat = flat.to(torch.int64)
-    device = flat.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    counts = torch.zeros(_MAX_CLASSES + 1, dtype=torch.int64, device=device)
-    clipped = flat.to(device).clamp(0, _MAX_CLASSES)
-    counts.index_add_(0, clipped, torch.ones_like(clipped))
-    dist.all_reduce(counts)
-    values = counts.tolist()
-    return {c: n for c, n in enumerate(values[:_MAX_CLASSES]) if n}
-
-
+# The vector of the DDP batch-stats all_reduce (int64, summed over ranks): the count of
+# each class 0.._MAX_CLASSES-1, then the rows, then two "this rank could not say" counts.
 _MAX_CLASSES = 1024
+_ROWS = _MAX_CLASSES  # batch rows: the sum is the global batch size
+_NO_SIZE = _MAX_CLASSES + 1  # ranks whose batch size is unknown (> 0: batch_size None)
+_UNCOUNTED = _MAX_CLASSES + 2  # ranks without labels or with labels that are not class ids
+
+
+def _count_vector(batch: Mapping[str, Any] | None, cfg: TelemetryConfig, device: torch.device) -> torch.Tensor:
+    """This rank's share of the global batch statistics; never raises, no sync on CUDA."""
+    vec = torch.zeros(_MAX_CLASSES + 3, dtype=torch.int64, device=device)
+    vec[_NO_SIZE] = 1  # "unknown" until shown otherwise
+    vec[_UNCOUNTED] = 1
+    with contextlib.suppress(Exception):
+        size = _batch_size(batch, cfg) if batch is not None else None
+        if size is not None:
+            vec[_ROWS] = size
+            vec[_NO_SIZE] = 0
+    try:
+        labels = batch.get(cfg.label_key) if batch is not None else None
+        if labels is None:
+            return vec
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(labels)
+        flat = labels.detach().reshape(-1).to(device)  # a copy (and a sync) only if devices differ
+        valid = (flat >= 0) & (flat < _MAX_CLASSES)
+        if flat.is_floating_point():
+            valid &= flat == flat.round()  # regression targets are not classes
+        classes = torch.where(valid, flat, torch.zeros_like(flat)).to(torch.int64)
+        vec[:_MAX_CLASSES].index_add_(0, classes, valid.to(torch.int64))
+        vec[_UNCOUNTED] = (~valid).any()  # a tensor assignment: stays on the device
+    except Exception:  # odd labels: this rank still joins the collective, as "uncounted"
+        vec[:_MAX_CLASSES].zero_()
+        vec[_UNCOUNTED] = 1
+    return vec
+
+
+def _unpack_count_vector(values: list[int]) -> tuple[dict[int, int] | None, int | None]:
+    """(label counts, batch size) of the global batch from the all_reduced vector."""
+    counts = None if values[_UNCOUNTED] else {c: n for c, n in enumerate(values[:_MAX_CLASSES]) if n}
+    size = None if values[_NO_SIZE] else values[_ROWS]
+    return counts, size
 
 
 class _HandOff:

@@ -28,8 +28,9 @@ Protocol per role:
   ``start()`` raises.
 * worker start: ignore SIGINT (Ctrl-C is the trainer's to handle; the trainer's stop()
   decides when we end); SIGTERM sets a flag that ends the loop after the current record;
-  ask the kernel to SIGTERM us if the trainer dies (PR_SET_PDEATHSIG), lower our CPU
-  priority and thread count so training keeps its cores; repair a torn last line.
+  ask the kernel to SIGTERM us if the trainer dies (PR_SET_PDEATHSIG; only when started
+  from the trainer's main thread, since it fires when the starting *thread* exits), lower
+  our CPU priority and thread count so training keeps its cores; repair a torn last line.
 * loop: ``get(timeout=POLL_S)``; on timeout check that the trainer still lives
   (``os.getppid()`` changed means it died: flush, exit). Each snapshot is processed in a
   try/except per metric, so one failing metric costs that field, not the record; an
@@ -82,7 +83,11 @@ class RecordWriter:
         self.records_written = 0
         self.io_errors = 0
         self.records_lost = 0
+        self.problems: dict[str, str] = {}  # "write"/"fsync" -> the latest such I/O error, for the summary
         self.repaired_bytes = repair_torn_tail(path)
+        if self.repaired_bytes:
+            _log_once("repair", f"removed a torn last line ({self.repaired_bytes} bytes) from {path}, "
+                      "left by a crash mid-write; appending after the last whole record")
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.good_offset = os.fstat(self.fd).st_size
 
@@ -95,6 +100,7 @@ class RecordWriter:
         except OSError as exc:
             self.io_errors += 1
             self.records_lost += 1
+            self.problems["write"] = f"{self.records_lost} record(s) could not be written to {self.path}: {exc}"
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.good_offset)
             _log_once(f"io:{exc.errno}", f"could not write a record to {self.path}: {exc}; "
@@ -110,7 +116,8 @@ class RecordWriter:
                 os.fsync(self.fd)
             except OSError as exc:
                 self.io_errors += 1
-                _log_once("fsync", f"fsync of {self.path} failed: {exc}")
+                self.problems["fsync"] = f"fsync of {self.path} failed: {exc}"
+                _log_once("fsync", self.problems["fsync"])
         os.close(self.fd)
 
 
@@ -310,10 +317,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _terminating = True
 
 
-def _prepare_process(config: TelemetryConfig) -> None:
+def _prepare_process(config: TelemetryConfig, parent_death_signal: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if sys.platform.startswith("linux"):
+    # PDEATHSIG fires when the *thread* that started us exits, not the process: only safe
+    # when the trainer started us from its main thread. Otherwise getppid polling covers it.
+    if parent_death_signal and sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             pr_set_pdeathsig = 1
@@ -331,10 +340,12 @@ def worker_loop(
     from_worker: Any,
     slot_state: Any,
     parent_pid: int,
+    parent_death_signal: bool = True,
 ) -> None:
     """Entry point of the worker process; see NOTE [worker lifecycle]."""
-    _prepare_process(config)
-    from_worker.cancel_join_thread()  # never hang our exit on a trainer that stopped reading
+    _prepare_process(config, parent_death_signal)
+    # No cancel_join_thread() here: the final join_thread() must flush Done to the trainer
+    # before we exit. Our few messages are tiny, so the pipe can never fill and block us.
     writer = RecordWriter(Path(records_file), config.fsync)
     from_worker.put(Ready(os.getpid()))
     processor: SnapshotProcessor | None = None
@@ -379,9 +390,11 @@ def worker_loop(
         clean = False
         fatal.append("".join(traceback.format_exception(exc)))
     finally:
-        writer.close()
+        with contextlib.suppress(OSError):  # e.g. EIO from close(): still send Done
+            writer.close()
         errors = dict(processor.errors) if processor else {}
         last = (list(processor.last_errors) if processor else []) + fatal
+        last += writer.problems.values()
         with contextlib.suppress(Exception):
             from_worker.put(Done(writer.records_written, errors, last, writer.io_errors, clean and not _terminating))
             from_worker.close()

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from train_telemetry.analysis.report import format_number, render_diagnoses
+from train_telemetry.analysis.load import format_number
+from train_telemetry.analysis.report import render_diagnoses
 
 __all__ = ["render_comparison"]
 
@@ -51,7 +52,11 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
 
     def best(d: dict[str, Any]) -> str:
         h = d["summary"]["holdout"]
-        return f"{format_number(h['best_accuracy'])} @ {h['best_step']}" if h and h["best_step"] is not None else "-"
+        return (
+            f"{format_number(h['best_accuracy'])} @ {h['best_step']}"
+            if h and h["best_step"] is not None
+            else "-"
+        )
 
     def chance(d: dict[str, Any]) -> str:
         h = d["summary"]["holdout"]
@@ -63,7 +68,9 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
             if not ratios or group not in ratios["observed"]:
                 return "-"
             exp = (ratios["expected"] or {}).get(group)
-            return f"{format_number(ratios['observed'][group])}x" + (f" (want {format_number(exp)}x)" if exp else "")
+            return f"{format_number(ratios['observed'][group])}x" + (
+                f" (want {format_number(exp)}x)" if exp else ""
+            )
 
         return cell
 
@@ -88,21 +95,35 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
         ("train acc", _first_last("train", "accuracy")),
     ]
     groups = list(dict.fromkeys(g for d in reports for g in d["summary"]["groups"]))
-    for family, label in (("gradient_norm", "grad norm"), ("weight_delta", "weight delta"),
-                          ("update_ratio", "update ratio"), ("lr", "lr")):
+    for family, label in (
+        ("gradient_norm", "grad norm"),
+        ("weight_delta", "weight delta"),
+        ("update_ratio", "update ratio"),
+        ("lr", "lr"),
+    ):
         for group in groups:
             if any(_get(d["summary"], "groups", group, family) for d in reports):
-                rows.append((f"{label} {group} (median)", _stat("groups", group, family, field="median")))
-    ratio_groups = list(dict.fromkeys(
-        g for d in reports if d["summary"]["lr_ratios"] for g in d["summary"]["lr_ratios"]["observed"]
-        if g != d["summary"]["lr_ratios"]["reference"]))
+                rows.append(
+                    (f"{label} {group} (median)", _stat("groups", group, family, field="median"))
+                )
+    ratio_groups = list(
+        dict.fromkeys(
+            g
+            for d in reports
+            if d["summary"]["lr_ratios"]
+            for g in d["summary"]["lr_ratios"]["observed"]
+            if g != d["summary"]["lr_ratios"]["reference"]
+        )
+    )
     rows.extend((f"lr ratio {g}", lr_ratio(g)) for g in ratio_groups)
-    rows.extend([
-        ("hook ms (median)", _stat("telemetry", "hook_ms", field="median")),
-        ("dropped", dropped),
-        ("serious", codes("serious")),
-        ("warnings", codes("warning")),
-    ])
+    rows.extend(
+        [
+            ("hook ms (median)", _stat("telemetry", "hook_ms", field="median")),
+            ("dropped", dropped),
+            ("serious", codes("serious")),
+            ("warnings", codes("warning")),
+        ]
+    )
     return rows
 
 
@@ -117,8 +138,11 @@ def render_comparison(reports: Sequence[dict[str, Any]]) -> str:
     ]
 
     def line(label: str, cells: Sequence[str]) -> str:
-        parts = [c if len(c) <= w else c[: w - 3] + "..." for c, w in zip(cells, widths, strict=True)]
-        return f"{label:<{label_width}}  " + "  ".join(f"{p:<{w}}" for p, w in zip(parts, widths, strict=True))
+        parts = [
+            c if len(c) <= w else c[: w - 3] + "..." for c, w in zip(cells, widths, strict=True)
+        ]
+        cells_text = "  ".join(f"{p:<{w}}" for p, w in zip(parts, widths, strict=True))
+        return f"{label:<{label_width}}  {cells_text}".rstrip()
 
     lines = [line("", names), line("", ["-" * w for w in widths])]
     lines.extend(line(label, cells) for label, cells in rows)

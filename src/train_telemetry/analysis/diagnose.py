@@ -12,6 +12,7 @@ what it should (the CLI exits 1); "warning" deserves a look; "info" is bookkeepi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -22,10 +23,10 @@ from train_telemetry.analysis.load import (
     OVERALL,
     Run,
     class_sort_key,
+    format_number,
     holdout_accuracy,
     holdout_chance,
     number,
-    record_step,
 )
 
 __all__ = [
@@ -41,18 +42,21 @@ __all__ = [
 Severity = Literal["info", "warning", "serious"]
 _SEVERITY_ORDER = {"serious": 0, "warning": 1, "info": 2}
 
+# In report order within a severity: causes first (what to fix), then the symptoms they
+# produce (a frozen backbone or single-class batches also leave the holdout at chance; a
+# batch that switches class makes the gradients surge).
 CODES = (
     "nonfinite",
-    "exploding_gradients",
-    "vanishing_gradients",
+    "single_class_batches",
+    "data_imbalance",
     "frozen_group",
     "lr_ratio_mismatch",
+    "exploding_gradients",
+    "vanishing_gradients",
     "update_ratio_inverted",
     "overfitting",
     "no_learning",
     "prediction_collapse",
-    "single_class_batches",
-    "data_imbalance",
     "dropped_snapshots",
     "telemetry_errors",
     "incomplete_run",
@@ -66,9 +70,23 @@ MIN_TREND_RECORDS = 3
 EVIDENCE_POINTS = 5
 
 # --- gradients -----------------------------------------------------------------------------
-# Healthy runs keep a group's gradient norm within ~10x of its early level (warm-up, sharpening
-# of the loss surface); 100x growth of the late peak over the early median is a blow-up.
+# Healthy runs keep a group's gradient norm within ~10-20x of its early level (the demo's
+# healthy run: 0.09 -> 1.4 as the loss surface sharpens); a late level (median of the last
+# third) 100x the early one (the larger of the first value and the first third's median, so
+# that near-zero early gradients, e.g. a loss already ~0 on single-class batches, do not
+# count as a start) is a blow-up. A one-off spike that settles again is not.
 EXPLODING_GROWTH = 100.0
+# update_ratio is the weight change over one collection interval / the weight norm. Healthy
+# runs stay under ~0.5 even in the first interval from initialisation (demo: 0.42), a 100x
+# head LR reaches ~3; at 10 the weights were replaced by whatever the updates were: the LR
+# is far too high (the demo's 300x LR: ~100 in the first interval, then dead ReLUs).
+EXPLODING_UPDATE_RATIO = 10.0
+# Gradient growth that the train loss shares (loss up 10x or more over the same stretch) is
+# a loss surge: the model meets data it is confidently wrong about (the demo's label-sorted
+# batches switching class: grads 200x, loss 1000x). It is a warning pointing at the data,
+# not a serious "lower the LR"; an unstable optimiser shows as growth alone, Inf/NaN, or
+# exploding updates.
+LOSS_SURGE_GROWTH = 10.0
 # A gradient norm that turns NaN after growing this much since the early records was
 # exploding, not poisoned by a bad input (that shows as NaN without growth: code nonfinite).
 EXPLODING_BEFORE_NAN_GROWTH = 10.0
@@ -77,8 +95,10 @@ VANISHING_NORM = 1e-7
 # Converging runs shrink gradients 10-100x; 1e-4 of the early level with the loss not near 0
 # means the signal is not reaching the group.
 VANISHING_DECAY = 1e-4
-# Train loss below this fraction of its early level: tiny gradients are expected (converged).
+# Train loss below this fraction of its early level, or below this absolute value: tiny
+# gradients are expected (converged, or a loss ~0 on easy batches).
 CONVERGED_LOSS_FRACTION = 0.1
+CONVERGED_LOSS_ABS = 1e-4
 
 # --- frozen groups -------------------------------------------------------------------------
 # weight_delta / weight_norm below this counts as "did not move": the checkpoint copy is exact,
@@ -108,8 +128,16 @@ CHANCE_MARGIN_SE = 2.0
 # points is learning; single-batch losses are noisy, hence the thirds and the margins.
 TRAIN_LOSS_DROP = 0.10
 TRAIN_ACC_RISE = 0.10
+# ... but a falling loss with the train accuracy still within 10 points of chance is a loss
+# recovering from divergence (the demo's 300x LR: 50 -> 0.69 = ln 2), not learning.
+TRAIN_ACC_ABOVE_CHANCE = 0.10
 # A holdout accuracy this far (and beyond the chance margin) below its smoothed peak is falling.
 OVERFIT_DROP_MIN = 0.05
+# Overfitting also needs the train batches' accuracy (late third) 20 points above the holdout's:
+# a gap beyond the noise of both (+-0.09 for a batch of 32, +-0.07 for 50 holdout examples).
+# The demo's frozen backbone (head slowly fitting random features: train 0.53 -> 0.67,
+# holdout 0.52) stays below it.
+OVERFIT_TRAIN_GAP = 0.20
 
 # --- holdout predictions -------------------------------------------------------------------
 # One class for >= 95% of the holdout, 20 points more than that class's true share: collapsed.
@@ -117,6 +145,9 @@ COLLAPSE_SHARE = 0.95
 COLLAPSE_EXCESS = 0.20
 # Fewer holdout examples cannot show a collapse convincingly.
 COLLAPSE_MIN_EXAMPLES = 10
+# A freshly initialised network often predicts one class for everything: a collapse counts
+# only when it holds in at least 2 records of the run's second half (and in the last one).
+COLLAPSE_MIN_RECORDS = 2
 
 # --- batches -------------------------------------------------------------------------------
 # Single-class batches are expected by chance with probability sum_c prior_c ** batch_size
@@ -138,13 +169,24 @@ DROPPED_WARNING_FRACTION = 0.10
 
 @dataclass(frozen=True)
 class Evidence:
-    """One point of a diagnosis: the step (``batch_idx``) and the values that show it there."""
+    """One point of a diagnosis: where (the run's monotonic step) and the values there.
+
+    ``epoch`` and ``batch_idx`` are the record's own counters, filled in by :func:`diagnose`
+    (they differ from ``step`` where the training loop restarts batch_idx each epoch).
+    """
 
     step: int | None
     values: dict[str, Any]
+    epoch: int | None = None
+    batch_idx: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "values": dict(self.values)}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_idx": self.batch_idx,
+            "values": dict(self.values),
+        }
 
 
 @dataclass(frozen=True)
@@ -182,18 +224,6 @@ def is_serious(diagnoses: Iterable[Diagnosis]) -> bool:
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "none"
-    if not math.isfinite(value):
-        return str(value)
-    if value == 0:
-        return "0"
-    if 1e-3 <= abs(value) < 1e4:
-        return f"{value:.3g}"
-    return f"{value:.2e}"
-
-
 def _thirds(values: Sequence[float]) -> tuple[list[float], list[float]]:
     k = max(1, len(values) // 3)
     return list(values[:k]), list(values[-k:])
@@ -207,20 +237,33 @@ def _pick(items: Sequence[Any], n: int = EVIDENCE_POINTS) -> list[Any]:
     return [items[i] for i in idx]
 
 
-def _train_trend(run: Run) -> dict[str, Any]:
-    """Whether the training batches show learning: early/late loss and accuracy, and the verdict."""
+def _train_trend(run: Run, chance: float | None = None) -> dict[str, Any]:
+    """Whether the training batches show learning: early/late loss and accuracy, and the verdict.
+
+    ``chance`` (the holdout's chance accuracy, same task) lets a falling loss count only
+    when the train accuracy is clearly above it.
+    """
     losses = [v for _, v in run.series("train", "loss", finite=True)]
     accs = [v for _, v in run.series("train", "accuracy", finite=True)]
     out: dict[str, Any] = {"improving": False, "known": False}
-    if len(losses) >= MIN_TREND_RECORDS:
-        early, late = _thirds(losses)
-        out.update(loss_early=statistics.fmean(early), loss_late=statistics.fmean(late), known=True)
-        if out["loss_early"] > 0 and out["loss_late"] <= out["loss_early"] * (1 - TRAIN_LOSS_DROP):
-            out["improving"] = True
     if len(accs) >= MIN_TREND_RECORDS:
         early, late = _thirds(accs)
         out.update(acc_early=statistics.fmean(early), acc_late=statistics.fmean(late), known=True)
         if out["acc_late"] - out["acc_early"] >= TRAIN_ACC_RISE:
+            out["improving"] = True
+    if len(losses) >= MIN_TREND_RECORDS:
+        early, late = _thirds(losses)
+        out.update(loss_early=statistics.fmean(early), loss_late=statistics.fmean(late), known=True)
+        above_chance = (
+            chance is None
+            or "acc_late" not in out
+            or out["acc_late"] >= chance + TRAIN_ACC_ABOVE_CHANCE
+        )
+        if (
+            out["loss_early"] > 0
+            and out["loss_late"] <= out["loss_early"] * (1 - TRAIN_LOSS_DROP)
+            and above_chance
+        ):
             out["improving"] = True
     return out
 
@@ -236,14 +279,18 @@ _SCANNED_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "learning_r
 
 
 def _nonfinite_in(record: dict[str, Any]) -> dict[str, Any]:
-    """"family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
+    """ "family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
     found: dict[str, Any] = {}
     listed = record.get("nonfinite")
     if isinstance(listed, list):
         for key in listed:
             if isinstance(key, str):
                 family, _, name = key.partition(".")
-                value = record.get(family, {}).get(name) if isinstance(record.get(family), dict) else None
+                value = (
+                    record.get(family, {}).get(name)
+                    if isinstance(record.get(family), dict)
+                    else None
+                )
                 found[key] = value if value is not None else "non-finite"
     for family in _SCANNED_FAMILIES:
         values = record.get(family)
@@ -267,7 +314,7 @@ def detect_nonfinite(run: Run) -> list[Diagnosis]:
     for i, record in enumerate(run.records):
         found = _nonfinite_in(record)
         if found:
-            hits.append(Evidence(record_step(record, i), found))
+            hits.append(Evidence(run.step(i), found))
     if not hits:
         return []
     first = hits[0]
@@ -284,78 +331,141 @@ def detect_nonfinite(run: Run) -> list[Diagnosis]:
     ]
 
 
-def detect_gradients(run: Run) -> list[Diagnosis]:
-    """Exploding (growth, Inf, NaN after growth) or vanishing gradient norms, per group."""
-    out: list[Diagnosis] = []
-    groups = run.groups or [OVERALL]
-    train = _train_trend(run)
-    converged = train.get("loss_early", 0) > 0 and train.get("loss_late", math.inf) < (
-        train["loss_early"] * CONVERGED_LOSS_FRACTION
-    )
-    for group in groups:
-        series = run.series("gradient_norm", group)
-        if len(series) < 2:
-            continue
-        first_bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), None)
-        finite = series[:first_bad] if first_bad is not None else series
-        # Early level: the median of the first third of the finite part.
-        early_vals = _thirds([v for _, v in finite])[0] if finite else []
-        base = statistics.median(early_vals) if early_vals else None
-        after = finite[len(early_vals):]
-        peak = max(after, key=lambda sv: sv[1]) if after else None
-        growth = peak[1] / base if peak and base else 0.0
-        exploding = None
-        if first_bad is not None:
-            bad_step, bad_value = series[first_bad]
-            if bad_value == math.inf or (finite and growth >= EXPLODING_BEFORE_NAN_GROWTH):
-                exploding = f"became {bad_value} at step {bad_step}"
-        if exploding is None and len(finite) >= MIN_TREND_RECORDS and growth >= EXPLODING_GROWTH:
-            assert peak is not None and base is not None
-            exploding = f"grew {growth:.3g}x, from {_fmt(base)} early to {_fmt(peak[1])} at step {peak[0]}"
-        if exploding is not None:
-            points = _pick(finite) + ([series[first_bad]] if first_bad is not None else [])
-            out.append(
-                Diagnosis(
-                    code="exploding_gradients",
-                    severity="serious",
-                    subject=group,
-                    title=f"gradient norm of group '{group}' {exploding}",
-                    evidence=[Evidence(s, {"gradient_norm": v, "lr": _lr_at(run, s, group)}) for s, v in points],
-                    hint="lower this group's LR (or add warm-up), clip gradients (clip_grad_norm_), "
-                    "check the loss scale and normalisation layers",
+def _growth(values: Sequence[float]) -> tuple[float, float]:
+    """(early level, late level) of a series: the larger of the first value and the first
+    third's median, and the last third's median."""
+    early_vals, late_vals = _thirds(values)
+    return max(values[0], statistics.median(early_vals)), statistics.median(late_vals)
+
+
+def _exploding(run: Run, group: str) -> Diagnosis | None:
+    series = run.series("gradient_norm", group)
+    first_bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), None)
+    finite = series[:first_bad] if first_bad is not None else series
+    severity: Severity = "serious"
+    why = None
+    points = [
+        Evidence(s, {"gradient_norm": v, "lr": _lr_at(run, s, group)}) for s, v in _pick(finite)
+    ]
+    base, late = _growth([v for _, v in finite]) if finite else (0.0, 0.0)
+    if first_bad is not None:
+        bad_step, bad_value = series[first_bad]
+        peak = max((v for _, v in finite), default=0.0)
+        if (
+            not finite
+            or bad_value == math.inf
+            or (base > 0 and peak / base >= EXPLODING_BEFORE_NAN_GROWTH)
+        ):
+            why = f"gradient norm became {bad_value} at step {bad_step}" + (
+                f" (from {format_number(base)} early)" if finite else ""
+            )
+            points.append(
+                Evidence(bad_step, {"gradient_norm": bad_value, "lr": _lr_at(run, bad_step, group)})
+            )
+    if why is None:
+        big = [
+            (s, v)
+            for s, v in run.series("update_ratio", group, finite=True)
+            if v >= EXPLODING_UPDATE_RATIO
+        ]
+        if big:
+            s, v = max(big, key=lambda sv: sv[1])
+            why = (
+                f"weights moved {v:.3g}x their own norm between two collections (step {s}, "
+                f"LR {format_number(_lr_at(run, s, group))}): the updates exploded"
+            )
+            points = [
+                Evidence(
+                    s,
+                    {
+                        "update_ratio": v,
+                        "gradient_norm": run.value(run.records[i], "gradient_norm", group),
+                        "lr": run.learning_rate(run.records[i], group),
+                    },
                 )
-            )
-            continue
-        positive = [(s, v) for s, v in finite if v > 0]
-        if len(positive) < MIN_TREND_RECORDS:
-            continue
-        late_vals = _thirds([v for _, v in positive])[1]
-        late = statistics.median(late_vals)
-        if late < VANISHING_NORM:
-            why = f"is {_fmt(late)} (median of the last {len(late_vals)} records), below {VANISHING_NORM:g}"
-        elif base and late / base < VANISHING_DECAY and not converged:
-            why = f"fell {base / late:.3g}x, from {_fmt(base)} early to {_fmt(late)} late, while the train loss did not converge"
-        else:
-            continue
-        out.append(
-            Diagnosis(
-                code="vanishing_gradients",
-                severity="serious",
-                subject=group,
-                title=f"gradient norm of group '{group}' {why}",
-                evidence=[Evidence(s, {"gradient_norm": v}) for s, v in _pick(positive)],
-                hint="gradients are not reaching this group: check saturating activations, "
-                "initialisation, missing normalisation/residual paths, or a loss scaled to ~0",
-            )
+                for s, v in _pick(big)
+                if (i := run.index_of(s)) is not None
+            ]
+    if (
+        why is None
+        and len(finite) >= MIN_TREND_RECORDS
+        and base > 0
+        and late / base >= EXPLODING_GROWTH
+    ):
+        why = (
+            f"gradient norm grew {late / base:.3g}x: from {format_number(base)} early to {format_number(late)} "
+            f"(median of the last {max(1, len(finite) // 3)} records)"
         )
+        losses = [v for _, v in run.series("train", "loss", finite=True)]
+        loss_base, loss_late = _growth(losses) if len(losses) >= MIN_TREND_RECORDS else (0.0, 0.0)
+        if loss_base > 0 and loss_late / loss_base >= LOSS_SURGE_GROWTH:
+            severity = "warning"
+            why += f", with the train loss ({format_number(loss_base)} -> {format_number(loss_late)}): a loss surge"
+    if why is None:
+        return None
+    return Diagnosis(
+        code="exploding_gradients",
+        severity=severity,
+        subject=group,
+        title=f"group '{group}': {why}",
+        evidence=points,
+        hint=(
+            "lower this group's LR (or add warm-up), clip gradients (clip_grad_norm_), "
+            "check the loss scale and normalisation layers"
+            if severity == "serious"
+            else "the gradients follow the loss: find what changed in the data at the surge "
+            "(batch balance, single-class batches) before touching the LR"
+        ),
+    )
+
+
+def _vanishing(run: Run, group: str, converged: bool) -> Diagnosis | None:
+    finite = run.series("gradient_norm", group, finite=True)
+    if len(finite) < MIN_TREND_RECORDS or converged:
+        return None
+    early_vals, late_vals = _thirds([v for _, v in finite])
+    base = statistics.median(early_vals)
+    late = statistics.median(late_vals)
+    if all(v == 0 for v in late_vals) and any(v > 0 for _, v in finite):
+        since = next(s for s, v in reversed(finite) if v > 0)
+        why = f"is exactly 0 since after step {since} (dead units: no gradient flows)"
+    elif 0 < late < VANISHING_NORM:
+        why = f"is {format_number(late)} (median of the last {len(late_vals)} records), below {VANISHING_NORM:g}"
+    elif base > 0 and late > 0 and late / base < VANISHING_DECAY:
+        why = f"fell {base / late:.3g}x, from {format_number(base)} early to {format_number(late)} late, while the train loss did not converge"
+    else:
+        return None
+    return Diagnosis(
+        code="vanishing_gradients",
+        severity="serious",
+        subject=group,
+        title=f"gradient norm of group '{group}' {why}",
+        evidence=[Evidence(s, {"gradient_norm": v}) for s, v in _pick(finite)],
+        hint="gradients are not reaching this group: check saturating or dead activations (an LR "
+        "too high kills ReLUs), initialisation, missing normalisation/residual paths",
+    )
+
+
+def detect_gradients(run: Run) -> list[Diagnosis]:
+    """Exploding (growth, Inf, NaN after growth, huge updates) or vanishing gradients, per group."""
+    train = _train_trend(run)
+    loss_early, loss_late = train.get("loss_early"), train.get("loss_late")
+    # A loss at ~0 makes every gradient ~0: small gradients are then expected, not a problem.
+    converged = loss_late is not None and (
+        loss_late < CONVERGED_LOSS_ABS
+        or (loss_early is not None and loss_late < loss_early * CONVERGED_LOSS_FRACTION)
+    )
+    out: list[Diagnosis] = []
+    for group in run.groups or [OVERALL]:
+        found = _exploding(run, group) or _vanishing(run, group, converged)
+        if found:
+            out.append(found)
     return out
 
 
 def _lr_at(run: Run, step: int, group: str) -> float | None:
-    for i, record in enumerate(run.records):
-        if record_step(record, i) == step:
-            return run.learning_rate(record, group)
-    return None
+    index = run.index_of(step)
+    return run.learning_rate(run.records[index], group) if index is not None else None
 
 
 def detect_frozen(run: Run) -> list[Diagnosis]:
@@ -386,7 +496,7 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
                 moved.append(not still)
                 values["weight_delta"] = delta
             if values:
-                points.append(Evidence(record_step(record, i), values))
+                points.append(Evidence(run.step(i), values))
         if any(moved):
             continue  # it moved at some point: whatever the grads/LR say, it is not frozen
         no_grads = len(grads) >= MIN_FROZEN_RECORDS and all(g is None or g == 0 for g in grads)
@@ -396,7 +506,11 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
             continue
         reasons = []
         if no_grads:
-            reasons.append("no gradients reach it" if all(g is None for g in grads) else "its gradients are all zero")
+            reasons.append(
+                "no gradients reach it"
+                if all(g is None for g in grads)
+                else "its gradients are all zero"
+            )
         if zero_lr:
             reasons.append("its LR is 0")
         if still:
@@ -413,15 +527,6 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
                 "the optimizer",
             )
         )
-    return out
-
-
-def _median_lrs(run: Run, groups: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for group in groups:
-        values = [v for _, v in run.lr_series(group) if math.isfinite(v)]
-        if values:
-            out[group] = statistics.median(values)
     return out
 
 
@@ -460,7 +565,10 @@ def detect_lr_ratio(run: Run) -> list[Diagnosis]:
                 continue
             got = lr_g / lr_ref
             points.append(
-                (got / want, Evidence(record_step(record, i), {f"lr.{group}": lr_g, f"lr.{ref}": lr_ref, "ratio": got}))
+                (
+                    got / want,
+                    Evidence(run.step(i), {f"lr.{group}": lr_g, f"lr.{ref}": lr_ref, "ratio": got}),
+                )
             )
         if not points:
             continue
@@ -497,7 +605,7 @@ def detect_update_inversion(run: Run) -> list[Diagnosis]:
         intended = {g: float(expected[g]) for g in medians}
         source = "expected_lr_ratios"
     else:
-        intended = _median_lrs(run, list(medians))
+        intended = {g: lr for g, lr in run.median_lrs().items() if g in medians}
         source = "their LRs"
     out: list[Diagnosis] = []
     for fast in medians:
@@ -509,10 +617,16 @@ def detect_update_inversion(run: Run) -> list[Diagnosis]:
             if medians[fast] * UPDATE_INVERSION_FACTOR > medians[slow]:
                 continue
             evidence = [
-                Evidence(s, {f"update_ratio.{fast}": v, f"update_ratio.{slow}": run.value(r, "update_ratio", slow)})
+                Evidence(
+                    s,
+                    {
+                        f"update_ratio.{fast}": v,
+                        f"update_ratio.{slow}": run.value(r, "update_ratio", slow),
+                    },
+                )
                 for s, v, r in _pick(
                     [
-                        (record_step(r, i), run.value(r, "update_ratio", fast), r)
+                        (run.step(i), run.value(r, "update_ratio", fast), r)
                         for i, r in enumerate(run.records)
                         if run.value(r, "update_ratio", fast) is not None
                     ]
@@ -525,7 +639,7 @@ def detect_update_inversion(run: Run) -> list[Diagnosis]:
                     subject=f"{fast}<{slow}",
                     title=f"group '{fast}' should update {intended[fast] / intended[slow]:.3g}x faster than "
                     f"'{slow}' ({source}) but its median update/weight ratio is "
-                    f"{_fmt(medians[fast])} vs {_fmt(medians[slow])}",
+                    f"{format_number(medians[fast])} vs {format_number(medians[slow])}",
                     evidence=evidence,
                     hint="check which parameters went into which param group (a head in the "
                     "backbone's group inverts the intent), and each group's weight decay",
@@ -537,11 +651,13 @@ def detect_update_inversion(run: Run) -> list[Diagnosis]:
 def detect_learning(run: Run) -> list[Diagnosis]:
     """Overfitting (train improving, holdout at chance or falling) or no learning at all."""
     holdout = run.holdout()
-    train = _train_trend(run)
-    accs = [(s, a) for s, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)]
+    accs = [
+        (s, a) for s, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)
+    ]
     if len(accs) < MIN_TREND_RECORDS:
-        return _no_learning_from_train(run, train)
+        return _no_learning_from_train(run, _train_trend(run))
     chance, n = holdout_chance(holdout[-1][2])
+    train = _train_trend(run, chance)
     margin = _chance_margin(chance, n)
     values = [a for _, a in accs]
     _, late_vals = _thirds(values)
@@ -551,10 +667,14 @@ def detect_learning(run: Run) -> list[Diagnosis]:
     peak_i = max(range(len(smoothed)), key=smoothed.__getitem__)
     peak = smoothed[peak_i]
     at_chance = late <= chance + margin
-    falling = peak_i < len(smoothed) - 1 and peak - late >= max(OVERFIT_DROP_MIN, _chance_margin(peak, n))
+    falling = peak_i < len(smoothed) - 1 and peak - late >= max(
+        OVERFIT_DROP_MIN, _chance_margin(peak, n)
+    )
     evidence = []
     train_by_step = {
-        record_step(r, i): r.get("train") for i, r in enumerate(run.records) if isinstance(r.get("train"), dict)
+        run.step(i): r.get("train")
+        for i, r in enumerate(run.records)
+        if isinstance(r.get("train"), dict)
     }
     for s, a in _pick(accs):
         values_at: dict[str, Any] = {"holdout_accuracy": a}
@@ -564,7 +684,10 @@ def detect_learning(run: Run) -> list[Diagnosis]:
             values_at["train_accuracy"] = number(t.get("accuracy"))
         evidence.append(Evidence(s, values_at))
     train_text = _train_text(train)
-    if train["improving"] and (at_chance or falling):
+    # Overfitting needs the train batches clearly ahead of the holdout; a slowly learning run
+    # whose small holdout has not yet left chance is "no learning" (yet), not overfitting.
+    gap_ok = "acc_late" not in train or train["acc_late"] - late >= OVERFIT_TRAIN_GAP
+    if train["improving"] and gap_ok and (at_chance or falling):
         what = (
             f"holdout accuracy stays at chance ({late:.2f}, chance {chance:.2f})"
             if at_chance
@@ -587,10 +710,12 @@ def detect_learning(run: Run) -> list[Diagnosis]:
             Diagnosis(
                 code="no_learning",
                 severity="serious",
-                title=what + (f" and {train_text}" if train["known"] else "; no train loss/accuracy recorded"),
+                title=what
+                + (f" and {train_text}" if train["known"] else "; no train loss/accuracy recorded"),
                 evidence=evidence,
-                hint="nothing is being learned: check the LR (too low, or so high that it diverged), "
-                "frozen groups, that the loss uses the right labels, and the input pipeline",
+                hint="nothing is being learned: a serious diagnosis listed above this one is the likely "
+                "cause; else check the LR (too low, or so high that it diverged), that the loss uses "
+                "the right labels, and the input pipeline",
             )
         ]
     return []
@@ -646,7 +771,7 @@ def detect_collapse(run: Run) -> list[Diagnosis]:
         return []
     late_start = len(holdout) // 2
     late_hits = [c for c in collapsed if c[0] >= late_start]
-    if len(late_hits) * 2 < len(holdout) - late_start:
+    if len(late_hits) < COLLAPSE_MIN_RECORDS or len(late_hits) * 2 < len(holdout) - late_start:
         return []
     _, cls, share, true_share = collapsed[-1]
     since = holdout[late_hits[0][0]][0]
@@ -659,7 +784,9 @@ def detect_collapse(run: Run) -> list[Diagnosis]:
             f"(true share {true_share:.0%}), in {len(late_hits)} of the last "
             f"{len(holdout) - late_start} records since step {since}",
             evidence=[
-                Evidence(holdout[i][0], {"predicted_class": c, "predicted_share": s, "true_share": t})
+                Evidence(
+                    holdout[i][0], {"predicted_class": c, "predicted_share": s, "true_share": t}
+                )
                 for i, c, s, t in _pick(collapsed)
             ],
             hint="the model outputs one class whatever the input: check the label encoding and "
@@ -676,21 +803,29 @@ def detect_batches(run: Run) -> list[Diagnosis]:
     out: list[Diagnosis] = []
     holdout = run.holdout()
     holdout_labels = [str(v) for v in (holdout[-1][2].get("labels") or [])] if holdout else []
-    classes = sorted({c for _, cs, _ in batches for c in cs} | set(holdout_labels), key=class_sort_key)
-    weights = [bs if bs and bs > 0 else 1.0 for _, _, bs in batches]
-    total_weight = sum(weights)
-    prior = {c: sum(cs.get(c, 0.0) * w for (_, cs, _), w in zip(batches, weights, strict=True)) / 100 / total_weight for c in classes}
+    prior = run.class_shares(holdout_labels)
+    classes = list(prior)
     present = {c for c, p in prior.items() if p > 0}
     sizes = [bs for _, _, bs in batches if bs]
     batch_size = statistics.median(sizes) if sizes else None
 
     singles = [
-        (s, cs) for s, cs, bs in batches if sum(1 for p in cs.values() if p > 0) == 1 and (bs is None or bs > 1)
+        (s, cs)
+        for s, cs, bs in batches
+        if sum(1 for p in cs.values() if p > 0) == 1 and (bs is None or bs > 1)
     ]
-    if len(present) >= 2 and batch_size and batch_size > 1:
-        p_single = sum(p**batch_size for p in prior.values())
+    # The chance of a single-class batch follows the data's class prior: the holdout's labels
+    # when there are enough (a run that only ever saw class-0 batches still has class 1 there),
+    # else the batches' own pooled shares.
+    reference = prior
+    if len(holdout_labels) >= COLLAPSE_MIN_EXAMPLES:
+        reference = {c: holdout_labels.count(c) / len(holdout_labels) for c in set(holdout_labels)}
+    if len(present | set(reference)) >= 2 and batch_size and batch_size > 1:
+        p_single = sum(p**batch_size for p in reference.values())
         frac = len(singles) / len(batches)
-        if len(singles) >= 2 and frac >= max(SINGLE_CLASS_MIN_FRACTION, SINGLE_CLASS_EXCESS * p_single):
+        if len(singles) >= 2 and frac >= max(
+            SINGLE_CLASS_MIN_FRACTION, SINGLE_CLASS_EXCESS * p_single
+        ):
             out.append(
                 Diagnosis(
                     code="single_class_batches",
@@ -698,7 +833,13 @@ def detect_batches(run: Run) -> list[Diagnosis]:
                     title=f"{len(singles)} of {len(batches)} recorded batches hold a single class "
                     f"(expected by chance: {p_single:.1%})",
                     evidence=[
-                        Evidence(s, {"class": next(c for c, p in cs.items() if p > 0), "batch_size": batch_size})
+                        Evidence(
+                            s,
+                            {
+                                "class": next(c for c, p in cs.items() if p > 0),
+                                "batch_size": batch_size,
+                            },
+                        )
                         for s, cs in _pick(singles)
                     ],
                     hint="the data is not shuffled (sorted by label?): use shuffle=True or a sampler "
@@ -706,7 +847,7 @@ def detect_batches(run: Run) -> list[Diagnosis]:
                 )
             )
 
-    samples = total_weight if sizes else len(batches)
+    samples = sum(sizes) if sizes else len(batches)
     if len(classes) >= 2 and samples / len(classes) >= IMBALANCE_MIN_PER_CLASS:
         most = max(classes, key=lambda c: prior[c])
         least = min(classes, key=lambda c: prior[c])
@@ -740,7 +881,8 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
     seqs = [r["seq"] for r in run.records if isinstance(r.get("seq"), int)]
     gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1)
     dropped_records = max(
-        (number((r.get("telemetry") or {}).get("dropped_total")) or 0 for r in run.records), default=0
+        (number((r.get("telemetry") or {}).get("dropped_total")) or 0 for r in run.records),
+        default=0,
     )
     dropped = int(max(number(summary.get("snapshots_dropped")) or 0, dropped_records, gaps))
     if dropped:
@@ -752,7 +894,10 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
                 severity="warning" if frac >= DROPPED_WARNING_FRACTION else "info",
                 title=f"{dropped} snapshots dropped ({frac:.0%}): the worker could not keep up",
                 evidence=[
-                    Evidence(record_step(r, i), {"dropped_before": (r.get("telemetry") or {}).get("dropped_before")})
+                    Evidence(
+                        run.step(i),
+                        {"dropped_before": (r.get("telemetry") or {}).get("dropped_before")},
+                    )
                     for i, r in enumerate(run.records)
                     if (number((r.get("telemetry") or {}).get("dropped_before")) or 0) > 0
                 ][:EVIDENCE_POINTS],
@@ -760,13 +905,20 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
             )
         )
     errors = [
-        Evidence(record_step(r, i), {"where": e.get("where"), "type": e.get("type"), "message": e.get("message")})
+        Evidence(
+            run.step(i),
+            {"where": e.get("where"), "type": e.get("type"), "message": e.get("message")},
+        )
         for i, r in enumerate(run.records)
         for e in (r.get("errors") or [])
         if isinstance(e, dict)
     ]
     summary_errors = summary.get("errors")
-    counted = sum(int(v) for v in summary_errors.values() if number(v)) if isinstance(summary_errors, dict) else 0
+    counted = (
+        sum(int(v) for v in summary_errors.values() if number(v))
+        if isinstance(summary_errors, dict)
+        else 0
+    )
     if errors or counted:
         where = sorted({str(e.values.get("where")) for e in errors}) or sorted(summary_errors or {})
         out.append(
@@ -796,12 +948,26 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
                     code="incomplete_run",
                     severity="warning",
                     title="the run did not finish cleanly: " + "; ".join(problems),
-                    evidence=[Evidence(run.steps[-1], {"records": len(run.records)})],
-                    hint="the records up to the last whole line are valid; call telemetry.stop() "
-                    "(or use it as a context manager) so the summary is written",
+                    evidence=[
+                        Evidence(
+                            run.steps[-1], {"records": len(run.records)} | _last_errors(summary)
+                        )
+                    ],
+                    hint=(
+                        "the records up to the last whole line are valid; call telemetry.stop() "
+                        "(or use it as a context manager) so the summary is written"
+                        if run.summary is None
+                        else "the records written are valid; summary.json's last_errors says what "
+                        "went wrong at stop (records after it may be missing)"
+                    ),
                 )
             )
     return out
+
+
+def _last_errors(summary: dict[str, Any]) -> dict[str, Any]:
+    last = summary.get("last_errors")
+    return {"last_errors": "; ".join(map(str, last))} if isinstance(last, list) and last else {}
 
 
 DETECTORS: tuple[Callable[[Run], list[Diagnosis]], ...] = (
@@ -816,6 +982,19 @@ DETECTORS: tuple[Callable[[Run], list[Diagnosis]], ...] = (
 )
 
 
+def _annotate(run: Run, evidence: Evidence) -> Evidence:
+    index = run.index_of(evidence.step) if evidence.step is not None else None
+    if index is None:
+        return evidence
+    record = run.records[index]
+    epoch, batch_idx = record.get("epoch"), record.get("batch_idx")
+    return dataclasses.replace(
+        evidence,
+        epoch=epoch if isinstance(epoch, int) else None,
+        batch_idx=batch_idx if isinstance(batch_idx, int) else None,
+    )
+
+
 def diagnose(run: Run, *, finished: bool = True) -> list[Diagnosis]:
     """Every diagnosis of ``run``, most severe first, then by the step of its first evidence.
 
@@ -826,9 +1005,12 @@ def diagnose(run: Run, *, finished: bool = True) -> list[Diagnosis]:
     for detector in DETECTORS:
         found.extend(detector(run))
     found.extend(detect_telemetry(run, finished=finished))
+    found = [
+        dataclasses.replace(d, evidence=[_annotate(run, e) for e in d.evidence]) for d in found
+    ]
 
     def order(d: Diagnosis) -> tuple[int, int, int]:
         first = next((e.step for e in d.evidence if e.step is not None), 1 << 62)
-        return (_SEVERITY_ORDER[d.severity], first, CODES.index(d.code))
+        return (_SEVERITY_ORDER[d.severity], CODES.index(d.code), first)
 
     return sorted(found, key=order)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from train_telemetry.analysis.extras import require
-from train_telemetry.analysis.load import Record, Run, load_run, number, record_step
+from train_telemetry.analysis.load import Record, Run, load_run, number
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,7 +104,9 @@ def holdout_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
             }
             row["correct"] = row["label"] == pred if row["label"] is not None else None
             example_logits = logits[i] if i < len(logits) else []
-            for k, v in enumerate(example_logits if isinstance(example_logits, list) else [example_logits]):
+            for k, v in enumerate(
+                example_logits if isinstance(example_logits, list) else [example_logits]
+            ):
                 row[f"logit_{k}"] = v
             rows.append(row)
     return pd_.DataFrame(rows)
@@ -126,7 +128,7 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str], fmt: TableFor
 def _scalars(run: Run) -> Iterator[tuple[str, int, float, float]]:
     """(tag, step, wall time, value) for each numeric leaf of each record."""
     for i, record in enumerate(run.records):
-        step = record_step(record, i)
+        step = run.step(i)
         wall = number(record.get("time"))
         wall = wall if wall is not None and math.isfinite(wall) else time.time()
         for key, value in flatten_record(record).items():

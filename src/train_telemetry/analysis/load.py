@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ __all__ = [
     "RunNotFoundError",
     "class_sort_key",
     "find_record_files",
+    "format_number",
     "holdout_accuracy",
     "holdout_chance",
     "holdout_class_count",
@@ -49,6 +52,22 @@ class RunNotFoundError(FileNotFoundError):
     """The path holds no telemetry records; the message names the path and what was expected."""
 
 
+def format_number(value: Any, digits: int = 3) -> str:
+    """A short human form of a number (3 significant digits, exponent when far from 1)."""
+    f = number(value)
+    if f is None:
+        return "-" if value is None else str(value)
+    if not math.isfinite(f):
+        return {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}[repr(f)]
+    if f == 0:
+        return "0"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if 1e-3 <= abs(f) < 1e5:
+        return f"{f:.{digits}g}"
+    return f"{f:.{max(digits - 1, 1)}e}"
+
+
 def number(value: Any) -> float | None:
     """``value`` as a float if it is a number (NaN and +-Inf included), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,7 +76,11 @@ def number(value: Any) -> float | None:
 
 
 def record_step(record: Record, index: int) -> int:
-    """The step a record was collected at: ``batch_idx``, else ``seq``, else its position."""
+    """The step counter a record carries: ``batch_idx``, else ``seq``, else its position.
+
+    This is what the hook was called with, which restarts each epoch in the seed's loop
+    (``enumerate(loader)``); :attr:`Run.steps` counts on across epochs.
+    """
     for key in ("batch_idx", "seq"):
         value = record.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -75,7 +98,12 @@ class Run:
     summary: dict[str, Any] | None = None
     rank: int | None = None
     records_file: Path | None = None
-    _groups: list[str] | None = field(default=None, repr=False)
+    # groups is derived from meta and records, which grow while a run is watched: cache it
+    # against their identity and length.
+    _groups: tuple[tuple[int, int], list[str]] | None = field(default=None, init=False, repr=False)
+    # steps are extended, not recomputed, as records are appended (watch).
+    _steps: list[int] | None = field(default=None, init=False, repr=False)
+    _step_state: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -96,9 +124,10 @@ class Run:
         families' keys; ``learning_rates`` is the last resort because it holds every group
         twice (``group_<i>`` and the name), so it must not be read as the group list.
         """
-        if self._groups is None:
-            self._groups = self._find_groups()
-        return self._groups
+        stamp = (id(self.meta), len(self.records))
+        if self._groups is None or self._groups[0] != stamp:
+            self._groups = (stamp, self._find_groups())
+        return self._groups[1]
 
     def _find_groups(self) -> list[str]:
         declared = (self.meta or {}).get("groups")
@@ -121,7 +150,49 @@ class Run:
 
     @property
     def steps(self) -> list[int]:
-        return [record_step(r, i) for i, r in enumerate(self.records)]
+        """A step per record that never goes back: ``batch_idx``, counted on across epochs.
+
+        Where ``batch_idx`` drops (a loop that restarts it each epoch), the steps go on from
+        the previous epoch's largest ``batch_idx``; that undercounts an epoch by the fewer
+        than ``collect_every_n`` steps after its last collection, and is exact when
+        ``batch_idx`` is already a global counter.
+        """
+        if self._steps is None or len(self._steps) != len(self.records):
+            done = list(self._steps or [])[: len(self.records)]
+            offset, epoch_max = self._step_state if done else (0, 0)
+            for i in range(len(done), len(self.records)):
+                raw = record_step(self.records[i], i)
+                if i and raw < record_step(self.records[i - 1], i - 1):
+                    offset += epoch_max
+                    epoch_max = 0
+                epoch_max = max(epoch_max, raw)
+                done.append(offset + raw)
+            self._steps, self._step_state = done, (offset, epoch_max)
+        return self._steps
+
+    def step(self, index: int) -> int:
+        """The (monotonic) step of record ``index``; see :attr:`steps`."""
+        return self.steps[index]
+
+    def index_of(self, step: int) -> int | None:
+        """The index of the record at ``step`` (the first one, if several)."""
+        steps = self.steps
+        lo, hi = 0, len(steps)
+        while lo < hi:  # steps never decrease: bisect
+            mid = (lo + hi) // 2
+            if steps[mid] < step:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo if lo < len(steps) and steps[lo] == step else None
+
+    @property
+    def restarts_each_epoch(self) -> bool:
+        """Whether ``batch_idx`` restarts each epoch (so steps and batch_idx differ)."""
+        return any(
+            record_step(r, i) != s
+            for i, (r, s) in enumerate(zip(self.records, self.steps, strict=True))
+        )
 
     def value(self, record: Record, family: str, key: str) -> float | None:
         """``record[family][key]`` as a float, or None when absent, null or not a number."""
@@ -147,7 +218,7 @@ class Run:
         for i, record in enumerate(self.records):
             v = self.value(record, family, key)
             if v is not None and (not finite or math.isfinite(v)):
-                out.append((record_step(record, i), v))
+                out.append((self.step(i), v))
         return out
 
     def lr_series(self, group: str) -> list[tuple[int, float]]:
@@ -155,7 +226,7 @@ class Run:
         for i, record in enumerate(self.records):
             v = self.learning_rate(record, group)
             if v is not None:
-                out.append((record_step(record, i), v))
+                out.append((self.step(i), v))
         return out
 
     def holdout(self) -> list[tuple[int, Record, dict[str, Any]]]:
@@ -164,7 +235,7 @@ class Run:
         for i, record in enumerate(self.records):
             holdout = record.get("holdout_logits")
             if isinstance(holdout, dict):
-                out.append((record_step(record, i), record, holdout))
+                out.append((self.step(i), record, holdout))
         return out
 
     def batch_classes(self) -> list[tuple[int, dict[str, float], float | None]]:
@@ -175,7 +246,9 @@ class Run:
         """
         label_key = self.config.get("label_key")
         pattern = re.compile(
-            rf"^{re.escape(label_key)}_(.+)_pct$" if isinstance(label_key, str) else r"^(?:.+)_(.+?)_pct$"
+            rf"^{re.escape(label_key)}_(.+)_pct$"
+            if isinstance(label_key, str)
+            else r"^(?:.+)_(.+?)_pct$"
         )
         out = []
         for i, record in enumerate(self.records):
@@ -189,8 +262,34 @@ class Run:
                 if match and pct is not None and math.isfinite(pct):
                     classes[match.group(1)] = pct
             if classes:
-                out.append((record_step(record, i), classes, number(stats.get("batch_size"))))
+                out.append((self.step(i), classes, number(stats.get("batch_size"))))
         return out
+
+    def median_lrs(self) -> dict[str, float]:
+        """Each group's median finite LR over the run (groups without LRs left out)."""
+        out = {}
+        for group in self.groups:
+            values = [v for _, v in self.lr_series(group) if math.isfinite(v)]
+            if values:
+                out[group] = statistics.median(values)
+        return out
+
+    def class_shares(self, extra_classes: Iterable[str] = ()) -> dict[str, float]:
+        """Each class's share (0..1) of all samples in the recorded batches, pooled by batch size.
+
+        ``extra_classes`` (e.g. the holdout's labels) are included with share 0 if no batch
+        held them.
+        """
+        batches = self.batch_classes()
+        classes = {c for _, cs, _ in batches for c in cs} | set(extra_classes)
+        weights = [bs if bs and bs > 0 else 1.0 for _, _, bs in batches]
+        total = sum(weights) or 1.0
+        return {
+            c: sum(cs.get(c, 0.0) * w for (_, cs, _), w in zip(batches, weights, strict=True))
+            / 100
+            / total
+            for c in sorted(classes, key=class_sort_key)
+        }
 
     def torn_tail(self) -> bool:
         """Whether the records file ends in a partial line (a crash mid-write)."""
@@ -218,7 +317,12 @@ def holdout_accuracy(holdout: dict[str, Any]) -> float | None:
     if acc is not None:
         return acc
     preds, labels = holdout.get("predictions"), holdout.get("labels")
-    if isinstance(preds, list) and isinstance(labels, list) and labels and len(preds) == len(labels):
+    if (
+        isinstance(preds, list)
+        and isinstance(labels, list)
+        and labels
+        and len(preds) == len(labels)
+    ):
         return sum(p == t for p, t in zip(preds, labels, strict=True)) / len(labels)
     return None
 
@@ -308,7 +412,9 @@ def load_run(path: str | os.PathLike[str], *, rank: int | None = None) -> Run:
     if rank is None:
         if len(runs) > 1:
             ranks = ", ".join(str(r.rank) for r in runs)
-            raise RunNotFoundError(f"{path}: holds one records file per rank ({ranks}): pick one with rank=")
+            raise RunNotFoundError(
+                f"{path}: holds one records file per rank ({ranks}): pick one with rank="
+            )
         return runs[0]
     for run in runs:
         if run.rank == rank or (run.rank is None and rank == 0):

@@ -58,7 +58,9 @@ def _new_figure(size: tuple[float, float], dpi: int) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: str | os.PathLike[str], dpi: int, panels: dict[str, bool]) -> PlotInfo:
+def _save(
+    figure: Figure, path: str | os.PathLike[str], dpi: int, panels: dict[str, bool]
+) -> PlotInfo:
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,9 @@ def _save(figure: Figure, path: str | os.PathLike[str], dpi: int, panels: dict[s
 
 
 def _empty(ax: Axes, message: str) -> bool:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True)
+    ax.text(
+        0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     return False
@@ -87,14 +91,34 @@ def _plot_log_series(
     zeros = [s for s, v in series if v == 0]
     bad = [s for s, v in series if not math.isfinite(v)]
     if good:
-        ax.plot([s for s, _ in good], [v for _, v in good], style, color=colour, label=label,
-                marker="." if len(good) < 30 else None)
+        ax.plot(
+            [s for s, _ in good],
+            [v for _, v in good],
+            style,
+            color=colour,
+            label=label,
+            marker="." if len(good) < 30 else None,
+        )
     if zeros:
-        ax.plot(zeros, [0.02] * len(zeros), "v", color=colour, transform=ax.get_xaxis_transform(),
-                label=f"{label} = 0" if not good else None, clip_on=False)
+        ax.plot(
+            zeros,
+            [0.02] * len(zeros),
+            "v",
+            color=colour,
+            transform=ax.get_xaxis_transform(),
+            label=f"{label} = 0" if not good else None,
+            clip_on=False,
+        )
     if bad:
-        ax.plot(bad, [0.98] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(),
-                label=f"{label} NaN/Inf", clip_on=False)
+        ax.plot(
+            bad,
+            [0.98] * len(bad),
+            "x",
+            color="red",
+            transform=ax.get_xaxis_transform(),
+            label=f"{label} NaN/Inf",
+            clip_on=False,
+        )
     return bool(series)
 
 
@@ -127,7 +151,9 @@ def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
 def _colours(n: int) -> list[Any]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"] if n <= 20 else colormaps["viridis"]
+    cmap = (
+        colormaps["tab10"] if n <= 10 else colormaps["tab20"] if n <= 20 else colormaps["viridis"]
+    )
     return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
 
 
@@ -157,10 +183,18 @@ def _accuracy_panel(ax: Axes, run: Run) -> bool:
 def _loss_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("loss")
     drawn = False
-    for family, label, colour in (("holdout_logits", "holdout", "tab:blue"), ("train", "train batch", "tab:orange")):
+    for family, label, colour in (
+        ("holdout_logits", "holdout", "tab:blue"),
+        ("train", "train batch", "tab:orange"),
+    ):
         series = run.series(family, "loss", finite=True)
         if series:
-            ax.plot(*zip(*series, strict=True), color=colour, marker="." if len(series) < 30 else None, label=label)
+            ax.plot(
+                *zip(*series, strict=True),
+                color=colour,
+                marker="." if len(series) < 30 else None,
+                label=label,
+            )
             drawn = True
     if not drawn:
         return _empty(ax, "no loss recorded")
@@ -186,7 +220,9 @@ def _balance_panel(ax: Axes, run: Run) -> bool:
             ax.bar(steps, values, bottom=bottom, color=colour, label=f"class {c}")
             bottom += values[0]
     else:
-        ax.stackplot(steps, stacks, colors=colours, labels=[f"class {c}" for c in classes], step="mid")
+        ax.stackplot(
+            steps, stacks, colors=colours, labels=[f"class {c}" for c in classes], step="mid"
+        )
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of batch")
     ax.set_xlabel("step")
@@ -196,7 +232,11 @@ def _balance_panel(ax: Axes, run: Run) -> bool:
 
 def _heatmap_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("holdout predictions per example (rows sorted by label; left strip: label)")
-    holdout = [(s, h) for s, _, h in run.holdout() if isinstance(h.get("predictions"), list) and h["predictions"]]
+    holdout = [
+        (s, h)
+        for s, _, h in run.holdout()
+        if isinstance(h.get("predictions"), list) and h["predictions"]
+    ]
     if not holdout:
         return _empty(ax, "no holdout predictions recorded")
     size = len(holdout[-1][1]["predictions"])
@@ -211,14 +251,26 @@ def _heatmap_panel(ax: Axes, run: Run) -> bool:
     cmap = ListedColormap(colours)
     norm = BoundaryNorm(np.arange(-0.5, classes + 0.5), cmap.N)
     grid = np.array([[h["predictions"][i] for _, h in holdout] for i in order], dtype=float)
-    steps = [s for s, _ in holdout]
-    left = steps[0] - (steps[1] - steps[0]) / 2 if len(steps) > 1 else steps[0] - 0.5
-    right = steps[-1] + (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else steps[0] + 0.5
-    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
-              extent=(left, right, size - 0.5, -0.5))
+    # Column edges halfway between collections, so that a dropped snapshot (a longer gap)
+    # shows as a wider column at the right steps rather than shifting every later column.
+    steps = np.array([s for s, _ in holdout], dtype=float)
+    if len(steps) > 1:
+        mids = (steps[1:] + steps[:-1]) / 2
+        x_edges = np.concatenate(
+            [[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]]
+        )
+    else:
+        x_edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    ax.pcolormesh(x_edges, np.arange(size + 1) - 0.5, grid, cmap=cmap, norm=norm)
+    ax.set_ylim(size - 0.5, -0.5)
     strip = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
-    strip.imshow(np.array([[labels[i]] for i in order], dtype=float), aspect="auto",
-                 interpolation="nearest", cmap=cmap, norm=norm)
+    strip.imshow(
+        np.array([[labels[i]] for i in order], dtype=float),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
+        norm=norm,
+    )
     strip.set_xticks([])
     strip.set_yticks([])
     ax.set_xlabel("step")
@@ -230,7 +282,10 @@ def _heatmap_panel(ax: Axes, run: Run) -> bool:
 def _telemetry_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("telemetry cost")
     drawn = False
-    for key, label, colour in (("hook_ms", "hook (ms)", "tab:purple"), ("worker_lag_ms", "worker lag (ms)", "tab:brown")):
+    for key, label, colour in (
+        ("hook_ms", "hook (ms)", "tab:purple"),
+        ("worker_lag_ms", "worker lag (ms)", "tab:brown"),
+    ):
         series = run.series("telemetry", key)
         if series:
             drawn |= _plot_log_series(ax, series, label, colour)
@@ -238,7 +293,9 @@ def _telemetry_panel(ax: Axes, run: Run) -> bool:
     if dropped:
         for s, _ in dropped:
             ax.axvline(s, color="tab:red", alpha=0.3)
-        ax.plot([], [], color="tab:red", alpha=0.3, label=f"snapshots dropped before ({len(dropped)})")
+        ax.plot(
+            [], [], color="tab:red", alpha=0.3, label=f"snapshots dropped before ({len(dropped)})"
+        )
     if not drawn:
         return _empty(ax, "no telemetry timings recorded")
     ax.set_yscale("log")
@@ -252,17 +309,41 @@ def _diagnoses_panel(ax: Axes, diagnoses: Sequence[Diagnosis]) -> bool:
     ax.set_title("diagnoses")
     ax.set_axis_off()
     if not diagnoses:
-        ax.text(0.02, 0.95, "no problems found", color="tab:green", va="top", transform=ax.transAxes, fontsize="large")
+        ax.text(
+            0.02,
+            0.95,
+            "no problems found",
+            color="tab:green",
+            va="top",
+            transform=ax.transAxes,
+            fontsize="large",
+        )
         return True
     y = 0.97
     for d in diagnoses[:12]:
-        ax.text(0.0, y, f"{d.severity.upper()} {d.code}", color=_SEVERITY_COLOURS[d.severity], va="top",
-                transform=ax.transAxes, fontweight="bold", fontsize="small")
+        ax.text(
+            0.0,
+            y,
+            f"{d.severity.upper()} {d.code}",
+            color=_SEVERITY_COLOURS[d.severity],
+            va="top",
+            transform=ax.transAxes,
+            fontweight="bold",
+            fontsize="small",
+        )
         title = d.title if len(d.title) <= 110 else d.title[:107] + "..."
-        ax.text(0.0, y - 0.035, title, va="top", transform=ax.transAxes, fontsize="x-small", wrap=True)
+        ax.text(
+            0.0, y - 0.035, title, va="top", transform=ax.transAxes, fontsize="x-small", wrap=True
+        )
         y -= 0.08
     if len(diagnoses) > 12:
-        ax.text(0.0, y, f"... {len(diagnoses) - 12} more (see the report)", va="top", transform=ax.transAxes)
+        ax.text(
+            0.0,
+            y,
+            f"... {len(diagnoses) - 12} more (see the report)",
+            va="top",
+            transform=ax.transAxes,
+        )
     return True
 
 
@@ -280,8 +361,12 @@ def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT
     )
     panels = {
         "gradient norm": _group_panel(axes[0][0], run, "gradient_norm", "Gradient norm"),
-        "weight delta": _group_panel(axes[0][1], run, "weight_delta", "Weight delta since previous collection"),
-        "update/weight ratio": _group_panel(axes[1][0], run, "update_ratio", "Update / weight ratio"),
+        "weight delta": _group_panel(
+            axes[0][1], run, "weight_delta", "Weight delta since previous collection"
+        ),
+        "update/weight ratio": _group_panel(
+            axes[1][0], run, "update_ratio", "Update / weight ratio"
+        ),
         "learning rate": _group_panel(axes[1][1], run, "lr", "Learning rate"),
         "accuracy": _accuracy_panel(axes[2][0], run),
         "loss": _loss_panel(axes[2][1], run),
@@ -293,7 +378,9 @@ def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT
     return _save(figure, path, dpi, panels)
 
 
-def save_overlay(runs: Sequence[Run], path: str | os.PathLike[str], *, dpi: int = DEFAULT_DPI) -> PlotInfo:
+def save_overlay(
+    runs: Sequence[Run], path: str | os.PathLike[str], *, dpi: int = DEFAULT_DPI
+) -> PlotInfo:
     """Write one image overlaying ``runs``: colour per run, line style per group."""
     figure = _new_figure(OVERLAY_SIZE_IN, dpi)
     axes = figure.subplots(3, 2)
@@ -335,4 +422,3 @@ def save_overlay(runs: Sequence[Run], path: str | os.PathLike[str], *, dpi: int 
             _empty(ax, f"no {title} recorded in any run")
         panels[title] = drawn
     return _save(figure, path, dpi, panels)
-

@@ -20,14 +20,15 @@ from train_telemetry.analysis.load import (
     GROUP_FAMILIES,
     OVERALL,
     Run,
-    class_sort_key,
+    format_number,
+    holdout_accuracy,
     holdout_chance,
     holdout_class_count,
     number,
 )
 from train_telemetry.records import to_strict_json_value
 
-__all__ = ["format_number", "render_report", "report_data", "report_json", "sparkline", "summarize"]
+__all__ = ["render_report", "report_data", "report_json", "sparkline", "summarize"]
 
 # A trend is drawn in at most this many characters: enough to show a shape on one line.
 TREND_WIDTH = 24
@@ -45,22 +46,6 @@ _FAMILY_TITLES = {
 _LOG_FAMILIES = {"gradient_norm", "weight_delta", "update_ratio", "weight_norm", "lr"}
 
 
-def format_number(value: Any, digits: int = 3) -> str:
-    """A short human form of a number (3 significant digits, exponent when far from 1)."""
-    f = number(value)
-    if f is None:
-        return "-" if value is None else str(value)
-    if not math.isfinite(f):
-        return {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}[repr(f)]
-    if f == 0:
-        return "0"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if 1e-3 <= abs(f) < 1e5:
-        return f"{f:.{digits}g}"
-    return f"{f:.{max(digits - 1, 1)}e}"
-
-
 def _trend(values: Sequence[float], width: int = TREND_WIDTH) -> list[float]:
     """``values`` averaged into at most ``width`` buckets (non-finite values kept as NaN)."""
     if len(values) <= width:
@@ -73,7 +58,9 @@ def _trend(values: Sequence[float], width: int = TREND_WIDTH) -> list[float]:
     return out
 
 
-def sparkline(values: Sequence[float | None], *, log: bool = False, ascii_only: bool = False) -> str:
+def sparkline(
+    values: Sequence[float | None], *, log: bool = False, ascii_only: bool = False
+) -> str:
     """``values`` as one line of bar characters; '!' marks NaN/Inf, ' ' a missing value."""
     bars = _ASCII_BARS if ascii_only else _BARS
 
@@ -128,7 +115,11 @@ def _spread(values: Sequence[float]) -> dict[str, float] | None:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return None
-    return {"median": statistics.median(finite), "p95": _percentile(finite, 0.95), "max": max(finite)}
+    return {
+        "median": statistics.median(finite),
+        "p95": _percentile(finite, 0.95),
+        "max": max(finite),
+    }
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -191,11 +182,7 @@ def summarize(run: Run) -> dict[str, Any]:
 
 
 def _lr_ratios(run: Run) -> dict[str, Any] | None:
-    lrs: dict[str, float] = {}
-    for group in run.groups:
-        values = [v for _, v in run.lr_series(group) if math.isfinite(v)]
-        if values:
-            lrs[group] = statistics.median(values)
+    lrs = run.median_lrs()
     if len(lrs) < 2:
         return None
     expected = run.config.get("expected_lr_ratios")
@@ -204,7 +191,11 @@ def _lr_ratios(run: Run) -> dict[str, Any] | None:
     if expected:
         known = [g for g in candidates if number(expected.get(g))]
         candidates = known or candidates
-        ref = min(candidates, key=lambda g: float(expected[g]) if g in expected else math.inf) if candidates else None
+        ref = (
+            min(candidates, key=lambda g: float(expected[g]) if g in expected else math.inf)
+            if candidates
+            else None
+        )
     else:
         ref = min(candidates, key=lambda g: lrs[g]) if candidates else None
     if ref is None:
@@ -227,7 +218,7 @@ def _holdout_summary(run: Run) -> dict[str, Any] | None:
         return None
     last = holdout[-1][2]
     chance, n = holdout_chance(last)
-    accs = [(s, v) for s, _, h in holdout if (v := number(h.get("accuracy"))) is not None]
+    accs = [(s, v) for s, _, h in holdout if (v := holdout_accuracy(h)) is not None]
     best = max((a for a in accs if math.isfinite(a[1])), key=lambda a: a[1], default=None)
     return {
         "examples": n,
@@ -244,19 +235,17 @@ def _batch_summary(run: Run) -> dict[str, Any] | None:
     batches = run.batch_classes()
     if not batches:
         return None
-    classes = sorted({c for _, cs, _ in batches for c in cs}, key=class_sort_key)
     sizes = [bs for _, _, bs in batches if bs]
-    weights = [bs if bs else 1.0 for _, _, bs in batches]
-    total = sum(weights)
     return {
         "label_key": run.config.get("label_key"),
         "records": len(batches),
-        "batch_size": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)} if sizes else None,
-        "class_pct": {
-            c: sum(cs.get(c, 0.0) * w for (_, cs, _), w in zip(batches, weights, strict=True)) / total
-            for c in classes
-        },
-        "single_class_batches": sum(1 for _, cs, _ in batches if sum(1 for p in cs.values() if p > 0) == 1),
+        "batch_size": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)}
+        if sizes
+        else None,
+        "class_pct": {c: 100 * share for c, share in run.class_shares().items()},
+        "single_class_batches": sum(
+            1 for _, cs, _ in batches if sum(1 for p in cs.values() if p > 0) == 1
+        ),
     }
 
 
@@ -308,12 +297,17 @@ def report_json(data: dict[str, Any] | list[dict[str, Any]]) -> str:
 # --- text ----------------------------------------------------------------------------------
 
 
-def _evidence_text(evidence: Sequence[dict[str, Any]]) -> str:
-    parts = []
+def _evidence_lines(evidence: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
     for e in evidence:
-        values = ", ".join(f"{k}={format_number(v)}" for k, v in e["values"].items())
-        parts.append(f"step {e['step']}: {values}" if e["step"] is not None else values)
-    return "; ".join(parts)
+        values = ", ".join(
+            f"{k}={'none' if v is None else format_number(v)}" for k, v in e["values"].items()
+        )
+        where = f"step {e['step']}" if e["step"] is not None else ""
+        if e.get("batch_idx") is not None and e["batch_idx"] != e["step"]:
+            where += f" (epoch {e['epoch']}, batch {e['batch_idx']})"
+        lines.append(f"             {where}: {values}" if where else f"             {values}")
+    return lines
 
 
 def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
@@ -327,21 +321,36 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
         add("  no records yet")
     else:
         epochs = (
-            f" (epochs {run['first_epoch']} .. {run['last_epoch']})" if run["first_epoch"] is not None else ""
+            f" (epochs {run['first_epoch']} .. {run['last_epoch']})"
+            if run["first_epoch"] is not None
+            else ""
         )
-        every = f", collected every {run['collect_every_n']} steps" if run["collect_every_n"] else ""
-        add(f"  steps {run['first_step']} .. {run['last_step']}{epochs}: {run['records']} records{every}")
-    origin = [f"started {run['started']}" if run["started"] else None,
-              f"torch {run['torch_version']}" if run["torch_version"] else None,
-              f"pid {run['pid']}" if run["pid"] else None]
+        every = (
+            f", collected every {run['collect_every_n']} steps" if run["collect_every_n"] else ""
+        )
+        add(
+            f"  steps {run['first_step']} .. {run['last_step']}{epochs}: {run['records']} records{every}"
+        )
+    origin = [
+        f"started {run['started']}" if run["started"] else None,
+        f"torch {run['torch_version']}" if run["torch_version"] else None,
+        f"pid {run['pid']}" if run["pid"] else None,
+    ]
     if any(origin):
         add("  " + ", ".join(o for o in origin if o))
     tel = s["telemetry"]
     if not run["has_summary_json"]:
         add("  status: no summary.json (crashed, killed, or still running)")
     else:
-        add("  status: " + ("stopped cleanly" if tel["clean"] else "stop was NOT clean")
-            + (f", worker exit code {tel['worker_exitcode']}" if tel["worker_exitcode"] not in (None, 0) else ""))
+        add(
+            "  status: "
+            + ("stopped cleanly" if tel["clean"] else "stop was NOT clean")
+            + (
+                f", worker exit code {tel['worker_exitcode']}"
+                if tel["worker_exitcode"] not in (None, 0)
+                else ""
+            )
+        )
     if run["torn_tail"]:
         add("  the records file ends in a torn line (skipped)")
 
@@ -359,15 +368,19 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
 def render_diagnoses(diagnoses: Sequence[dict[str, Any]]) -> list[str]:
     """The diagnoses section: a count line, then each with its evidence and hint."""
     if not diagnoses:
-        return ["Diagnoses: none: no problems found"]
-    counts = {sev: sum(1 for d in diagnoses if d["severity"] == sev) for sev in ("serious", "warning", "info")}
+        return ["Diagnoses: none (no problems found)"]
+    counts = {
+        sev: sum(1 for d in diagnoses if d["severity"] == sev)
+        for sev in ("serious", "warning", "info")
+    }
     head = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n)
     lines = [f"Diagnoses ({head}):"]
     for d in diagnoses:
         lines.append(f"  {d['severity'].upper():8} {d['code']}: {d['title']}")
-        if d["evidence"]:
-            lines.append(f"           evidence: {_evidence_text(d['evidence'])}")
         lines.append(f"           hint: {d['hint']}")
+        if d["evidence"]:
+            lines.append("           evidence:")
+            lines.extend(_evidence_lines(d["evidence"]))
     return lines
 
 
@@ -384,7 +397,10 @@ def _row(label: str, stats: dict[str, Any] | None, family: str, ascii_only: bool
 
 def _group_table(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
     groups: dict[str, dict[str, Any]] = s["groups"]
-    lines = ["", f"  {'per group':<18} {'first':>10} {'last':>10} {'median':>10} {'min':>10} {'max':>10}  trend"]
+    lines = [
+        "",
+        f"  {'per group':<18} {'first':>10} {'last':>10} {'median':>10} {'min':>10} {'max':>10}  trend",
+    ]
     for family in (*GROUP_FAMILIES, "lr"):
         rows = [(g, stats[family]) for g, stats in groups.items() if stats.get(family) is not None]
         if not rows:
@@ -399,13 +415,21 @@ def _group_table(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
             if g == ref:
                 continue
             exp = (ratios["expected"] or {}).get(g)
-            parts.append(f"{g} {format_number(r)}x" + (f" (expected {format_number(exp)}x)" if exp else ""))
+            parts.append(
+                f"{g} {format_number(r)}x" + (f" (expected {format_number(exp)}x)" if exp else "")
+            )
         if parts:
             lines.append(f"  LR relative to '{ref}': " + ", ".join(parts))
     sizes = s["run"]["group_sizes"]
     if sizes:
-        lines.append("  parameters: " + ", ".join(
-            f"{g} {format_number(v.get('num_params'))}" for g, v in sizes.items() if isinstance(v, dict)))
+        lines.append(
+            "  parameters: "
+            + ", ".join(
+                f"{g} {format_number(v.get('num_params'))}"
+                for g, v in sizes.items()
+                if isinstance(v, dict)
+            )
+        )
     return lines
 
 
@@ -419,7 +443,11 @@ def _holdout_lines(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
         )
         acc = h["accuracy"]
         if acc:
-            best = f" (best {format_number(h['best_accuracy'])} at step {h['best_step']})" if h["best_step"] is not None else ""
+            best = (
+                f" (best {format_number(h['best_accuracy'])} at step {h['best_step']})"
+                if h["best_step"] is not None
+                else ""
+            )
             lines.append(
                 f"    accuracy {format_number(acc['first'])} -> {format_number(acc['last'])}{best}  "
                 + sparkline(acc["trend"], ascii_only=ascii_only)
@@ -437,7 +465,8 @@ def _holdout_lines(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
             if st:
                 lines.append(
                     f"    {key:<8} {format_number(st['first'])} -> {format_number(st['last'])} "
-                    f"(median {format_number(st['median'])})  " + sparkline(st["trend"], ascii_only=ascii_only)
+                    f"(median {format_number(st['median'])})  "
+                    + sparkline(st["trend"], ascii_only=ascii_only)
                 )
     return lines
 
@@ -449,7 +478,11 @@ def _batch_lines(s: dict[str, Any]) -> list[str]:
     size = b["batch_size"]
     size_text = (
         f"batch size {format_number(size['median'])}"
-        + (f" ({format_number(size['min'])}..{format_number(size['max'])})" if size["min"] != size["max"] else "")
+        + (
+            f" ({format_number(size['min'])}..{format_number(size['max'])})"
+            if size["min"] != size["max"]
+            else ""
+        )
         if size
         else "batch size unknown"
     )
@@ -481,4 +514,7 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
     counts.append(f"{int(dropped)} dropped")
     errors = sum(int(v) for v in t["errors"].values() if number(v)) or t["record_errors"]
     counts.append(f"{errors} metric errors")
-    return ["", "  telemetry: " + "; ".join(parts + [", ".join(counts)])]
+    lines = ["", "  telemetry: " + ", ".join(counts)]
+    if parts:
+        lines.append("    " + "; ".join(parts))
+    return lines

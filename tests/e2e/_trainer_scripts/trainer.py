@@ -5,11 +5,14 @@ collector runs, then trains. Scenarios (none of them calls ``stop()``):
 
 * ``loop``: train until killed or interrupted (Ctrl-C arrives as KeyboardInterrupt);
 * ``normal``: train ``STEPS`` steps, print ``done``, fall off the end of the script;
-* ``raise``: train ``STEPS`` steps, print ``done``, raise an uncaught ValueError.
+* ``raise``: train ``STEPS`` steps, print ``done``, raise an uncaught ValueError;
+* ``kill_worker``: like ``normal``, but SIGKILL the telemetry worker at step 10.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -35,9 +38,11 @@ def main(output_dir: str, scenario: str) -> None:
     g = torch.Generator().manual_seed(0)
     model = SiameseNet(width=4, embed=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    # on_full: block, so that every collection is taken and the tests can count them all.
+    # on_full: block, so that every collection is taken and the tests can count them all;
+    # worker_nice: 0, so that a worker starved by other jobs on a loaded CI machine still
+    # drains within the at-exit deadline (10 s).
     telemetry = Telemetry(TelemetryConfig(output_dir=output_dir, collect_every_n=EVERY,
-                                          on_full="block", stop_timeout_s=20.0))
+                                          on_full="block", stop_timeout_s=20.0, worker_nice=0))
     telemetry.set_holdout_data(batch(g, 16))
     telemetry.start(model, opt)
     print(f"worker_pid {telemetry.worker_pid}", flush=True)
@@ -50,6 +55,8 @@ def main(output_dir: str, scenario: str) -> None:
         opt.step()
         telemetry.on_batch_end(model, opt, step, 0, None, data, loss=loss)
         step += 1
+        if scenario == "kill_worker" and step == 10:
+            os.kill(telemetry.worker_pid, signal.SIGKILL)
         if scenario == "loop":
             time.sleep(0.01)
     print("done", flush=True)

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Telemetry under torchrun and DistributedDataParallel: a tiny classifier with two param groups.
+
+    torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp            # 2 ranks (gloo on CPU)
+    torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --per-rank # one file set per rank
+    torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --accum 2  # no_sync accumulation
+    python scripts/ddp_example.py --out runs/single                              # the same, one process
+
+Every optimizer step trains on the same global batch of GLOBAL_BATCH rows however many
+ranks there are (rank r takes its contiguous share, split into --accum micro-batches), so
+the single-process run is the reference the DDP runs must agree with. Without --per-rank
+only rank 0 writes (``<out>/telemetry.jsonl``), and each record's batch_stats cover the
+global batch. tests/e2e/test_distributed.py runs this script; the flags under "for the
+tests" exist for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from train_telemetry import Telemetry, TelemetryConfig
+
+GLOBAL_BATCH = 16  # rows per optimizer step, summed over ranks and micro-batches
+NUM_FEATURES = 6
+NUM_CLASSES = 3
+
+
+class TinyNet(nn.Module):
+    """backbone -> head; module level so the telemetry worker (spawned) can unpickle it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(NUM_FEATURES, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+        self.head = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # [B, NUM_FEATURES] -> [B, NUM_CLASSES]
+
+
+def global_batch(step: int) -> dict[str, torch.Tensor]:
+    """The whole batch of optimizer step ``step``: the same on every rank and in every run."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, NUM_FEATURES, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
+    return {"x": x, "y": y}
+
+
+def rank_share(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s contiguous rows of a global batch (what a DistributedSampler would give)."""
+    per_rank = GLOBAL_BATCH // world_size
+    return {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+
+
+def holdout_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {"x": torch.randn(24, NUM_FEATURES, generator=g), "y": torch.randint(0, NUM_CLASSES, (24,), generator=g)}
+
+
+def build(seed: int = 0) -> tuple[TinyNet, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Model, optimizer with two named groups, and an LR that changes every step."""
+    torch.manual_seed(seed)  # the same initial weights on every rank and in the reference
+    model = TinyNet()
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.backbone.parameters(), "lr": 0.05, "name": "backbone"},
+            {"params": model.head.parameters(), "lr": 0.2, "name": "head"},
+        ],
+        momentum=0.9,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
+    return model, optimizer, scheduler
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the env
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    per_rank_rows = GLOBAL_BATCH // world_size
+    if GLOBAL_BATCH % (world_size * args.accum):
+        raise SystemExit(f"GLOBAL_BATCH={GLOBAL_BATCH} must divide into {world_size} ranks x {args.accum} micro-batches")
+    micro = per_rank_rows // args.accum
+
+    model, optimizer, scheduler = build()
+    ddp: nn.Module = DistributedDataParallel(model) if world_size > 1 else model
+
+    config = TelemetryConfig(
+        output_dir=args.out,
+        collect_every_n=args.collect_every_n,
+        input_keys=["x"],
+        label_key="y",
+        holdout_size=24,
+        per_rank=args.per_rank,
+        on_full=args.on_full,
+    )
+    telemetry = Telemetry(config)
+    telemetry.set_holdout_data(holdout_batch())
+    # After init_process_group, so every rank knows its rank; only rank 0 starts a worker.
+    telemetry.start(ddp, optimizer)
+
+    for step in range(args.steps):
+        share = rank_share(global_batch(step), rank, world_size)
+        for i in range(args.accum):
+            rows = slice(i * micro, (i + 1) * micro)
+            last = i == args.accum - 1
+            # no_sync: gradients accumulate locally; DDP all-reduces on the last micro-batch.
+            with _maybe_no_sync(ddp, skip=not last):
+                logits = ddp(share["x"][rows])
+                # The mean loss: DDP averages gradients over ranks, so these equal the
+                # gradients of one process on the whole global batch.
+                loss = nn.functional.cross_entropy(logits, share["y"][rows]) / args.accum
+                loss.backward()
+        optimizer.step()
+        hook_batch: dict[str, Any] = share
+        if args.bad_labels_rank == rank:  # for the tests: labels this rank cannot count
+            hook_batch = {"x": share["x"], "y": ["?"] * per_rank_rows}
+        # After optimizer.step(), once per optimizer step, with the step counter (the same
+        # on every rank) and this rank's whole share of the step's rows.
+        telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=loss.detach() * args.accum)
+        if step == args.kill_worker_at and telemetry.worker_pid is not None:
+            _kill_and_wait(telemetry.worker_pid)  # for the tests: the worker dies mid-run
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    summary = telemetry.stop()
+    result = {"rank": rank, "world_size": world_size, "worker_pid": telemetry.worker_pid,
+              "steps": args.steps, "summary": summary.to_dict()}
+    if args.result_dir:
+        Path(args.result_dir, f"result.rank{rank}.json").write_text(json.dumps(result))
+    if rank == 0:
+        print(f"rank 0: {summary.records_written} records in {args.out}, "
+              f"{summary.snapshots_dropped} dropped, clean={summary.clean}", flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def _maybe_no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and wait until it is gone or a zombie (its parent reaps it later)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="telemetry output directory (created)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
+    parser.add_argument("--collect-every-n", type=int, default=3)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (no_sync)")
+    parser.add_argument("--per-rank", action="store_true", help="every rank writes telemetry.rank<r>.jsonl")
+    tests = parser.add_argument_group("for the tests")
+    tests.add_argument("--on-full", choices=["drop", "block"], default="drop",
+                       help="block: wait for the worker instead of dropping, so runs compare record by record")
+    tests.add_argument("--result-dir", default=None, help="write result.rank<r>.json (summary, worker pid) here")
+    tests.add_argument("--kill-worker-at", type=int, default=None, help="rank 0 SIGKILLs its worker at this step")
+    tests.add_argument("--bad-labels-rank", type=int, default=None, help="this rank passes labels it cannot count")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,744 @@
+#!/usr/bin/env python3
+"""Stress test: what telemetry costs a training step; off vs ``mode: sync`` vs ``mode: async``.
+
+    python scripts/stress_test.py                          # full run (~8 min on 2 cores) -> runs/stress/
+    python scripts/stress_test.py --quick                  # a few steps of everything (CI)
+    python scripts/stress_test.py --presets conv --every 10 200 --repeats 5
+
+A benchmark, not a test: it prints ratios against "off" measured in the same run and
+writes ``stress.json`` (every number) and ``stress.md`` (the table docs/benchmarks.md and
+the README show). See docs/benchmarks.md for what each column means.
+
+How it measures (nanoGPT's bench.py: the training loop with everything else removed):
+
+- one *segment* = a fresh copy of the preset's initial weights and optimizer, warm-up
+  steps with the hook on (the first collection, which starts the queue's feeder thread,
+  falls in it), then the measured steps. Each step is timed with ``perf_counter_ns``;
+  so is the hook call alone, exactly as users write it::
+
+      telemetry.on_batch_end(model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs)
+
+- per preset and repeat the segments run off, floor, sync/async x collect_every_n, off
+  again; odd repeats run the order reversed so slow drift cancels. Every ratio divides
+  by the same repeat's "off" and the table shows the median over repeats.
+- the *floor* is what any exact snapshot must cost: one ``torch._foreach_copy_`` of the
+  same weights into pre-allocated shared memory plus one ``torch._foreach_norm`` of the
+  gradients, run in the loop at the point the hook would run (so with the same cache state).
+- the non-collection cost of the hook is timed directly (a tight loop of
+  ``on_batch_end`` on a non-collection ``batch_idx`` minus the same loop calling an empty
+  function with the same signature): a few hundred ns is far below step noise.
+- peak RSS: the trainer's ``VmHWM`` (reset per segment through ``/proc/self/clear_refs``)
+  and the worker's ``VmHWM`` read just before ``stop()``. Shared-memory slot pages count
+  in both processes' RSS; ``RssShmem`` and the slot bytes are reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+import yaml
+from torch import nn
+
+from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
+from train_telemetry.demo import SiameseNet, make_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "stress.yaml"
+MODES = ("off", "sync", "async")
+SEED = 0
+
+STRESS_KEYS = {
+    "presets": list, "modes": list, "collect_every_n": list, "repeats": int, "threads": int,
+    "output_dir": str, "segment_time_limit_s": (int, float), "microbench_calls": int,
+    "quiet_wait_s": (int, float), "quiet_cpu": (int, float),
+}
+PRESET_KEYS = {
+    "kind": str, "width": int, "embed": int, "image_size": int, "in_features": int, "hidden": int,
+    "depth": int, "batch_size": int, "optimizer": str, "steps": int, "warmup_steps": int,
+}
+# --quick: every code path, a few steps each, small wide model (tests/e2e/test_stress_script.py).
+# One trainer thread: a CI machine is busy, and a descheduled second thread stalls every op.
+QUICK = {"collect_every_n": [1, 4], "repeats": 1, "segment_time_limit_s": 5.0, "microbench_calls": 2000,
+         "quiet_wait_s": 0.0, "threads": 1}
+QUICK_PRESET = {"steps": 8, "warmup_steps": 2}
+QUICK_SIZES = {"siamese": {"width": 8, "embed": 16, "image_size": 8, "batch_size": 16},
+               "mlp": {"in_features": 64, "hidden": 256}}
+
+
+class StressConfigError(ValueError):
+    """configs/stress.yaml or a flag is wrong; the message names the file, the key and the fix."""
+
+
+# ---------------------------------------------------------------------- config
+def load_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(stress settings, presets, telemetry section) of ``path``, every key checked."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise StressConfigError(f"{path}: cannot read it: {exc}") from None
+    for key in data:
+        if key not in ("stress", "presets", "telemetry"):
+            raise StressConfigError(f"{path}: unknown top-level key {key!r} (allowed: stress, presets, telemetry)")
+    stress = dict(data.get("stress") or {})
+    _check_keys(stress, STRESS_KEYS, f"{path}: stress")
+    for mode in stress.get("modes", []):
+        if mode not in MODES:
+            hint = " (YAML reads a bare off as false: write 'off')" if mode is False else ""
+            raise StressConfigError(f"{path}: stress.modes: {mode!r}{hint}; allowed: {', '.join(MODES)}")
+    presets = dict(data.get("presets") or {})
+    for name, preset in presets.items():
+        _check_keys(preset, PRESET_KEYS, f"{path}: presets.{name}")
+        if preset.get("kind") not in ("siamese", "mlp"):
+            raise StressConfigError(f"{path}: presets.{name}.kind: {preset.get('kind')!r}; allowed: siamese, mlp")
+        if preset.get("optimizer", "adamw") not in ("adamw", "sgd"):
+            raise StressConfigError(f"{path}: presets.{name}.optimizer: {preset['optimizer']!r}; allowed: adamw, sgd")
+    telemetry = dict(data.get("telemetry") or {})
+    try:
+        TelemetryConfig.from_dict(telemetry, source=f"{path}: telemetry")
+    except TelemetryConfigError as exc:
+        raise StressConfigError(str(exc)) from None
+    return stress, presets, telemetry
+
+
+def _check_keys(section: dict[str, Any], allowed: dict[str, Any], where: str) -> None:
+    for key, value in section.items():
+        if key not in allowed:
+            raise StressConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+            raise StressConfigError(f"{where}.{key}: {value!r} is not a {allowed[key]}")
+
+
+# ---------------------------------------------------------------------- presets
+@dataclass
+class Preset:
+    """A model, its optimizer recipe and fixed random batches; every segment starts from ``init_state``."""
+
+    name: str
+    spec: dict[str, Any]
+    model: nn.Module
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    batches: list[dict[str, torch.Tensor]]
+    holdout: dict[str, torch.Tensor]
+    input_keys: list[str]
+    init_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of parameters + buffers: one slot, and the worker's model copy."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self.model.load_state_dict(self.init_state)
+        self.model.train()
+        return self.model, self.make_optimizer(self.model)
+
+    def describe(self) -> str:
+        s = self.spec
+        if s["kind"] == "siamese":
+            arch = f"SiameseNet(width={s['width']}, embed={s['embed']}) on {s['image_size']}x{s['image_size']} pairs"
+        else:
+            dims = [s["in_features"]] + [s["hidden"]] * s["depth"] + [2]
+            arch = "MLP " + "->".join(str(d) for d in dims)
+        return f"{arch}, batch {s['batch_size']}, {s.get('optimizer', 'adamw')}"
+
+
+def build_preset(name: str, spec: dict[str, Any]) -> Preset:
+    torch.manual_seed(SEED)
+    g = torch.Generator().manual_seed(SEED)
+    b = spec["batch_size"]
+    if spec["kind"] == "siamese":
+        model: nn.Module = SiameseNet(width=spec["width"], embed=spec["embed"])
+        hw = spec["image_size"]
+
+        def sample(n: int) -> dict[str, torch.Tensor]:
+            return {"img1": torch.randn(n, 1, hw, hw, generator=g), "img2": torch.randn(n, 1, hw, hw, generator=g),
+                    "winner": torch.randint(0, 2, (n,), generator=g)}
+
+        input_keys = ["img1", "img2"]
+    else:
+        dims = [spec["in_features"]] + [spec["hidden"]] * spec["depth"]
+        layers: list[nn.Module] = []
+        for a, c in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, c), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(dims[-1], 2))  # torch classes only: pickles anywhere
+
+        def sample(n: int) -> dict[str, torch.Tensor]:
+            return {"x": torch.randn(n, spec["in_features"], generator=g), "winner": torch.randint(0, 2, (n,), generator=g)}
+
+        input_keys = ["x"]
+    batches = [sample(b) for _ in range(8)]
+    opt_name = spec.get("optimizer", "adamw")
+
+    def make_opt(m: nn.Module) -> torch.optim.Optimizer:
+        if isinstance(m, SiameseNet) and opt_name == "adamw":
+            return make_optimizer(m)  # the demo's named groups: backbone 1x, head 10x
+        if opt_name == "sgd":
+            return torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        return torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    preset = Preset(name, spec, model, make_opt, batches, sample(50), input_keys)
+    preset.init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return preset
+
+
+# ---------------------------------------------------------------------- /proc readers
+def proc_status(pid: int | str = "self") -> dict[str, float]:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of a process, in MiB (empty if it is gone)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) / 1024.0
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes have been busy since boot (every core, from /proc/stat)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    return 0.0
+
+
+def wait_for_quiet(max_wait_s: float, max_cores: float) -> tuple[float, float]:
+    """Wait (at most ``max_wait_s``) until other processes use < ``max_cores`` cores; (waited s, their load).
+
+    On a shared machine other jobs' bursts cost more than anything measured here (a
+    2-thread trainer whose threads are descheduled waits at every parallel region).
+    """
+    t0 = time.perf_counter()
+    while True:
+        b0 = machine_busy_s()
+        time.sleep(0.5)
+        load = (machine_busy_s() - b0) / 0.5  # we are asleep: all of it is someone else's
+        waited = time.perf_counter() - t0
+        if load < max_cores or waited >= max_wait_s:
+            return waited, load
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _bare_worker_rss(result: Any, threads: int) -> None:
+    """A spawned process that imports what the worker imports and stops: the worker's fixed RSS."""
+    import train_telemetry.worker  # noqa: F401  (the import is the point: its RSS)
+
+    torch.set_num_threads(threads)
+    result.put(proc_status())
+
+
+def measure_bare_worker(threads: int) -> dict[str, float]:
+    ctx = tmp.get_context("spawn")
+    result = ctx.Queue()
+    proc = ctx.Process(target=_bare_worker_rss, args=(result, threads))
+    proc.start()
+    try:
+        return result.get(timeout=120)  # type: ignore[no-any-return]
+    finally:
+        proc.join(30)
+
+
+# ---------------------------------------------------------------------- one segment
+def _empty_hook(model: Any, optimizer: Any, batch_idx: int, epoch: int = 0, device: Any = None,
+                batch: Any = None, *, loss: Any = None, outputs: Any = None) -> None:
+    """The baseline of the non-collection microbenchmark: on_batch_end's signature, no body."""
+
+
+def time_idle_hook(hook: Callable[..., None], args: tuple[Any, ...], kwargs: dict[str, Any], calls: int) -> dict[str, float]:
+    """ns per call of ``hook`` on a non-collection step, minus an empty function's (min and median of 7)."""
+    hook_ns: list[float] = []
+    empty_ns: list[float] = []
+    for _ in range(7):
+        for fn, acc in ((hook, hook_ns), (_empty_hook, empty_ns)):
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                fn(*args, **kwargs)
+            acc.append((time.perf_counter_ns() - t0) / calls)
+    return {
+        "hook_ns_min": min(hook_ns), "empty_ns_min": min(empty_ns),
+        "added_ns_min": min(hook_ns) - min(empty_ns),
+        "added_ns_median": statistics.median(hook_ns) - statistics.median(empty_ns),
+    }
+
+
+def floor_op(layout_sources: list[torch.Tensor], dst: list[torch.Tensor], params: list[nn.Parameter]) -> None:
+    """What any exact snapshot must do: one fused copy into shared memory, one fused norm."""
+    torch._foreach_copy_(dst, layout_sources)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_norm(grads)
+
+
+def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[str, Any], settings: dict[str, Any],
+                run_dir: Path, keep_runs: bool) -> dict[str, Any]:
+    """Train ``steps`` measured steps of ``preset`` with telemetry ``mode``; return every number of it."""
+    spec = preset.spec
+    warmup, steps = spec["warmup_steps"], spec["steps"]
+    steps = max(every, math.ceil(steps / every) * every)  # whole periods: collections = steps / every
+    limit_s = float(settings["segment_time_limit_s"])
+    model, optimizer = preset.fresh()
+    loss_fn = nn.CrossEntropyLoss()
+    device = torch.device("cpu")
+    keys = preset.input_keys
+    gc.collect()
+    telemetry: Telemetry | None = None
+    floor: Callable[[], None] | None = None
+    seg: dict[str, Any] = {"preset": preset.name, "mode": mode, "every": every, "repeat": repeat}
+    if mode == "floor":
+        params = list(model.parameters())
+        sources = [t.detach() for t in [*params, *model.buffers()]]
+        dst = [torch.zeros_like(t).share_memory_() for t in sources]
+
+        def floor() -> None:
+            floor_op(sources, dst, params)
+
+    seg["peak_reset"] = reset_peak_rss()
+    out = run_dir / f"{preset.name}-{mode}-{every}-r{repeat}"
+    if mode in ("sync", "async"):
+        if out.exists():
+            shutil.rmtree(out)
+        cfg = TelemetryConfig.from_dict({**tcfg, "mode": mode, "collect_every_n": every, "output_dir": str(out),
+                                         "input_keys": keys, "label_key": "winner"})
+        telemetry = Telemetry(cfg)
+        telemetry.set_holdout_data(preset.holdout)
+        t0 = time.perf_counter()
+        telemetry.start(model, optimizer)
+        seg["start_s"] = time.perf_counter() - t0
+    load_before = os.getloadavg()[0]
+    cpu0 = time.process_time()
+    busy0, wall0 = machine_busy_s(), time.perf_counter()
+
+    step_ns: list[int] = []
+    hook_ns: list[int] = []
+    dropped_at: list[bool] = []
+    epoch = 0
+    nb = len(preset.batches)
+    t_start = 0.0
+    batch_idx = 0
+    while True:
+        measured = batch_idx - warmup
+        if measured == 0:
+            t_start = time.perf_counter()
+        if measured >= steps or (measured > 0 and measured % every == 0 and time.perf_counter() - t_start > limit_s):
+            break
+        batch = preset.batches[batch_idx % nb]
+        dropped0 = telemetry.snapshots_dropped if telemetry is not None else 0
+        t0 = time.perf_counter_ns()
+        outputs = model(*[batch[k] for k in keys])
+        loss = loss_fn(outputs, batch["winner"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        t1 = time.perf_counter_ns()
+        if telemetry is not None:
+            telemetry.on_batch_end(model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs)
+        elif floor is not None and batch_idx % every == 0:
+            floor()
+        t2 = time.perf_counter_ns()
+        if measured >= 0:
+            step_ns.append(t2 - t0)
+            hook_ns.append(t2 - t1)
+            dropped_at.append(telemetry is not None and telemetry.snapshots_dropped > dropped0)
+        batch_idx += 1
+    seg["train_cpu_s"] = time.process_time() - cpu0
+    seg["loadavg_1m"] = [load_before, os.getloadavg()[0]]
+    busy, wall = machine_busy_s() - busy0, time.perf_counter() - wall0
+    first = warmup  # batch_idx of the first measured step
+    collect = [(first + i) % every == 0 for i in range(len(step_ns))] if mode != "off" else [False] * len(step_ns)
+    seg.update(step_stats(step_ns, hook_ns, collect, dropped_at))
+
+    if telemetry is not None:
+        if every > 1:  # the non-collection hook, timed directly (step noise hides it)
+            idle_idx = every * 1000 + 1
+            seg["idle_hook"] = time_idle_hook(
+                telemetry.on_batch_end, (model, optimizer, idle_idx, epoch, device, preset.batches[0]),
+                {"loss": loss, "outputs": outputs}, int(settings["microbench_calls"]))
+        seg["trainer"] = proc_status()
+        pid = telemetry.worker_pid
+        if pid is not None:
+            seg["worker"] = proc_status(pid)
+            seg["worker_cpu_s"] = proc_cpu_seconds(pid)
+            # The worker's CPU since start, not just in the steps: an overestimate, on the safe side.
+            busy -= seg["worker_cpu_s"] or 0.0
+        t0 = time.perf_counter()
+        summary = telemetry.stop()
+        seg["stop_s"] = time.perf_counter() - t0
+        seg["summary"] = {k: getattr(summary, k) for k in (
+            "records_written", "snapshots_taken", "snapshots_dropped", "hook_errors", "clean", "stop_seconds")}
+        run_info = json.loads((out / "run.json").read_text())
+        seg["slot_bytes"] = run_info.get("slot_bytes")
+        records = read_records(out)
+        hook_ms = [r["telemetry"]["hook_ms"] for r in records if "telemetry" in r]
+        seg["record_hook_ms_median"] = statistics.median(hook_ms) if hook_ms else None
+        seg["record_count"] = len(records)
+        if not keep_runs:
+            shutil.rmtree(out, ignore_errors=True)
+    else:
+        seg["trainer"] = proc_status()
+    # Other processes' CPU during the measured steps, in cores: the noise this segment saw.
+    seg["other_load_cores"] = max(0.0, (busy - seg["train_cpu_s"]) / wall) if wall > 0 else None
+    return seg
+
+
+def step_stats(step_ns: Sequence[int], hook_ns: Sequence[int], collect: Sequence[bool], dropped: Sequence[bool]) -> dict[str, Any]:
+    """Latency statistics of one segment, in ms."""
+    ms = [t / 1e6 for t in step_ns]
+    hook = [t / 1e6 for t in hook_ns]
+    srt = sorted(ms)
+    taken = [i for i, c in enumerate(collect) if c and not dropped[i]]
+    coll = [i for i, c in enumerate(collect) if c]
+    normal = [i for i, c in enumerate(collect) if not c]
+    return {
+        "steps": len(ms),
+        "mean_ms": statistics.fmean(ms),
+        "p50_ms": _pct(srt, 50),
+        "p99_ms": _pct(srt, 99),
+        "max_ms": srt[-1],
+        "normal_mean_ms": statistics.fmean(ms[i] for i in normal) if normal else None,
+        "collections": len(coll),
+        "dropped_in_measured": sum(1 for i in coll if dropped[i]),
+        "collect_mean_ms": statistics.fmean(ms[i] for i in coll) if coll else None,
+        "collect_taken_mean_ms": statistics.fmean(ms[i] for i in taken) if taken else None,
+        "hook_collect_mean_ms": statistics.fmean(hook[i] for i in taken) if taken else None,
+        "hook_collect_p50_ms": statistics.median(hook[i] for i in taken) if taken else None,
+        "hook_drop_mean_ms": statistics.fmean(hook[i] for i in coll if dropped[i]) if len(coll) > len(taken) else None,
+        "hook_normal_mean_ms": statistics.fmean(hook[i] for i in normal) if normal else None,
+    }
+
+
+def _pct(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of sorted values."""
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+# ---------------------------------------------------------------------- aggregation
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(vals) if vals else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[str, float]) -> dict[str, Any]:
+    """Per (mode, every): medians over repeats of each number and of its ratio to the same repeat's off."""
+    segs = [s for s in segments if s["preset"] == preset.name]
+    repeats = sorted({s["repeat"] for s in segs})
+    off_by_rep: dict[int, dict[str, float]] = {}
+    for r in repeats:
+        offs = [s for s in segs if s["mode"] == "off" and s["repeat"] == r]
+        if offs:
+            off_by_rep[r] = {k: statistics.fmean(s[k] for s in offs) for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms")}
+            off_by_rep[r]["hwm"] = statistics.fmean(s["trainer"].get("VmHWM", 0.0) for s in offs)
+    aa = [abs(o[1]["mean_ms"] / o[0]["mean_ms"] - 1) for o in
+          ([s for s in segs if s["mode"] == "off" and s["repeat"] == r] for r in repeats) if len(o) == 2]
+    floor_ms = _median([_floor_mean(s) for s in segs if s["mode"] == "floor"])
+    rows: list[dict[str, Any]] = []
+    for mode, every in sorted({(s["mode"], s["every"]) for s in segs}, key=_row_order):
+        group = [s for s in segs if s["mode"] == mode and s["every"] == every]
+        row: dict[str, Any] = {"mode": mode, "every": every if mode not in ("off",) else None, "repeats": len(group)}
+        for k in ("steps", "mean_ms", "p50_ms", "p99_ms", "max_ms", "normal_mean_ms", "collections",
+                  "dropped_in_measured", "collect_mean_ms", "collect_taken_mean_ms", "hook_collect_mean_ms",
+                  "hook_collect_p50_ms", "hook_drop_mean_ms", "start_s", "stop_s", "worker_cpu_s",
+                  "train_cpu_s", "record_hook_ms_median"):
+            row[k] = _median([s.get(k) for s in group])
+        for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms"):
+            row[k.replace("_ms", "_x_off")] = _median([_ratio(s[k], off_by_rep.get(s["repeat"], {}).get(k)) for s in group])
+        row["collect_x_off"] = _median([_ratio(s.get("collect_taken_mean_ms"), off_by_rep.get(s["repeat"], {}).get("mean_ms"))
+                                       for s in group])
+        row["collect_x_normal"] = _median([_ratio(s.get("collect_taken_mean_ms"), s.get("normal_mean_ms")) for s in group])
+        row["hook_x_floor"] = _ratio(row["hook_collect_mean_ms"], floor_ms) if mode != "floor" else 1.0
+        row["hook_p50_x_floor"] = _ratio(row["hook_collect_p50_ms"], floor_ms) if mode != "floor" else 1.0
+        row["trainer_peak_mb"] = _median([s["trainer"].get("VmHWM") for s in group])
+        row["trainer_added_mb"] = _median([s["trainer"].get("VmHWM", 0.0) - off_by_rep[s["repeat"]]["hwm"]
+                                           for s in group if s["repeat"] in off_by_rep and s.get("peak_reset")])
+        if any("worker" in s for s in group):
+            row["worker_peak_mb"] = _median([s["worker"].get("VmHWM") for s in group if "worker" in s])
+            row["worker_added_mb"] = _median([s["worker"].get("VmHWM", 0.0) - bare_worker.get("VmHWM", 0.0)
+                                              for s in group if "worker" in s])
+            row["worker_shmem_mb"] = _median([s["worker"].get("RssShmem") for s in group if "worker" in s])
+        if any("summary" in s for s in group):
+            row["snapshots_taken"] = _median([s["summary"]["snapshots_taken"] for s in group if "summary" in s])
+            row["snapshots_dropped"] = _median([s["summary"]["snapshots_dropped"] for s in group if "summary" in s])
+            row["all_clean"] = all(s["summary"]["clean"] for s in group if "summary" in s)
+        idle = [s["idle_hook"] for s in group if "idle_hook" in s]
+        if idle:
+            row["idle_hook_added_ns"] = _median([i["added_ns_min"] for i in idle])
+            row["idle_hook_added_ns_median"] = _median([i["added_ns_median"] for i in idle])
+        rows.append(row)
+    slot_bytes = next((s["slot_bytes"] for s in segs if s.get("slot_bytes")), None)
+    idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] == "async" and "idle_hook_added_ns" in r), None)
+    return {
+        "preset": preset.name,
+        "description": preset.describe(),
+        "num_params": preset.num_params,
+        "state_bytes": preset.state_bytes,
+        "slot_bytes": slot_bytes,
+        "floor_ms": floor_ms,
+        "off_mean_ms": _median([o["mean_ms"] for o in off_by_rep.values()]),
+        "off_aa_noise": _median(aa),
+        "idle_hook_added_ns": idle_async,
+        "rows": rows,
+    }
+
+
+def _floor_mean(seg: dict[str, Any]) -> float | None:
+    # A floor segment runs the floor op at each collection step; the loop-timed "hook" is it.
+    return seg.get("hook_collect_mean_ms")
+
+
+def _row_order(key: tuple[str, int]) -> tuple[int, int]:
+    order = {"off": 0, "floor": 1, "sync": 2, "async": 3}
+    return order.get(key[0], 9), key[1]
+
+
+# ---------------------------------------------------------------------- targets and output
+def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured number and whether it is met (async mode)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, fmt: str, where: str) -> None:
+        out.append({"target": name, "where": where, "value": value, "limit": limit,
+                    "met": None if value is None else value <= limit, "text": fmt.format(value) if value is not None else "n/a"})
+
+    for p in result["presets"]:
+        name = p["preset"]
+        add("non-collection step added (ns)", p["idle_hook_added_ns"], 5000, "{:.0f} ns", name)
+        rows = {(r["mode"], r["every"]): r for r in p["rows"]}
+        for every in (10, 200):
+            r = rows.get(("async", every))
+            if r:
+                add(f"collection hook / floor (every {every})", r["hook_x_floor"], 1.5, "{:.2f}x", name)
+                if name == "conv":
+                    add(f"collection step / off step (every {every})", r["collect_x_off"], 1.1, "{:.3f}x", name)
+        for every, limit in ((200, 1.01), (10, 1.03), (1, 1.10)):
+            r = rows.get(("async", every))
+            if r:
+                add(f"mean step / off (every {every})", r["mean_x_off"], limit, "{:.3f}x", name)
+        r = rows.get(("async", 1)) or next((r for r in p["rows"] if r["mode"] == "async"), None)
+        if r and r.get("worker_added_mb") is not None and p["slot_bytes"]:
+            budget = (num_slots * p["slot_bytes"] + p["state_bytes"]) / 2**20
+            added = (r["trainer_added_mb"] or 0.0) + r["worker_added_mb"] - (r.get("worker_shmem_mb") or 0.0)
+            add("peak memory added / (slot pool + model copy)", added / budget if budget else None, 1.0,
+                "{:.2f}x", name)
+    return out
+
+
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["env"]
+    lines = [
+        f"Measured {env['date']} on {env['cpus']} CPU cores ({env['cpu_model']}), torch {env['torch']}, "
+        f"trainer torch threads {env['threads']}, worker threads {env['worker_threads']} at nice "
+        f"+{env['worker_nice']}, {env['num_slots']} slots, {env['repeats']} repeats (medians). "
+        f"Command: `{env['command']}`",
+        "",
+    ]
+    for p in result["presets"]:
+        lines += [
+            f"**{p['preset']}**: {p['description']}; {p['num_params'] / 1e6:.2f}M parameters, "
+            f"slot {p['state_bytes'] / 2**20:.1f} MiB; off step mean {_f(p['off_mean_ms'])} ms "
+            f"(off vs off noise {_f((p['off_aa_noise'] or 0) * 100, '.1f')}%); floor (copy + fused norm) "
+            f"{_f(p['floor_ms'], '.3f')} ms; non-collection hook +{_f(p['idle_hook_added_ns'], '.0f')} ns.",
+            "",
+            "| mode | every | mean ms (x off) | p50 ms (x) | p99 ms (x) | max ms (x) | collect step ms (x off) "
+            "| hook at collect ms (x floor) | dropped / taken | trainer +MiB | worker MiB (+) | start s | stop s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in p["rows"]:
+            ev = "-" if r["every"] is None else str(r["every"])
+            coll = "-" if r["collect_taken_mean_ms"] is None else f"{_f(r['collect_taken_mean_ms'])} ({_f(r['collect_x_off'], '.2f')})"
+            hook = "-" if r["hook_collect_mean_ms"] is None else f"{_f(r['hook_collect_mean_ms'], '.3f')} ({_f(r['hook_x_floor'], '.2f')})"
+            drops = f"{r['snapshots_dropped']:.0f} / {r['snapshots_taken']:.0f}" if "snapshots_taken" in r else "-"
+            worker = f"{_f(r['worker_peak_mb'], '.0f')} (+{_f(r['worker_added_mb'], '.0f')})" if "worker_peak_mb" in r else "-"
+            trainer = "-" if r["mode"] == "off" else _f(r["trainer_added_mb"], "+.0f")
+            lines.append(
+                f"| {r['mode']} | {ev} | {_f(r['mean_ms'])} ({_f(r['mean_x_off'], '.3f')}) | {_f(r['p50_ms'])} "
+                f"({_f(r['p50_x_off'])}) | {_f(r['p99_ms'])} ({_f(r['p99_x_off'])}) | {_f(r['max_ms'])} "
+                f"({_f(r['max_x_off'])}) | {coll} | {hook} | {drops} | {trainer} | {worker} | "
+                f"{_f(r['start_s'])} | {_f(r['stop_s'])} |"
+            )
+        lines.append("")
+    lines += ["Targets (mode: async):", "", "| preset | target | measured | limit | met |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['where']} | {t['target']} | {t['text']} | {t['limit']:g} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(seg: dict[str, Any]) -> str:
+    ev = "" if seg["mode"] == "off" else f" every {seg['every']:>3}"
+    hook = f" hook@collect {seg['hook_collect_mean_ms']:.3f} ms" if seg.get("hook_collect_mean_ms") is not None else ""
+    drops = f" taken/dropped {seg['summary']['snapshots_taken']}/{seg['summary']['snapshots_dropped']}" if "summary" in seg else ""
+    other = seg.get("other_load_cores")
+    noise = f" others {other:.2f} cores" if other is not None else ""
+    return (f"{seg['preset']:>5} r{seg['repeat']} {seg['mode']:>5}{ev:10s} {seg['steps']:4d} steps mean "
+            f"{seg['mean_ms']:8.2f} ms p50 {seg['p50_ms']:8.2f} p99 {seg['p99_ms']:8.2f} max {seg['max_ms']:8.2f}"
+            f"{hook}{drops}{noise}")
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def segment_plan(modes: Sequence[str], everies: Sequence[int], repeat: int) -> list[tuple[str, int]]:
+    """One repeat's segments: off, floor, then each (mode, every), off again; reversed on odd repeats."""
+    plan: list[tuple[str, int]] = [("off", 1)]
+    if "sync" in modes or "async" in modes:
+        plan.append(("floor", 1))
+    for every in everies:
+        for mode in modes:
+            if mode != "off":
+                plan.append((mode, every))
+    plan.append(("off", 1))
+    return plan[::-1] if repeat % 2 else plan
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="stress YAML (default configs/stress.yaml)")
+    parser.add_argument("--presets", nargs="+", help="presets to run (default: stress.presets)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="modes (off always runs as the baseline)")
+    parser.add_argument("--every", nargs="+", type=int, help="collect_every_n values")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--steps", type=int, help="measured steps per segment, every preset")
+    parser.add_argument("--threads", type=int, help="trainer torch threads (0 = every core)")
+    parser.add_argument("--worker-nice", type=int, help="telemetry.worker_nice")
+    parser.add_argument("--worker-threads", type=int, help="telemetry.worker_threads")
+    parser.add_argument("--num-slots", type=int, help="telemetry.num_slots")
+    parser.add_argument("--segment-time-limit", type=float, help="seconds after which a segment ends early")
+    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a few steps of every path, small wide model (CI)")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each segment's telemetry run directory")
+    args = parser.parse_args(argv)
+
+    try:
+        settings, preset_specs, tcfg = load_config(args.config)
+    except StressConfigError as exc:
+        parser.error(str(exc))
+    if args.quick:
+        settings.update(QUICK)
+        for spec in preset_specs.values():
+            spec.update(QUICK_PRESET)
+            spec.update(QUICK_SIZES[spec["kind"]])
+    overrides = {"presets": args.presets, "modes": args.modes, "collect_every_n": args.every, "repeats": args.repeats,
+                 "threads": args.threads, "segment_time_limit_s": args.segment_time_limit,
+                 "output_dir": str(args.output_dir) if args.output_dir else None}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    for key, flag in (("worker_nice", args.worker_nice), ("worker_threads", args.worker_threads), ("num_slots", args.num_slots)):
+        if flag is not None:
+            tcfg[key] = flag
+    tcfg_checked = TelemetryConfig.from_dict(tcfg)
+    if args.steps:
+        for spec in preset_specs.values():
+            spec["steps"] = args.steps
+    unknown = [p for p in settings["presets"] if p not in preset_specs]
+    if unknown:
+        parser.error(f"--presets: unknown {unknown}; {args.config} defines {sorted(preset_specs)}")
+    modes = [m for m in settings["modes"] if m in MODES]
+    everies = [int(e) for e in settings["collect_every_n"]]
+    if any(e < 1 for e in everies):
+        parser.error(f"--every: {everies}: collect_every_n must be >= 1")
+
+    threads = int(settings.get("threads", 0)) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    out_dir = Path(settings.get("output_dir", "runs/stress"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = out_dir / "segments"
+    run_dir.mkdir(exist_ok=True)
+    command = "python scripts/stress_test.py" + ("" if not sys.argv[1:] else " " + " ".join(sys.argv[1:]))
+    env = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+        "torch": str(torch.__version__), "python": platform.python_version(), "threads": threads,
+        "worker_threads": tcfg_checked.worker_threads, "worker_nice": tcfg_checked.worker_nice,
+        "num_slots": tcfg_checked.num_slots, "repeats": int(settings["repeats"]), "command": command,
+        "quick": args.quick, "loadavg_start": list(os.getloadavg()),
+    }
+    print(f"stress test: presets {settings['presets']}, modes {modes}, every {everies}, "
+          f"{settings['repeats']} repeats, trainer threads {threads}, output {out_dir}", flush=True)
+    t_all = time.perf_counter()
+    bare = measure_bare_worker(tcfg_checked.worker_threads)
+    env["bare_worker_rss_mb"] = bare
+    segments: list[dict[str, Any]] = []
+    presets: dict[str, Preset] = {}
+    for name in settings["presets"]:
+        preset = build_preset(name, preset_specs[name])
+        presets[name] = preset
+        print(f"{name}: {preset.describe()}, {preset.num_params / 1e6:.2f}M parameters", flush=True)
+        for repeat in range(int(settings["repeats"])):
+            for mode, every in segment_plan(modes, everies, repeat):
+                waited, load = wait_for_quiet(float(settings.get("quiet_wait_s", 0)), float(settings.get("quiet_cpu", 0.3)))
+                seg = run_segment(preset, mode, every, repeat, tcfg, settings, run_dir, args.keep_runs)
+                seg["quiet_wait"] = {"waited_s": waited, "other_load_cores": load}
+                segments.append(seg)
+                print(summary_line(seg), flush=True)
+    if not args.keep_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    result: dict[str, Any] = {
+        "env": env,
+        "settings": settings,
+        "telemetry_config": tcfg,
+        "presets": [aggregate(segments, presets[n], bare) for n in settings["presets"]],
+        "segments": segments,
+    }
+    result["targets"] = evaluate_targets(result, tcfg_checked.num_slots)
+    env["loadavg_end"] = list(os.getloadavg())
+    env["wall_s"] = time.perf_counter() - t_all
+    (out_dir / "stress.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md = markdown(result)
+    (out_dir / "stress.md").write_text(md)
+    print()
+    print(md)
+    print(f"wrote {out_dir / 'stress.json'} and {out_dir / 'stress.md'} in {env['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Following a run that is still training: each new record's key values, each new diagnosis.
+
+Runs in: any process that reads a run (no torch), typically a second terminal next to
+training. It only reads the files the worker appends to; it never locks or writes them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+
+from train_telemetry.analysis.diagnose import Diagnosis, diagnose
+from train_telemetry.analysis.load import (
+    OVERALL,
+    Record,
+    Run,
+    find_record_files,
+    format_number,
+    number,
+)
+from train_telemetry.analysis.report import render_diagnoses
+
+# records.py owns the NaN/Inf string encoding; its decoder half is private there, and the
+# tail reader needs it per line (read_records reads whole files). See the report's request.
+from train_telemetry.records import (
+    RECORDS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    _restore_nonfinite,
+    read_json,
+)
+
+__all__ = ["RecordFollower", "format_record_line", "watch"]
+
+DEFAULT_INTERVAL_S = 1.0
+DEFAULT_TAIL = 5
+# Diagnoses that only make sense for a finished run; a run being watched has no summary yet.
+_FINISHED_ONLY = {"incomplete_run"}
+
+
+class RecordFollower:
+    """Reads the whole lines appended to a records file since the previous :meth:`poll`."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._offset = 0
+        self._partial = b""
+        self._decoder = msgspec.json.Decoder()
+
+    def poll(self) -> list[Record]:
+        """The records completed since the last poll ([] if the file does not exist yet)."""
+        try:
+            with open(self.file, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size < self._offset:
+                    # Truncated: a restarted run repaired a torn tail; the torn bytes we held are gone.
+                    self._offset, self._partial = size, b""
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        # The last piece is a line still being written (or b""): keep it for the next poll.
+        self._partial = lines.pop()
+        out: list[Record] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                out.append(_restore_nonfinite(self._decoder.decode(line)))
+            except msgspec.DecodeError:
+                warnings.warn(f"{self.file}: skipped a corrupt line", stacklevel=2)
+        return out
+
+
+def _values(run: Run, record: Record, family: str, label: str) -> str | None:
+    parts = []
+    for group in run.groups or [OVERALL]:
+        v = run.learning_rate(record, group) if family == "lr" else run.value(record, family, group)
+        if v is not None or isinstance(record.get(family), dict):
+            parts.append(f"{group} {format_number(v)}")
+    return f"{label} " + " ".join(parts) if parts else None
+
+
+def format_record_line(run: Run, record: Record, index: int) -> str:
+    """One line of a record's key values: grads, deltas, LRs, holdout and train accuracy, cost."""
+    epoch = record.get("epoch")
+    raw = record.get("batch_idx")
+    head = f"step {run.step(index)}" + (
+        f" (epoch {epoch}, batch {raw})" if run.step(index) != raw else ""
+    )
+    parts = [head]
+    for family, label in (
+        ("gradient_norm", "grad"),
+        ("weight_delta", "dw"),
+        ("update_ratio", "upd"),
+        ("lr", "lr"),
+    ):
+        text = _values(run, record, family, label)
+        if text:
+            parts.append(text)
+    holdout = record.get("holdout_logits")
+    if isinstance(holdout, dict):
+        parts.append(f"holdout acc {format_number(number(holdout.get('accuracy')))}")
+    train = record.get("train")
+    if isinstance(train, dict):
+        parts.append(
+            f"train loss {format_number(number(train.get('loss')))} acc {format_number(number(train.get('accuracy')))}"
+        )
+    hook = run.value(record, "telemetry", "hook_ms")
+    if hook is not None and math.isfinite(hook):
+        parts.append(f"hook {format_number(hook)} ms")
+    dropped = run.value(record, "telemetry", "dropped_before")
+    if dropped:
+        parts.append(f"DROPPED {int(dropped)}")
+    if record.get("nonfinite"):
+        parts.append("NaN/Inf: " + ",".join(map(str, record["nonfinite"])))
+    if record.get("errors"):
+        parts.append(f"{len(record['errors'])} errors")
+    return " | ".join(parts)
+
+
+def _records_file(path: Path, rank: int | None) -> Path:
+    if path.is_file():
+        return path
+    if rank is not None:
+        return path / f"telemetry.rank{rank}.jsonl"
+    found = find_record_files(path) if path.is_dir() else []
+    return found[0][1] if found else path / RECORDS_FILE
+
+
+def watch(
+    path: str | os.PathLike[str],
+    *,
+    out: TextIO,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    max_seconds: float | None = None,
+    once: bool = False,
+    tail: int = DEFAULT_TAIL,
+    rank: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Print each new record of a run and each diagnosis the first time it appears.
+
+    Stops when the run writes ``summary.json`` (it stopped), after ``max_seconds``, or
+    after one read with ``once``. Of the records already there at start only the last
+    ``tail`` are printed. Returns 1 if a serious diagnosis was printed, else 0.
+    """
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    file = _records_file(path, rank)
+    follower = RecordFollower(file)
+    run = Run(path=directory, records=[], records_file=file, rank=rank)
+    shown: set[tuple[str, str | None]] = set()
+    serious = False
+    started = clock()
+    first = True
+    waiting_said = False
+    while True:
+        finished = (
+            directory / SUMMARY_FILE
+        ).exists()  # read before the records: all are on disk then
+        new = follower.poll()
+        if run.meta is None:
+            run.meta = read_json(directory / RUN_FILE)
+        start = len(run.records)
+        run.records.extend(new)
+        # Of the records already there at start, only the last `tail` are printed.
+        shown_from = start + max(len(new) - tail, 0) if first else start
+        if shown_from > start:
+            print(
+                f"... {shown_from - start} earlier records (steps {run.step(start)}.."
+                f"{run.step(shown_from - 1)})",
+                file=out,
+            )
+        for i in range(shown_from, len(run.records)):
+            print(format_record_line(run, run.records[i], i), file=out)
+        if not run.records and not waiting_said:
+            print(f"waiting for records in {file} ...", file=out)
+            waiting_said = True
+        if new or (finished and first):
+            if finished:
+                run.summary = read_json(directory / SUMMARY_FILE)
+            fresh: list[Diagnosis] = [
+                d
+                for d in diagnose(run, finished=finished)
+                if d.key not in shown and (finished or d.code not in _FINISHED_ONLY)
+            ]
+            if fresh:
+                print("\n".join(render_diagnoses([d.to_dict() for d in fresh])), file=out)
+                shown.update(d.key for d in fresh)
+                serious |= any(d.severity == "serious" for d in fresh)
+        out.flush()
+        first = False
+        if finished:
+            print(f"run finished: {len(run.records)} records", file=out)
+            break
+        if once:
+            break
+        if max_seconds is not None and clock() - started >= max_seconds:
+            print(
+                f"stopped watching after {max_seconds:g} s ({len(run.records)} records so far)",
+                file=out,
+            )
+            break
+        sleep(interval_s)
+    out.flush()
+    return 1 if serious else 0

@@ -1,0 +1,259 @@
+"""Telemetry under torch.distributed: real ranks under torchrun (gloo, CPU, loopback) vs one process.
+
+Every test runs scripts/ddp_example.py with 2 ranks wrapped in DistributedDataParallel
+and compares what they wrote with the same script run in one process on the same global
+batches (the reference). DDP averages gradients over ranks and the loss is a mean, so
+gradient norms, weight deltas and LRs must agree to float32 rounding; batch statistics
+are checked against the labels of the global batch computed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train_telemetry import Telemetry, TelemetryConfig, read_records
+from train_telemetry.records import read_json
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "scripts" / "ddp_example.py"
+REL = 1e-5
+RUN_TIMEOUT_S = 75  # one torchrun launch takes ~12 s on 2 cores
+COMPARED = ("gradient_norm", "weight_delta", "weight_norm", "learning_rates")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
+]
+
+
+def _load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ddp_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[int, dict[str, Any]]]:
+    """Run the example (under torchrun when ranks > 1); return its output dir and each rank's result."""
+    out = workdir / "telemetry"
+    results = workdir / "results"
+    results.mkdir(parents=True)
+    # on_full: block, so that no collection is dropped and runs compare record by record.
+    script = [str(EXAMPLE), "--out", str(out), "--result-dir", str(results), "--on-full", "block", *flags]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *script]
+    else:
+        cmd = [sys.executable, *script]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # torchrun puts each rank in a session of its own: kill the whole tree by pid, so
+        # that ranks stuck in a collective do not outlive the test.
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the run hung (killed after {RUN_TIMEOUT_S}s):\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    by_rank = {}
+    for rank in range(ranks):
+        path = results / f"result.rank{rank}.json"
+        assert path.exists(), f"rank {rank} did not finish:\n{output[-4000:]}"
+        by_rank[rank] = json.loads(path.read_text())
+    return out, by_rank
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every process below ``root`` (from /proc), children before their parents' siblings."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The records of one process trained on the same global batches."""
+    out, results = run_example(tmp_path_factory.mktemp("reference"), ranks=1)
+    assert_all_written(results[0]["summary"])
+    return read_records(out)
+
+
+def assert_all_written(summary: dict[str, Any]) -> None:
+    """Every snapshot taken is on disk, none dropped or failed, the worker exited normally."""
+    assert summary["snapshots_dropped"] == 0 and summary["hook_errors"] == 0, summary
+    assert summary["records_written"] == summary["snapshots_taken"] > 0, summary
+    assert summary["worker_exitcode"] == 0 and not summary["worker_terminated"], summary
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=REL, abs_tol=1e-9)
+
+
+def assert_same_training(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
+    assert [r["batch_idx"] for r in records] == [r["batch_idx"] for r in reference]
+    for got, want in zip(records, reference, strict=True):
+        for family in COMPARED:
+            assert got[family].keys() == want[family].keys(), family
+            for key, value in want[family].items():
+                assert close(got[family][key], value), (got["batch_idx"], family, key, got[family][key], value)
+        for a, b in zip(got["holdout_logits"]["logits"], want["holdout_logits"]["logits"], strict=True):
+            assert all(math.isclose(x, y, rel_tol=REL, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
+
+
+def expected_batch_stats(labels: torch.Tensor) -> dict[str, float | int]:
+    counts = torch.bincount(labels, minlength=example.NUM_CLASSES).tolist()
+    stats: dict[str, float | int] = {f"y_{c}_pct": 100.0 * n / len(labels) for c, n in enumerate(counts)}
+    return stats | {"batch_size": len(labels)}
+
+
+def assert_batch_stats(records: list[dict[str, Any]], rank: int | None) -> None:
+    """Each record's batch_stats cover the global batch (rank None) or that rank's share."""
+    for record in records:
+        batch = example.global_batch(record["batch_idx"])
+        if rank is not None:
+            batch = example.rank_share(batch, rank, 2)
+        want = expected_batch_stats(batch["y"])
+        got = record["batch_stats"]
+        assert got.keys() == want.keys()
+        assert all(close(got[k], v) for k, v in want.items()), (record["batch_idx"], got, want)
+
+
+@pytest.mark.timeout(150)
+def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: list[dict[str, Any]]) -> None:
+    """By default rank 0 alone writes, rank 1 starts no worker, and the records equal a single-process run's."""
+    out, results = run_example(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint.pt", "run.json", "summary.json", "telemetry.jsonl"]
+    assert results[1]["worker_pid"] is None
+    assert results[1]["summary"]["records_written"] == 0 and results[1]["summary"]["clean"]
+    assert results[0]["worker_pid"] is not None
+    assert_all_written(results[0]["summary"])
+    records = read_records(out)
+    assert {(r["rank"], r["world_size"]) for r in records} == {(0, 2)}
+    assert_same_training(records, reference)
+    assert_batch_stats(records, rank=None)
+    run = read_json(out / "run.json")
+    assert run is not None and (run["rank"], run["world_size"], run["global_batch_stats"]) == (0, 2, True)
+    assert sorted(run["groups"]) == ["backbone", "head"]
+    # The names the user's module has, not DDP's "module." ones.
+    ckpt = torch.load(out / "last_checkpoint.pt", weights_only=True)
+    assert sorted(ckpt["state_dict"]) == sorted(name for name, _ in example.TinyNet().named_parameters())
+
+
+@pytest.mark.timeout(150)
+def test_per_rank_every_rank_writes_its_own_files(tmp_path: Path, reference: list[dict[str, Any]]) -> None:
+    """With per_rank each rank writes telemetry.rank<r>.jsonl: identical gradient records, its own batch stats."""
+    out, results = run_example(tmp_path, "--per-rank")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "last_checkpoint.rank0.pt", "last_checkpoint.rank1.pt", "run.rank0.json", "run.rank1.json",
+        "summary.rank0.json", "summary.rank1.json", "telemetry.rank0.jsonl", "telemetry.rank1.jsonl",
+    ]
+    per_rank = [read_records(out / f"telemetry.rank{r}.jsonl") for r in (0, 1)]
+    for rank in (0, 1):
+        assert results[rank]["worker_pid"] is not None
+        assert_all_written(results[rank]["summary"])
+        assert {(r["rank"], r["world_size"]) for r in per_rank[rank]} == {(rank, 2)}
+        run = read_json(out / f"run.rank{rank}.json")
+        assert run is not None and (run["rank"], run["global_batch_stats"]) == (rank, False)
+        assert_same_training(per_rank[rank], reference)
+        assert_batch_stats(per_rank[rank], rank=rank)
+    # After the all-reduce both ranks hold the same gradients and weights, bit for bit.
+    for a, b in zip(*per_rank, strict=True):
+        assert (a["gradient_norm"], a["weight_delta"]) == (b["gradient_norm"], b["weight_delta"])
+
+
+@pytest.mark.timeout(150)
+def test_gradient_accumulation_with_no_sync(tmp_path: Path, reference: list[dict[str, Any]]) -> None:
+    """With two no_sync micro-batches per optimizer step the hook runs per optimizer step and still matches."""
+    out, results = run_example(tmp_path, "--accum", "2")
+    assert_all_written(results[0]["summary"])
+    assert results[0]["summary"]["snapshots_taken"] == len(reference)
+    records = read_records(out)
+    assert_same_training(records, reference)
+    assert_batch_stats(records, rank=None)
+
+
+@pytest.mark.timeout(150)
+def test_killed_worker_on_rank0_blocks_no_rank(tmp_path: Path) -> None:
+    """SIGKILL of rank 0's worker mid-run: both ranks finish training, stop() returns, the loss is reported."""
+    out, results = run_example(tmp_path, "--steps", "30", "--collect-every-n", "2", "--kill-worker-at", "8")
+    for rank in (0, 1):
+        assert results[rank]["steps"] == 30
+    s0, s1 = results[0]["summary"], results[1]["summary"]
+    assert s0["worker_exit_signal"] == "SIGKILL" and not s0["clean"]
+    assert s0["snapshots_taken"] == 5  # collections at steps 0, 2, 4, 6, 8
+    assert s0["snapshots_dropped"] == 10  # steps 10..28: the worker was gone
+    assert s0["hook_errors"] == 0 and s1["hook_errors"] == 0 and s1["clean"]
+    records = read_records(out)  # what the worker wrote before dying: whole lines only
+    assert len(records) == s0["records_written"] <= 5
+    assert all(r["batch_idx"] <= 8 for r in records)
+
+
+@pytest.mark.timeout(150)
+def test_uncountable_labels_on_one_rank_do_not_stall_the_ranks(
+    tmp_path: Path, reference: list[dict[str, Any]]
+) -> None:
+    """Labels rank 1 cannot count still let it join the batch-stats collective: no deadlock, no class stats."""
+    out, results = run_example(tmp_path, "--bad-labels-rank", "1")
+    assert_all_written(results[0]["summary"])
+    assert results[1]["summary"]["hook_errors"] == 0
+    records = read_records(out)
+    assert_same_training(records, reference)
+    assert all(r["batch_stats"] == {"batch_size": example.GLOBAL_BATCH} for r in records)
+
+
+@pytest.mark.timeout(60)
+def test_start_before_init_process_group_takes_the_rank_from_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun with no process group yet, rank 1 (from $RANK) warns, starts no worker and writes nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "telemetry"
+    model, optimizer, _ = example.build()
+    telemetry = Telemetry(TelemetryConfig(output_dir=str(out), collect_every_n=1, input_keys=["x"], label_key="y"))
+    with pytest.warns(RuntimeWarning, match=r"taking rank 1 from \$RANK"):
+        telemetry.start(model, optimizer)
+    telemetry.on_batch_end(model, optimizer, 0, batch=example.global_batch(0))
+    summary = telemetry.stop()
+    assert telemetry.worker_pid is None and summary.clean and summary.records_written == 0
+    assert not out.exists()

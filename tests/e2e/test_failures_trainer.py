@@ -1,0 +1,220 @@
+"""The trainer dies, exits without stop(), or gets Ctrl-C: the worker never outlives it and nothing queued is lost.
+
+Each test runs ``_trainer_scripts/trainer.py`` (a real tiny training run with telemetry on)
+in a subprocess, reads the worker's pid from its stdout, then kills, interrupts or lets
+it end, and checks what is left: processes (by pid), shared memory, the records file and
+``summary.json``. See failure modes F5, F6, F7 and F19 in the research notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "_trainer_scripts" / "trainer.py"
+COLLECTIONS = 20  # trainer.py: STEPS=40 steps, collecting every EVERY=2
+STARTUP_S = 90.0  # importing torch and spawning the worker on a loaded 2-core machine
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def strict_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a records file as strict JSON; fails on a torn last line."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a torn line: {data[-80:]!r}"
+    return [json.loads(line, parse_constant=_reject_constant) for line in data.splitlines()]
+
+
+def line_count(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (dead, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def mapped_shm_files(pid: int) -> set[str]:
+    """The /dev/shm files ``pid`` maps that still have a name (unlinked ones cannot leak)."""
+    paths = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/") and not parts[5].rstrip().endswith("(deleted)"):
+                paths.add(parts[5].rstrip())
+    return paths
+
+
+class Trainer:
+    """``trainer.py`` running in a subprocess, its stdout read line by line with deadlines."""
+
+    def __init__(self, tmp_path: Path, scenario: str, new_session: bool = False) -> None:
+        self.out = tmp_path / "run"
+        self.records = self.out / "telemetry.jsonl"
+        self._stderr_path = tmp_path / "trainer.stderr"
+        with open(self._stderr_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(self.out), scenario],
+                stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp_path,
+                start_new_session=new_session,  # its own process group, as a terminal's job
+            )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.worker_pid: int | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.strip())
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"trainer printed no {prefix!r} within {timeout:g}s; stderr:\n{self.stderr()}") from None
+            if line.startswith(prefix):
+                return line
+
+    def start_collecting(self) -> int:
+        self.worker_pid = int(self.expect("worker_pid", STARTUP_S).split()[1])
+        return self.worker_pid
+
+    def stderr(self) -> str:
+        return self._stderr_path.read_text()
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.out / "summary.json").read_text())  # type: ignore[no-any-return]
+
+    def cleanup(self) -> None:
+        """Kill what a failed test may have left running (only the processes this test started)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.worker_pid is not None and pid_alive(self.worker_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker_pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def trainer(tmp_path: Path) -> Iterator[Callable[..., Trainer]]:
+    started: list[Trainer] = []
+
+    def start(scenario: str, new_session: bool = False) -> Trainer:
+        t = Trainer(tmp_path, scenario, new_session)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.cleanup()
+
+
+@pytest.mark.timeout(180)
+def test_trainer_sigkilled_worker_exits_promptly_leaving_whole_lines_and_no_shared_memory(
+    trainer: Callable[..., Trainer],
+) -> None:
+    """When the trainer is SIGKILLed, its worker exits within seconds, no named shared memory is left, every line parses."""
+    t = trainer("loop")
+    worker = t.start_collecting()
+    wait_for(lambda: line_count(t.records) >= 3, STARTUP_S, "the first records")
+    shm = mapped_shm_files(t.proc.pid) | mapped_shm_files(worker)
+    t.proc.kill()
+    t.proc.wait(timeout=30)
+    took = wait_for(lambda: not pid_alive(worker), 30, "the orphaned worker to exit")
+    assert took < 5.0, f"the worker outlived the trainer by {took:.1f}s"
+    wait_for(lambda: not any(os.path.exists(p) for p in shm), 30, f"shared memory {sorted(shm)} to be removed")
+    assert len(strict_lines(t.records)) >= 3
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("scenario", ["normal", "raise"])
+def test_trainer_exiting_without_stop_flushes_every_queued_snapshot(trainer: Callable[..., Trainer], scenario: str) -> None:
+    """A script that ends (or dies of an exception) without stop(): at exit every snapshot is written, in bounded time."""
+    t = trainer(scenario)
+    worker = t.start_collecting()
+    t.expect("done", STARTUP_S)
+    t0 = time.monotonic()
+    rc = t.proc.wait(timeout=60)
+    exit_seconds = time.monotonic() - t0
+    assert rc == (0 if scenario == "normal" else 1), t.stderr()
+    if scenario == "raise":
+        assert "ValueError: the training script failed" in t.stderr()
+    # The atexit stop waits at most min(stop_timeout_s, 10 s), then a kill grace.
+    assert exit_seconds < 20.0
+    summary = t.summary()
+    assert summary["records_written"] == summary["snapshots_taken"] == COLLECTIONS, summary
+    assert summary["clean"] is True and summary["worker_exitcode"] == 0, summary
+    assert [r["seq"] for r in strict_lines(t.records)] == list(range(COLLECTIONS))
+    wait_for(lambda: not pid_alive(worker), 10, "the worker to exit")
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_goes_to_the_trainer_and_the_worker_finishes_cleanly(trainer: Callable[..., Trainer]) -> None:
+    """Ctrl-C (SIGINT to the whole process group) interrupts training; the worker ignores it, drains and exits 0."""
+    t = trainer("loop", new_session=True)
+    worker = t.start_collecting()
+    wait_for(lambda: line_count(t.records) >= 3, STARTUP_S, "the first records")
+    os.killpg(t.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    rc = t.proc.wait(timeout=60)
+    assert rc == -signal.SIGINT and "KeyboardInterrupt" in t.stderr(), t.stderr()
+    summary = t.summary()
+    assert summary["worker_exitcode"] == 0, summary  # not killed by the SIGINT, not terminated
+    assert summary["worker_terminated"] is False, summary
+    lines = strict_lines(t.records)
+    assert len(lines) == summary["records_written"]
+    # The interrupt may land inside the hook between counting a snapshot and queueing it.
+    assert summary["records_written"] >= summary["snapshots_taken"] - 1
+    wait_for(lambda: not pid_alive(worker), 10, "the worker to exit")
+
+
+@pytest.mark.timeout(180)
+def test_trainer_with_a_killed_worker_still_exits_promptly_and_reports_it(trainer: Callable[..., Trainer]) -> None:
+    """A worker SIGKILLed mid-run: training finishes, one warning names the pid and signal, the script's exit does not hang."""
+    t = trainer("kill_worker")
+    worker = t.start_collecting()
+    t.expect("done", STARTUP_S)
+    t0 = time.monotonic()
+    rc = t.proc.wait(timeout=60)
+    assert rc == 0, t.stderr()
+    assert time.monotonic() - t0 < 10.0
+    err = t.stderr()
+    assert err.count("exited unexpectedly") == 1, err
+    assert f"pid {worker}" in err and "SIGKILL" in err
+    summary = t.summary()
+    assert summary["worker_exit_signal"] == "SIGKILL"
+    assert summary["snapshots_dropped"] > 0
+    assert len(strict_lines(t.records)) == summary["records_written"]

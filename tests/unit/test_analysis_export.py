@@ -1,0 +1,120 @@
+"""Exports: to_dataframe's flattened columns, CSV/Parquet files, the per-example table, TensorBoard."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_telemetry.analysis import (
+    MissingExtraError,
+    export_tensorboard,
+    holdout_dataframe,
+    load_run,
+    to_dataframe,
+    write_table,
+)
+from train_telemetry.analysis.synthetic import write_pathology
+
+pd = pytest.importorskip("pandas")
+
+
+def test_to_dataframe_flattens_nested_keys(tmp_path: Path) -> None:
+    """One row per record; nested keys become columns like gradient_norm.head with the record's values."""
+    directory = write_pathology(tmp_path / "run", "healthy", n=5)
+    run = load_run(directory)
+    frame = to_dataframe(directory)
+    assert len(frame) == 5
+    assert list(frame.columns[:4]) == ["batch_idx", "epoch", "seq", "timestamp"]
+    for column in (
+        "gradient_norm.head",
+        "learning_rates.group_0",
+        "learning_rates.backbone",
+        "train.loss",
+        "holdout_logits.accuracy",
+        "batch_stats.winner_0_pct",
+        "telemetry.hook_ms",
+    ):
+        assert column in frame.columns, column
+    assert frame["gradient_norm.head"].tolist() == [r["gradient_norm"]["head"] for r in run.records]
+    assert not any(c.startswith("holdout_logits.logits") for c in frame.columns)
+    assert str(frame["timestamp"].dtype).startswith("datetime64")
+
+
+def test_nan_stays_a_float_and_nulls_are_missing(tmp_path: Path) -> None:
+    """NaN values come back as float NaN; a null (first record's weight delta) as missing."""
+    frame = to_dataframe(write_pathology(tmp_path / "run", "nan_loss", n=6))
+    assert math.isnan(frame["train.loss"].iloc[-1])
+    assert pd.isna(frame["weight_delta.head"].iloc[0])
+    assert frame["nonfinite"].iloc[-1] == "train.loss"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_files_round_trip(tmp_path: Path, fmt: str) -> None:
+    """A CSV or Parquet export reads back with the same rows and per-group columns."""
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    frame = to_dataframe(write_pathology(tmp_path / "run", "healthy", n=4))
+    path = write_table(frame, tmp_path / f"t.{fmt}", fmt)  # type: ignore[arg-type]
+    back = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    assert len(back) == 4
+    assert back["gradient_norm.backbone"].tolist() == pytest.approx(
+        frame["gradient_norm.backbone"].tolist()
+    )
+
+
+def test_holdout_dataframe_has_one_row_per_example_and_record(tmp_path: Path) -> None:
+    """The per-example table has records x holdout rows, with label, prediction and logits."""
+    directory = write_pathology(tmp_path / "run", "healthy", n=3, holdout_size=20)
+    run = load_run(directory)
+    frame = holdout_dataframe(run)
+    assert len(frame) == 3 * 20
+    last = frame[frame["batch_idx"] == run.steps[-1]]
+    holdout = run.records[-1]["holdout_logits"]
+    assert last["prediction"].tolist() == holdout["predictions"]
+    assert last["correct"].mean() == pytest.approx(holdout["accuracy"])
+    assert {"logit_0", "logit_1"} <= set(frame.columns)
+
+
+def test_missing_pandas_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pandas, to_dataframe fails with the pip command that fixes it."""
+    directory = write_pathology(tmp_path / "run", "healthy", n=2)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'train-telemetry\[export\]'"):
+        to_dataframe(directory)
+
+
+def test_tensorboard_export_writes_readable_scalars(tmp_path: Path) -> None:
+    """Every numeric value becomes a TensorBoard scalar at the record's step, readable by TensorBoard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = load_run(write_pathology(tmp_path / "run", "healthy", n=4))
+    count = export_tensorboard(run, tmp_path / "tb")
+    assert count > 4 * 20
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {
+        "gradient_norm/head",
+        "learning_rates/backbone",
+        "holdout_logits/accuracy",
+        "train/loss",
+    } <= set(tags)
+    head = events.Scalars("gradient_norm/head")
+    assert [e.step for e in head] == run.steps
+    assert [e.value for e in head] == pytest.approx(
+        [r["gradient_norm"]["head"] for r in run.records], rel=1e-6
+    )
+
+
+def test_missing_tensorboard_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without tensorboard, the export fails with the pip command that fixes it."""
+    run = load_run(write_pathology(tmp_path / "run", "healthy", n=2))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'train-telemetry\[tensorboard\]'"):
+        export_tensorboard(run, tmp_path / "tb")

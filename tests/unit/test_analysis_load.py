@@ -1,0 +1,119 @@
+"""Reading run directories: records, run.json/summary.json, groups, steps, crashed and per-rank runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from train_telemetry.analysis import RunNotFoundError, load_run, load_runs
+from train_telemetry.analysis.synthetic import (
+    make_meta,
+    make_records,
+    make_summary,
+    write_pathology,
+    write_run,
+)
+from train_telemetry.records import RECORDS_FILE, encode_record
+
+
+def test_load_run_reads_records_and_both_json_files(tmp_path: Path) -> None:
+    """A complete run directory loads its records, its run.json config and its summary.json."""
+    run = load_run(write_pathology(tmp_path / "run", "healthy", n=7))
+    assert len(run.records) == 7
+    assert run.config["label_key"] == "winner"
+    assert run.summary is not None and run.summary["records_written"] == 7
+    assert run.name == "run"
+
+
+def test_groups_come_from_run_json_not_from_the_doubled_lr_keys(tmp_path: Path) -> None:
+    """learning_rates holds group_0/group_1 and the names; the group list is backbone, head once each."""
+    run = load_run(write_pathology(tmp_path / "run", "healthy", n=3))
+    assert set(run.records[0]["learning_rates"]) == {"group_0", "group_1", "backbone", "head"}
+    assert run.groups == ["backbone", "head"]
+
+
+def test_groups_without_run_json_come_from_the_per_group_families(tmp_path: Path) -> None:
+    """Without run.json the groups are the gradient_norm keys minus overall."""
+    run = load_run(write_run(tmp_path / "run", make_records(n=3)))
+    assert run.meta is None
+    assert run.groups == ["backbone", "head"]
+
+
+def test_learning_rate_falls_back_to_the_group_index_key(tmp_path: Path) -> None:
+    """A record whose LRs are only under group_<i> still gives each named group its LR."""
+    records = make_records(n=3)
+    for record in records:
+        record["learning_rates"] = {"group_0": 1e-3, "group_1": 1e-2}
+    run = load_run(write_run(tmp_path / "run", records, meta=make_meta()))
+    assert [v for _, v in run.lr_series("head")] == [1e-2] * 3
+    assert [v for _, v in run.lr_series("backbone")] == [1e-3] * 3
+
+
+def test_crashed_run_loads_whole_records_and_reports_the_torn_tail(tmp_path: Path) -> None:
+    """A run killed mid-write (no summary.json, half a line at the end) loads every whole record."""
+    records = make_records(n=5)
+    run = load_run(write_run(tmp_path / "run", records, meta=make_meta(), torn_tail=True))
+    assert len(run.records) == 5
+    assert run.summary is None
+    assert run.torn_tail()
+
+
+def test_steps_count_on_across_epochs_when_batch_idx_restarts(tmp_path: Path) -> None:
+    """A loop that restarts batch_idx each epoch still gets steps that never go back."""
+    records = make_records(n=6)
+    for i, record in enumerate(records):
+        record["epoch"], record["batch_idx"] = divmod(i, 3)
+        record["batch_idx"] = (record["batch_idx"] + 1) * 10  # 10, 20, 30 in each epoch
+    run = load_run(write_run(tmp_path / "run", records))
+    assert run.steps == [10, 20, 30, 40, 50, 60]
+    assert run.restarts_each_epoch
+    assert run.index_of(40) == 3 and run.index_of(41) is None
+
+
+def test_steps_extend_as_records_are_appended(tmp_path: Path) -> None:
+    """Steps computed for a growing run (watch) agree with steps computed for the whole run."""
+    records = make_records(n=6)
+    for i, record in enumerate(records):
+        record["batch_idx"] = (i % 3 + 1) * 10
+    whole = load_run(write_run(tmp_path / "run", records))
+    growing = load_run(write_run(tmp_path / "run2", records[:2]))
+    first = list(growing.steps)
+    growing.records.extend(copy.deepcopy(records[2:]))
+    assert first == whole.steps[:2]
+    assert growing.steps == whole.steps
+
+
+def test_per_rank_files_load_as_separate_runs(tmp_path: Path) -> None:
+    """telemetry.rank<r>.jsonl files load as one run per rank, each with its own records."""
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for rank, n in ((0, 4), (1, 2)):
+        with open(directory / f"telemetry.rank{rank}.jsonl", "wb") as f:
+            for record in make_records(n=n):
+                f.write(encode_record(record | {"rank": rank}))
+    runs = load_runs(directory)
+    assert [(r.rank, len(r.records)) for r in runs] == [(0, 4), (1, 2)]
+    assert runs[1].name == "run[rank 1]"
+    assert load_run(directory, rank=1).records[0]["rank"] == 1
+    with pytest.raises(RunNotFoundError, match="one records file per rank"):
+        load_run(directory)
+
+
+def test_missing_run_names_the_path(tmp_path: Path) -> None:
+    """A path that is not a run raises an error naming the path and what was expected."""
+    with pytest.raises(RunNotFoundError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunNotFoundError, match=RECORDS_FILE):
+        load_run(tmp_path / "empty")
+
+
+def test_a_records_file_path_loads_its_directory_sidecars(tmp_path: Path) -> None:
+    """Pointing at telemetry.jsonl itself still picks up run.json and summary.json next to it."""
+    directory = write_run(
+        tmp_path / "run", make_records(n=2), meta=make_meta(), summary=make_summary(2)
+    )
+    run = load_run(directory / RECORDS_FILE)
+    assert run.meta is not None and run.summary is not None
