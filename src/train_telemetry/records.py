@@ -14,7 +14,8 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``rank``            ``rank`` and ``world_size`` of torch.distributed (0 and 1 otherwise)
 ``gradient_norm``   {overall, <group>...}: L2 norm of the gradients; null for a group with no grads
 ``weight_delta``    {overall, <group>...}: L2 distance of the weights from the previous
-                    collection (the disk checkpoint); all null in a record with no reference
+                    collection (the disk checkpoint); the first record measures from the
+                    weights at start(), or is all null when start() was given no model
 ``weight_norm``     {overall, <group>...}: L2 norm of the weights at the hook
 ``update_ratio``    {overall, <group>...}: weight_delta / weight norm at the previous collection
 ``learning_rates``  {group_0.., <name>...}: the LR of each param group at the hook
@@ -53,6 +54,7 @@ __all__ = [
     "SUMMARY_FILE",
     "CHECKPOINT_FILE",
     "encode_record",
+    "decode_record",
     "read_records",
     "read_json",
     "records_path",
@@ -99,6 +101,11 @@ def _restore_nonfinite(value: Any) -> Any:
 def encode_record(record: dict[str, Any]) -> bytes:
     """One whole JSON line (with its newline) for ``record``; non-finite floats as strings."""
     return _encoder.encode(to_strict_json_value(record)) + b"\n"
+
+
+def decode_record(line: bytes) -> dict[str, Any]:
+    """One line of a records file as a dict, non-finite values restored (raises msgspec.DecodeError)."""
+    return _restore_nonfinite(_decoder.decode(line))
 
 
 def records_path(path: str | os.PathLike[str]) -> Path:

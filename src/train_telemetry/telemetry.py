@@ -152,6 +152,7 @@ class Telemetry:
         self._dropped = 0
         self._dropped_since = 0
         self._hook_errors = 0
+        self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the worker
         self._needs_weights = config.track_weight_delta or config.track_holdout_logits
         self._setup_sent = False
 
@@ -238,6 +239,9 @@ class Telemetry:
             self._collect(model, optimizer, batch_idx, epoch, batch, loss, outputs)
         except Exception as exc:  # never let telemetry crash training
             self._hook_errors += 1
+            if self._unsent_slot is not None and self._pool is not None:
+                self._pool.release(self._unsent_slot)  # else a repeated failure leaks every slot
+                self._unsent_slot = None
             self._warn_once(f"hook:{type(exc).__name__}", f"telemetry collection failed and was skipped: {type(exc).__name__}: {exc}")
 
     def stop(self, timeout: float | None = None) -> TelemetrySummary:
@@ -543,6 +547,7 @@ class Telemetry:
         t0 = time.perf_counter()
         cfg = self.config
         label_counts: Any = None
+        errors: list[dict[str, str]] = []  # metrics that failed here: recorded, never raised
         if self._global_batch:
             # DDP: every rank joins this all_reduce at every collection step, before anything
             # that depends on this rank's own state (worker dead, no free slot, an error) may
@@ -551,7 +556,10 @@ class Telemetry:
             label_counts = _count_vector(batch, cfg, self._count_device)
             torch.distributed.all_reduce(label_counts)  # SUM; unpacked in _finalize (no sync here)
         elif cfg.track_batch_stats:
-            label_counts = self._label_counts(batch, batch_idx)
+            try:
+                label_counts = self._label_counts(batch, batch_idx)
+            except Exception as exc:
+                errors.append(_hook_error("batch_stats", exc))
         if not self._writes:
             return
         if self._worker_dead or (self._proc is not None and not self._proc.is_alive()):
@@ -570,13 +578,18 @@ class Telemetry:
             if slot is None:
                 self._drop()
                 return
+            self._unsent_slot = slot  # on_batch_end releases it if we fail before sending it
             copy_weights(layout, self._pool.slots[slot])
-        errors: list[dict[str, str]] = []
         grad_norms: Any = None
         if cfg.track_gradients:
             norms, index = grad_norm_tensor(layout.params)
             grad_norms = (norms, index, len(layout.params))
-        lrs = [float(g["lr"]) for g in optimizer.param_groups] if cfg.track_learning_rates and optimizer is not None else None
+        lrs = None
+        if cfg.track_learning_rates and optimizer is not None:
+            try:
+                lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            except Exception as exc:
+                errors.append(_hook_error("learning_rates", exc))
         train_loss: Any = loss.detach() if isinstance(loss, torch.Tensor) else loss
         train_acc: Any = None
         if outputs is not None and batch is not None and cfg.label_key in batch:
@@ -585,7 +598,12 @@ class Telemetry:
             except Exception as exc:
                 errors.append({"where": "train_accuracy", "type": type(exc).__name__, "message": str(exc)})
         # Under DDP the global batch size comes out of the reduced vector, in _finalize.
-        batch_size = _batch_size(batch, cfg) if batch is not None and not self._global_batch else None
+        batch_size = None
+        if batch is not None and not self._global_batch:
+            try:
+                batch_size = _batch_size(batch, cfg)
+            except Exception as exc:
+                errors.append(_hook_error("batch_size", exc))
         first = getattr(self, "_groups_changed", False)
         self._groups_changed = False
         snap = Snapshot(
@@ -619,14 +637,17 @@ class Telemetry:
             event.record()
             snap.hook_ms = (time.perf_counter() - t0) * 1000.0
             self._handoff.submit(event, snap)
+            self._unsent_slot = None
             return
         _finalize(snap)
         snap.hook_ms = (time.perf_counter() - t0) * 1000.0
         if self._processor is not None:  # mode: sync
             pool = self._pool
+            self._unsent_slot = None  # process() releases it, even when it fails
             self._processor.write(self._processor.process(snap, pool.release if pool else _no_release))
         else:
             self._to_worker.put(snap)
+            self._unsent_slot = None
 
     def _label_counts(self, batch: Mapping[str, Any] | None, batch_idx: int) -> dict[int, int] | None:
         if batch is None or self.config.label_key not in batch:
@@ -801,6 +822,11 @@ def _finalize(snap: Snapshot) -> None:
 
 def _no_release(i: int) -> None:
     pass
+
+
+def _hook_error(where: str, exc: BaseException) -> dict[str, str]:
+    """A record's ``errors`` entry for a metric that failed in the hook (same shape as the worker's)."""
+    return {"where": where, "type": type(exc).__name__, "message": str(exc)}
 
 
 def _batch_size(batch: Mapping[str, Any], cfg: TelemetryConfig) -> int | None:

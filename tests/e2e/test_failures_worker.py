@@ -286,6 +286,51 @@ def test_exception_in_holdout_eval_is_recorded_per_record_and_logged_once(
     assert err.count("holdout_logits failed (HoldoutBoom") == 1, err
 
 
+class OptimizerWithoutLR(torch.optim.SGD):
+    """An optimizer whose param groups have no 'lr' (as some custom optimizers do)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=0.01)
+        for group in self.param_groups:
+            del group["lr"]
+
+
+@pytest.mark.timeout(60)
+def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metric failing in the hook is recorded in that record's errors; a failed collection frees its slot, so later ones work."""
+    import train_telemetry.telemetry as telemetry_module
+
+    telemetry = Telemetry(config(tmp_path, mode="sync"))
+    run = Run(telemetry)
+    run.start()
+    batch = make_batch(run.g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # 1) fields that cannot be computed: no LR in the groups, a tuple instead of a dict batch
+        telemetry.on_batch_end(run.model, OptimizerWithoutLR(run.model.parameters()), 0, 0, None, batch)
+        telemetry.on_batch_end(run.model, run.opt, 1, 0, None, tuple(batch.values()))  # type: ignore[arg-type]
+        # 2) a collection that fails after taking its slot (sync mode has a single slot)
+        real = telemetry_module.grad_norm_tensor
+        monkeypatch.setattr(telemetry_module, "grad_norm_tensor", lambda params: 1 / 0)
+        for step in range(2, 5):
+            telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
+        monkeypatch.setattr(telemetry_module, "grad_norm_tensor", real)
+        for step in range(5, 8):
+            telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
+    summary = telemetry.stop()
+    records = strict_lines(tmp_path / "run" / "telemetry.jsonl")
+    assert [r["batch_idx"] for r in records] == [0, 1, 5, 6, 7]
+    assert summary.hook_errors == 3 and summary.snapshots_dropped == 0
+    lr_error = records[0]["errors"][0]
+    assert (lr_error["where"], lr_error["type"]) == ("learning_rates", "KeyError")
+    assert "learning_rates" not in records[0] and records[0]["weight_norm"]["overall"] > 0
+    assert [e["where"] for e in records[1]["errors"]] == ["batch_size"]
+    assert records[1]["weight_delta"]["overall"] is not None
+    assert all("errors" not in r for r in records[2:])
+    failed = [str(w.message) for w in caught if "collection failed" in str(w.message)]
+    assert len(failed) == 1 and "ZeroDivisionError" in failed[0]  # one warning for 3 failures
+
+
 # ---------------------------------------------------------------------------- backpressure
 
 
@@ -311,12 +356,17 @@ def test_slow_worker_with_on_full_drop_never_blocks_and_counts_drops(tmp_path: P
 def test_slow_worker_with_on_full_block_waits_and_loses_nothing(tmp_path: Path) -> None:
     """on_full: block with a slow worker: the hook waits for a slot and every snapshot is written."""
     run = Run(Telemetry(config(tmp_path, on_full="block", num_slots=2), forward_fn=slow_forward)).start()
-    run.step(6)
+    batch = make_batch(run.g)
+    t0 = time.monotonic()
+    for step in range(6):  # back to back: far faster than the worker's 0.5 s per snapshot
+        run.telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
+    hooks_seconds = time.monotonic() - t0
     summary = run.telemetry.stop()
     assert summary.snapshots_dropped == 0
     assert summary.records_written == summary.snapshots_taken == 6
     assert len(strict_lines(tmp_path / "run" / "telemetry.jsonl")) == 6
-    assert max(run.hook_seconds) > 0.4 * SLOW_EVAL_S, "no hook waited although the worker was slower than training"
+    # The 6th hook needs the slot of the 4th snapshot: 4 evaluations of SLOW_EVAL_S each.
+    assert hooks_seconds > 0.75 * 4 * SLOW_EVAL_S, "the hooks did not wait for the slow worker"
 
 
 # ---------------------------------------------------------------------------- non-finite values

@@ -27,13 +27,12 @@ from train_telemetry.analysis.load import (
 )
 from train_telemetry.analysis.report import render_diagnoses
 
-# records.py owns the NaN/Inf string encoding; its decoder half is private there, and the
-# tail reader needs it per line (read_records reads whole files). See the report's request.
+# records.py owns the NaN/Inf string encoding; the tail reader decodes line by line.
 from train_telemetry.records import (
     RECORDS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
-    _restore_nonfinite,
+    decode_record,
     read_json,
 )
 
@@ -52,7 +51,6 @@ class RecordFollower:
         self.file = file
         self._offset = 0
         self._partial = b""
-        self._decoder = msgspec.json.Decoder()
 
     def poll(self) -> list[Record]:
         """The records completed since the last poll ([] if the file does not exist yet)."""
@@ -75,7 +73,7 @@ class RecordFollower:
             if not line.strip():
                 continue
             try:
-                out.append(_restore_nonfinite(self._decoder.decode(line)))
+                out.append(decode_record(line))
             except msgspec.DecodeError:
                 warnings.warn(f"{self.file}: skipped a corrupt line", stacklevel=2)
         return out
