@@ -143,6 +143,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"rank 0: {summary.records_written} records in {args.out}, "
               f"{summary.snapshots_dropped} dropped, clean={summary.clean}", flush=True)
     if world_size > 1:
+        # Ranks leave together: tearing gloo down while a peer still talks to it can abort
+        # the process ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

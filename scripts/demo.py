@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--collect-every-n", type=int, default=None)
     parser.add_argument("--mode", choices=["async", "sync"], default=None)
+    parser.add_argument("--on-full", choices=["drop", "block"], default=None,
+                        help="block: record every collection even if the worker lags (tests use it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-report", action="store_true", help="skip the diagnosis report at the end")
     parser.add_argument("--list-presets", action="store_true")
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         changes["collect_every_n"] = args.collect_every_n
     if args.mode:
         changes["mode"] = args.mode
+    if args.on_full:
+        changes["on_full"] = args.on_full
     config = config.replace(**changes)
 
     print(f"training preset {args.preset!r}: {PRESETS[args.preset]}")

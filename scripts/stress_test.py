@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stress test: what telemetry costs a training step; off vs ``mode: sync`` vs ``mode: async``.
 
-    python scripts/stress_test.py                          # full run (~8 min on 2 cores) -> runs/stress/
+    python scripts/stress_test.py                          # full run (~10 min on 2 cores) -> runs/stress/
     python scripts/stress_test.py --quick                  # a few steps of everything (CI)
     python scripts/stress_test.py --presets conv --every 10 200 --repeats 5
 
@@ -12,15 +12,17 @@ the README show). See docs/benchmarks.md for what each column means.
 How it measures (nanoGPT's bench.py: the training loop with everything else removed):
 
 - one *segment* = a fresh copy of the preset's initial weights and optimizer, warm-up
-  steps with the hook on (the first collection, which starts the queue's feeder thread,
-  falls in it), then the measured steps. Each step is timed with ``perf_counter_ns``;
-  so is the hook call alone, exactly as users write it::
+  steps with the hook on (the first collection and its one-time costs fall in it), a wait
+  until the worker has written what the warm-up took, then the measured steps, starting at
+  a collection step, in whole ``collect_every_n`` periods. Each step is timed with
+  ``perf_counter_ns``; so is the hook call alone, exactly as users write it::
 
       telemetry.on_batch_end(model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs)
 
-- per preset and repeat the segments run off, floor, sync/async x collect_every_n, off
-  again; odd repeats run the order reversed so slow drift cancels. Every ratio divides
-  by the same repeat's "off" and the table shows the median over repeats.
+- per preset and repeat the segments run off, floor, then per collect_every_n its sync and
+  async segments and another off; odd repeats run reversed. Every ratio divides by the
+  mean of the off segments just before and after it (slow drift cancels); the table shows
+  the median over repeats, and "off vs off noise" the noise floor of every ratio.
 - the *floor* is what any exact snapshot must cost: one ``torch._foreach_copy_`` of the
   same weights into pre-allocated shared memory plus one ``torch._foreach_norm`` of the
   gradients, run in the loop at the point the hook would run (so with the same cache state).
@@ -61,6 +63,7 @@ from train_telemetry.demo import SiameseNet, make_optimizer
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "stress.yaml"
 MODES = ("off", "sync", "async")
+FLOOR_STEPS = 60
 SEED = 0
 
 STRESS_KEYS = {
@@ -247,6 +250,19 @@ def wait_for_quiet(max_wait_s: float, max_cores: float) -> tuple[float, float]:
             return waited, load
 
 
+def set_sched_idle(pid: int) -> bool:
+    """Put every thread of ``pid`` in SCHED_IDLE (runs only on otherwise idle cores); False if refused.
+
+    An experiment for --worker-sched idle: what a worker that yields harder than nice would cost.
+    """
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
     try:
@@ -276,6 +292,19 @@ def measure_bare_worker(threads: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- one segment
+def wait_for_worker(telemetry: Telemetry, collections: int, timeout_s: float = 60.0) -> float:
+    """Wait until the worker has written every snapshot the warm-up took; the seconds it took."""
+    t0 = time.perf_counter()
+    want = collections - telemetry.snapshots_dropped
+    path = telemetry.records_file
+    while path is not None and time.perf_counter() - t0 < timeout_s:
+        with contextlib.suppress(OSError):
+            if path.read_bytes().count(b"\n") >= want:
+                break
+        time.sleep(0.02)
+    return time.perf_counter() - t0
+
+
 def _empty_hook(model: Any, optimizer: Any, batch_idx: int, epoch: int = 0, device: Any = None,
                 batch: Any = None, *, loss: Any = None, outputs: Any = None) -> None:
     """The baseline of the non-collection microbenchmark: on_batch_end's signature, no body."""
@@ -311,6 +340,8 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     """Train ``steps`` measured steps of ``preset`` with telemetry ``mode``; return every number of it."""
     spec = preset.spec
     warmup, steps = spec["warmup_steps"], spec["steps"]
+    if mode == "floor":
+        steps = min(steps, FLOOR_STEPS)  # only the floor op's time matters here
     steps = max(every, math.ceil(steps / every) * every)  # whole periods: collections = steps / every
     limit_s = float(settings["segment_time_limit_s"])
     model, optimizer = preset.fresh()
@@ -341,6 +372,8 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
         t0 = time.perf_counter()
         telemetry.start(model, optimizer)
         seg["start_s"] = time.perf_counter() - t0
+        if settings.get("worker_sched") == "idle" and telemetry.worker_pid is not None:
+            seg["worker_sched_idle"] = set_sched_idle(telemetry.worker_pid)
     load_before = os.getloadavg()[0]
     cpu0 = time.process_time()
     busy0, wall0 = machine_busy_s(), time.perf_counter()
@@ -350,15 +383,22 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     dropped_at: list[bool] = []
     epoch = 0
     nb = len(preset.batches)
+    # Warm-up batch_idx 0..warmup-1 (its collection at 0 pays the one-time costs); then, once the
+    # worker has written what the warm-up took, the measured steps start *at* a collection step
+    # (batch_idx jumps to the next multiple of every), so the window holds steps/every whole
+    # periods and the worker's work on each collection falls inside it.
+    base = every * math.ceil(warmup / every)
+    indices = [*range(warmup), *range(base, base + steps)]
     t_start = 0.0
-    batch_idx = 0
-    while True:
-        measured = batch_idx - warmup
+    for i, batch_idx in enumerate(indices):
+        measured = i - warmup
         if measured == 0:
+            if telemetry is not None and mode == "async":
+                seg["settle_s"] = wait_for_worker(telemetry, sum(1 for j in range(warmup) if j % every == 0))
             t_start = time.perf_counter()
-        if measured >= steps or (measured > 0 and measured % every == 0 and time.perf_counter() - t_start > limit_s):
+        elif measured > 0 and measured % every == 0 and time.perf_counter() - t_start > limit_s:
             break
-        batch = preset.batches[batch_idx % nb]
+        batch = preset.batches[i % nb]
         dropped0 = telemetry.snapshots_dropped if telemetry is not None else 0
         t0 = time.perf_counter_ns()
         outputs = model(*[batch[k] for k in keys])
@@ -376,12 +416,11 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
             step_ns.append(t2 - t0)
             hook_ns.append(t2 - t1)
             dropped_at.append(telemetry is not None and telemetry.snapshots_dropped > dropped0)
-        batch_idx += 1
     seg["train_cpu_s"] = time.process_time() - cpu0
     seg["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     busy, wall = machine_busy_s() - busy0, time.perf_counter() - wall0
-    first = warmup  # batch_idx of the first measured step
-    collect = [(first + i) % every == 0 for i in range(len(step_ns))] if mode != "off" else [False] * len(step_ns)
+    measured_idx = indices[warmup:warmup + len(step_ns)]
+    collect = [b % every == 0 and mode != "off" for b in measured_idx]
     seg.update(step_stats(step_ns, hook_ns, collect, dropped_at))
 
     if telemetry is not None:
@@ -460,18 +499,29 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[str, float]) -> dict[str, Any]:
-    """Per (mode, every): medians over repeats of each number and of its ratio to the same repeat's off."""
+    """Per (mode, every): medians over repeats of each number and of its ratio to the off around it.
+
+    Each segment's baseline is the mean of the off segments just before and just after it in the
+    run (the plan puts one between every group), so slow drift of the machine cancels.
+    """
     segs = [s for s in segments if s["preset"] == preset.name]
-    repeats = sorted({s["repeat"] for s in segs})
-    off_by_rep: dict[int, dict[str, float]] = {}
-    for r in repeats:
-        offs = [s for s in segs if s["mode"] == "off" and s["repeat"] == r]
-        if offs:
-            off_by_rep[r] = {k: statistics.fmean(s[k] for s in offs) for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms")}
-            off_by_rep[r]["hwm"] = statistics.fmean(s["trainer"].get("VmHWM", 0.0) for s in offs)
-            off_by_rep[r]["rss"] = statistics.fmean(s["trainer"].get("VmRSS", 0.0) for s in offs)
-    aa = [abs(o[1]["mean_ms"] / o[0]["mean_ms"] - 1) for o in
-          ([s for s in segs if s["mode"] == "off" and s["repeat"] == r] for r in repeats) if len(o) == 2]
+    offs = [s for s in segs if s["mode"] == "off"]
+
+    def base(seg: dict[str, Any]) -> dict[str, float]:
+        same = [o for o in offs if o["repeat"] == seg["repeat"]]
+        before = [o for o in same if o["order"] < seg["order"]][-1:]
+        after = [o for o in same if o["order"] > seg["order"]][:1]
+        near = before + after or same
+        if not near:
+            return {}
+        out = {k: statistics.fmean(o[k] for o in near) for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms")}
+        out["hwm"] = statistics.fmean(o["trainer"].get("VmHWM", 0.0) for o in near)
+        out["rss"] = statistics.fmean(o["trainer"].get("VmRSS", 0.0) for o in near)
+        return out
+
+    bases = {id(s): base(s) for s in segs}
+    aa = [abs(b["mean_ms"] / a["mean_ms"] - 1) for a, b in zip(offs[:-1], offs[1:], strict=True)
+          if a["repeat"] == b["repeat"]]  # off vs the next off: the noise floor of every ratio
     floor_ms = _median([_floor_mean(s) for s in segs if s["mode"] == "floor"])
     rows: list[dict[str, Any]] = []
     for mode, every in sorted({(s["mode"], s["every"]) for s in segs}, key=_row_order):
@@ -483,17 +533,17 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
                   "train_cpu_s", "record_hook_ms_median"):
             row[k] = _median([s.get(k) for s in group])
         for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms"):
-            row[k.replace("_ms", "_x_off")] = _median([_ratio(s[k], off_by_rep.get(s["repeat"], {}).get(k)) for s in group])
-        row["collect_x_off"] = _median([_ratio(s.get("collect_taken_mean_ms"), off_by_rep.get(s["repeat"], {}).get("mean_ms"))
+            row[k.replace("_ms", "_x_off")] = _median([_ratio(s[k], bases[id(s)].get(k)) for s in group])
+        row["collect_x_off"] = _median([_ratio(s.get("collect_taken_mean_ms"), bases[id(s)].get("mean_ms"))
                                        for s in group])
         row["collect_x_normal"] = _median([_ratio(s.get("collect_taken_mean_ms"), s.get("normal_mean_ms")) for s in group])
         row["hook_x_floor"] = _ratio(row["hook_collect_mean_ms"], floor_ms) if mode != "floor" else 1.0
         row["hook_p50_x_floor"] = _ratio(row["hook_collect_p50_ms"], floor_ms) if mode != "floor" else 1.0
         row["trainer_peak_mb"] = _median([s["trainer"].get("VmHWM") for s in group])
-        row["trainer_added_mb"] = _median([s["trainer"].get("VmHWM", 0.0) - off_by_rep[s["repeat"]]["hwm"]
-                                           for s in group if s["repeat"] in off_by_rep and s.get("peak_reset")])
-        row["trainer_steady_added_mb"] = _median([s["trainer"].get("VmRSS", 0.0) - off_by_rep[s["repeat"]]["rss"]
-                                                  for s in group if s["repeat"] in off_by_rep])
+        row["trainer_added_mb"] = _median([s["trainer"].get("VmHWM", 0.0) - bases[id(s)]["hwm"]
+                                           for s in group if bases[id(s)] and s.get("peak_reset")])
+        row["trainer_steady_added_mb"] = _median([s["trainer"].get("VmRSS", 0.0) - bases[id(s)]["rss"]
+                                                  for s in group if bases[id(s)]])
         if any("worker" in s for s in group):
             row["worker_peak_mb"] = _median([s["worker"].get("VmHWM") for s in group if "worker" in s])
             row["worker_added_mb"] = _median([s["worker"].get("VmHWM", 0.0) - bare_worker.get("VmHWM", 0.0)
@@ -517,7 +567,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         "state_bytes": preset.state_bytes,
         "slot_bytes": slot_bytes,
         "floor_ms": floor_ms,
-        "off_mean_ms": _median([o["mean_ms"] for o in off_by_rep.values()]),
+        "off_mean_ms": _median([o["mean_ms"] for o in offs]),
         "off_aa_noise": _median(aa),
         "idle_hook_added_ns": idle_async,
         "rows": rows,
@@ -540,12 +590,12 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, fmt: str, where: str) -> None:
-        out.append({"target": name, "where": where, "value": value, "limit": limit,
+        out.append({"target": name, "where": where, "value": value, "limit": limit, "limit_text": fmt.format(limit),
                     "met": None if value is None else value <= limit, "text": fmt.format(value) if value is not None else "n/a"})
 
     for p in result["presets"]:
         name = p["preset"]
-        add("non-collection step added (ns)", p["idle_hook_added_ns"], 5000, "{:.0f} ns", name)
+        add("non-collection step: hook added", p["idle_hook_added_ns"], 5000, "{:.0f} ns", name)
         rows = {(r["mode"], r["every"]): r for r in p["rows"]}
         for every in (10, 200):
             r = rows.get(("async", every))
@@ -567,8 +617,8 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
                            "peak_added_mb": added, "trainer_peak_added_mb": r["trainer_added_mb"],
                            "trainer_steady_added_mb": r["trainer_steady_added_mb"],
                            "worker_peak_added_mb": r["worker_added_mb"]}
-            out.append({"target": "peak memory added (MiB) vs slot pool + model copy", "where": name,
-                        "value": added, "limit": budget, "met": added <= budget,
+            out.append({"target": "peak memory added vs slot pool + model copy", "where": name,
+                        "value": added, "limit": budget, "limit_text": f"{budget:.1f} MiB", "met": added <= budget,
                         "text": f"{added:.0f} MiB (trainer +{r['trainer_added_mb']:.0f}, worker "
                                 f"+{r['worker_added_mb']:.0f}, pool counted once)"})
     return out
@@ -583,7 +633,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Measured {env['date']} on {env['cpus']} CPU cores ({env['cpu_model']}), torch {env['torch']}, "
         f"trainer torch threads {env['threads']}, worker threads {env['worker_threads']} at nice "
-        f"+{env['worker_nice']}, {env['num_slots']} slots, {env['repeats']} repeats (medians). "
+        f"+{env['worker_nice']}{' and SCHED_IDLE' if env['worker_sched'] == 'idle' else ''}, "
+        f"{env['num_slots']} slots, {env['repeats']} repeats (medians). "
         f"Command: `{env['command']}`",
         "",
     ]
@@ -615,7 +666,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["Targets (mode: async):", "", "| preset | target | measured | limit | met |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['where']} | {t['target']} | {t['text']} | {t['limit']:g} | {met} |")
+        lines.append(f"| {t['where']} | {t['target']} | {t['text']} | {t['limit_text']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -639,15 +690,13 @@ def _cpu_model() -> str:
 
 
 def segment_plan(modes: Sequence[str], everies: Sequence[int], repeat: int) -> list[tuple[str, int]]:
-    """One repeat's segments: off, floor, then each (mode, every), off again; reversed on odd repeats."""
+    """One repeat: off, floor, then per collect_every_n its sync and async segments and an off; odd repeats reversed."""
     plan: list[tuple[str, int]] = [("off", 1)]
     if "sync" in modes or "async" in modes:
         plan.append(("floor", 1))
     for every in everies:
-        for mode in modes:
-            if mode != "off":
-                plan.append((mode, every))
-    plan.append(("off", 1))
+        plan += [(mode, every) for mode in modes if mode != "off"]
+        plan.append(("off", 1))  # an off next to every group: the baseline of the segments around it
     return plan[::-1] if repeat % 2 else plan
 
 
@@ -663,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="trainer torch threads (0 = every core)")
     parser.add_argument("--worker-nice", type=int, help="telemetry.worker_nice")
     parser.add_argument("--worker-threads", type=int, help="telemetry.worker_threads")
+    parser.add_argument("--worker-sched", choices=["nice", "idle"], default="nice",
+                        help="idle: also put the worker in SCHED_IDLE after start (an experiment; Linux)")
     parser.add_argument("--num-slots", type=int, help="telemetry.num_slots")
     parser.add_argument("--segment-time-limit", type=float, help="seconds after which a segment ends early")
     parser.add_argument("--output-dir", type=Path)
@@ -681,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             spec.update(QUICK_SIZES[spec["kind"]])
     overrides = {"presets": args.presets, "modes": args.modes, "collect_every_n": args.every, "repeats": args.repeats,
                  "threads": args.threads, "segment_time_limit_s": args.segment_time_limit,
+                 "worker_sched": args.worker_sched,
                  "output_dir": str(args.output_dir) if args.output_dir else None}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     for key, flag in (("worker_nice", args.worker_nice), ("worker_threads", args.worker_threads), ("num_slots", args.num_slots)):
@@ -709,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
         "torch": str(torch.__version__), "python": platform.python_version(), "threads": threads,
         "worker_threads": tcfg_checked.worker_threads, "worker_nice": tcfg_checked.worker_nice,
+        "worker_sched": settings["worker_sched"],
         "num_slots": tcfg_checked.num_slots, "repeats": int(settings["repeats"]), "command": command,
         "quick": args.quick, "loadavg_start": list(os.getloadavg()),
     }
@@ -728,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                 waited, load = wait_for_quiet(float(settings.get("quiet_wait_s", 0)), float(settings.get("quiet_cpu", 0.3)))
                 seg = run_segment(preset, mode, every, repeat, tcfg, settings, run_dir, args.keep_runs)
                 seg["quiet_wait"] = {"waited_s": waited, "other_load_cores": load}
+                seg["order"] = len(segments)
                 segments.append(seg)
                 print(summary_line(seg), flush=True)
     if not args.keep_runs:

@@ -62,6 +62,7 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_timeout_s: PositiveFloat = 60.0
     worker_threads: PositiveInt = 1
     worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    worker_sched_idle: bool = False
     eval_batch_size: PositiveInt = 256
     fsync: bool = True
 
@@ -188,7 +189,7 @@ def _locate(name: str, value: Any, type_: Any, exc: msgspec.ValidationError) -> 
 
 def _allowed(name: str, exc: msgspec.ValidationError) -> str:
     allowed = _ALLOWED.get(name)
-    if allowed is None and name.startswith(("enabled", "track_", "fsync", "per_rank")):
+    if allowed is None and name.startswith(("enabled", "track_", "fsync", "per_rank", "worker_sched_idle")):
         allowed = "true or false"
     detail = str(exc).split(" - at ")[0]
     return f"expected {allowed} ({detail})" if allowed else detail

@@ -195,13 +195,15 @@ def grad_norm_tensor(params: Sequence[torch.nn.Parameter]) -> tuple[torch.Tensor
         g = p.grad
         if g is not None:
             index.append(i)
-            grads.append(g.detach())
+            grads.append(g)  # no .detach() per tensor (~0.4 us each): no_grad below does its job
     if not grads:
         return None, index
-    if grads[0].is_sparse or any(g.device != grads[0].device for g in grads):
-        # Rare (sparse grads, model split over devices): one small sync per tensor.
-        norms = torch.stack(
-            [(g.coalesce().values() if g.is_sparse else g).norm().float().cpu() for g in grads]
-        )
-        return norms, index
-    return torch.stack(torch._foreach_norm(grads)), index
+    device = grads[0].device
+    with torch.no_grad():  # grads of a create_graph=True backward require grad: build no graph
+        if grads[0].is_sparse or any(g.device != device for g in grads):
+            # Rare (sparse grads, model split over devices): one small sync per tensor.
+            norms = torch.stack(
+                [(g.coalesce().values() if g.is_sparse else g).norm().float().cpu() for g in grads]
+            )
+            return norms, index
+        return torch.stack(torch._foreach_norm(grads)), index

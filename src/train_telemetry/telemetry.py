@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -153,6 +154,9 @@ class Telemetry:
         self._dropped_since = 0
         self._hook_errors = 0
         self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the worker
+        self._direct_send: bool | None = None  # see _send_snapshot; False: put() from now on
+        self._direct_max = 0  # bytes of the largest snapshot written to the pipe directly
+        self._pipe_size = -1  # bytes the snapshot pipe buffers (0: unknown); -1: not read yet
         self._needs_weights = config.track_weight_delta or config.track_holdout_logits
         self._setup_sent = False
 
@@ -428,9 +432,11 @@ class Telemetry:
         if optimizer is not None:
             self._update_groups(optimizer)
         shared = cfg.mode == "async"
-        if self._needs_weights:
-            state = self._slot_state if shared else bytearray(1)
-            self._pool = SlotPool(layout, state, shared=shared)
+        state = self._slot_state if shared else bytearray(1)
+        # Without weights to copy the slots are empty, but still bound how many snapshots
+        # can wait for the worker: a slow or hung worker then costs drops, never memory.
+        slot_layout = layout if self._needs_weights else Layout(specs=[], params=[], buffers=[])
+        self._pool = SlotPool(slot_layout, state, shared=shared)
         eval_model = None
         if cfg.track_holdout_logits and self._holdout is not None:
             eval_model = cpu_model_copy(inner)
@@ -579,7 +585,8 @@ class Telemetry:
                 self._drop()
                 return
             self._unsent_slot = slot  # on_batch_end releases it if we fail before sending it
-            copy_weights(layout, self._pool.slots[slot])
+            if self._needs_weights:
+                copy_weights(layout, self._pool.slots[slot])
         grad_norms: Any = None
         if cfg.track_gradients:
             norms, index = grad_norm_tensor(layout.params)
@@ -646,8 +653,39 @@ class Telemetry:
             self._unsent_slot = None  # process() releases it, even when it fails
             self._processor.write(self._processor.process(snap, pool.release if pool else _no_release))
         else:
-            self._to_worker.put(snap)
+            self._send_snapshot(snap)
             self._unsent_slot = None
+
+    def _send_snapshot(self, snap: Snapshot) -> None:
+        """Hand a CPU snapshot (plain numbers and a slot index) to the worker without waking a thread.
+
+        ``Queue.put`` appends to a buffer and wakes the queue's feeder thread to pickle and write
+        it; that thread then competes with training for the GIL and a core: ~4 ms stalls at
+        collection steps on 2 busy cores (docs/benchmarks.md). Here the training thread pickles
+        (~10 us) and writes the pipe itself, under the lock put()'s feeder writes under.
+
+        It must never block. Every snapshot written here holds a slot until the worker has read
+        it, so at most ``num_slots`` sit in the pipe; we write directly only while that many of
+        the largest one seen fit in the pipe's buffer. Otherwise (thousands of tensors, a small
+        pipe, no F_GETPIPE_SZ or a mp.Queue without these attributes) this and every later
+        snapshot go through put(), so the worker still reads them in order.
+        """
+        q = self._to_worker
+        if self._direct_send is not False and snap.slot is not None:
+            if self._pipe_size < 0:
+                self._pipe_size = _pipe_capacity(q)
+            # Plain pickle: after _finalize a snapshot holds plain numbers only, and it is half the
+            # cost of ForkingPickler (no per-call dispatch-table copy). get() unpickles either.
+            payload = pickle.dumps(snap, pickle.HIGHEST_PROTOCOL)
+            self._direct_max = max(self._direct_max, len(payload) + 4)  # + send_bytes' length header
+            if self._pipe_size >= self.config.num_slots * self._direct_max:
+                q._sem.acquire(False)  # get() releases it once per message, as after put()
+                with q._wlock:
+                    q._writer.send_bytes(payload)
+                self._direct_send = True
+                return
+        self._direct_send = False
+        q.put(snap)
 
     def _label_counts(self, batch: Mapping[str, Any] | None, batch_idx: int) -> dict[int, int] | None:
         if batch is None or self.config.label_key not in batch:
@@ -822,6 +860,18 @@ def _finalize(snap: Snapshot) -> None:
 
 def _no_release(i: int) -> None:
     pass
+
+
+def _pipe_capacity(q: Any) -> int:
+    """Bytes a mp.Queue's pipe buffers before a write blocks (Linux); 0 if unknown or not a pipe we can use."""
+    try:
+        import fcntl
+
+        if q._wlock is None or not hasattr(q, "_sem"):  # Windows has no write lock
+            return 0
+        return int(fcntl.fcntl(q._writer.fileno(), fcntl.F_GETPIPE_SZ))
+    except (ImportError, AttributeError, OSError):
+        return 0
 
 
 def _hook_error(where: str, exc: BaseException) -> dict[str, str]:

@@ -371,7 +371,7 @@ def test_seed_analysis_example_runs_unchanged_on_a_real_run(tmp_path: Path) -> N
     run_dir.parent.mkdir(parents=True)
     subprocess.run(
         [sys.executable, str(Path(__file__).parents[2] / "scripts" / "demo.py"), "--max-steps", "64",
-         "--collect-every-n", "8", "--output-dir", str(run_dir), "--no-report"],
+         "--collect-every-n", "8", "--output-dir", str(run_dir), "--no-report", "--on-full", "block"],
         check=True, capture_output=True, timeout=150,
     )
     seed_snippet = textwrap.dedent(

@@ -50,7 +50,7 @@ def train_demo(preset: str, out: Path, *extra: str) -> None:
     pytest.importorskip("sklearn")
     subprocess.run(
         [sys.executable, str(DEMO), "--preset", preset, "--max-steps", "96", "--collect-every-n", "8",
-         "--output-dir", str(out), "--no-report", *extra],
+         "--output-dir", str(out), "--no-report", "--on-full", "block", *extra],
         check=True, capture_output=True, timeout=150, env=ENV,
     )  # fmt: skip
 
@@ -126,7 +126,7 @@ def test_watch_follows_a_live_run_to_its_end(tmp_path: Path) -> None:
     run_dir = tmp_path / "live"
     trainer = subprocess.Popen(
         [sys.executable, str(DEMO), "--preset", "frozen_backbone", "--epochs", "2", "--max-steps", "160", "--collect-every-n", "8",
-         "--output-dir", str(run_dir), "--no-report"],
+         "--output-dir", str(run_dir), "--no-report", "--on-full", "block"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
     )  # fmt: skip
     try:

@@ -220,8 +220,11 @@ def test_killed_worker_on_rank0_blocks_no_rank(tmp_path: Path) -> None:
         assert results[rank]["steps"] == 30
     s0, s1 = results[0]["summary"], results[1]["summary"]
     assert s0["worker_exit_signal"] == "SIGKILL" and not s0["clean"]
-    assert s0["snapshots_taken"] == 5  # collections at steps 0, 2, 4, 6, 8
-    assert s0["snapshots_dropped"] == 10  # steps 10..28: the worker was gone
+    # Collections at steps 0..8 are taken; the worker's main thread shows as a zombie a
+    # moment before waitpid can reap it (its other threads still exiting), so the step-10
+    # collection may still be taken. Every collection is either taken or counted as dropped.
+    assert s0["snapshots_taken"] in (5, 6)
+    assert s0["snapshots_taken"] + s0["snapshots_dropped"] == 15
     assert s0["hook_errors"] == 0 and s1["hook_errors"] == 0 and s1["clean"]
     records = read_records(out)  # what the worker wrote before dying: whole lines only
     assert len(records) == s0["records_written"] <= 5
