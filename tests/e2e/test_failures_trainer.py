@@ -22,38 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from failure_checks import line_count, pid_alive, strict_lines
 
 SCRIPT = Path(__file__).parent / "_trainer_scripts" / "trainer.py"
 COLLECTIONS = 20  # trainer.py: STEPS=40 steps, collecting every EVERY=2
 STARTUP_S = 90.0  # importing torch and spawning the worker on a loaded 2-core machine
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-strict JSON constant {name}")
-
-
-def strict_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line of a records file as strict JSON; fails on a torn last line."""
-    data = path.read_bytes()
-    assert not data or data.endswith(b"\n"), f"{path} ends in a torn line: {data[-80:]!r}"
-    return [json.loads(line, parse_constant=_reject_constant) for line in data.splitlines()]
-
-
-def line_count(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (dead, not yet reaped by whoever adopted it) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:

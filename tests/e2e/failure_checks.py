@@ -1,0 +1,35 @@
+"""Checks shared by the failure tests: strict whole-line records files and process liveness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def strict_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a records file as strict JSON; fails on a torn last line or NaN literals."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a torn line: {data[-80:]!r}"
+    return [json.loads(line, parse_constant=_reject_constant) for line in data.splitlines()]
+
+
+def line_count(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
