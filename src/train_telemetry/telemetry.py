@@ -148,6 +148,7 @@ class Telemetry:
         self._group_key: tuple[int, ...] | None = None
         self._group_of: list[int] = []
         self._group_names: list[str] = []
+        self._groups_changed = False  # the worker has not yet seen the current param -> group map
         self._seq = 0
         self._taken = 0
         self._dropped = 0
@@ -611,7 +612,7 @@ class Telemetry:
                 batch_size = _batch_size(batch, cfg)
             except Exception as exc:
                 errors.append(_hook_error("batch_size", exc))
-        first = getattr(self, "_groups_changed", False)
+        first = self._groups_changed
         self._groups_changed = False
         snap = Snapshot(
             seq=self._seq,
