@@ -22,21 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from failure_checks import line_count, pid_alive, strict_lines
+from failure_checks import line_count, pid_alive, strict_lines, wait_for
 
 SCRIPT = Path(__file__).parent / "_trainer_scripts" / "trainer.py"
 COLLECTIONS = 20  # trainer.py: STEPS=40 steps, collecting every EVERY=2
 STARTUP_S = 90.0  # importing torch and spawning the worker on a loaded 2-core machine
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def mapped_shm_files(pid: int) -> set[str]:

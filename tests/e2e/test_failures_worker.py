@@ -17,13 +17,13 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from failure_checks import line_count, pid_alive, strict_lines
+from failure_checks import line_count, pid_alive, strict_lines, wait_for
 from torch import nn
 
 from train_telemetry import (
@@ -87,16 +87,6 @@ def child_exited(pid: int) -> bool:
     Not /proc's Z state: a thread-group leader shows Z while its other threads still exit.
     """
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 @contextlib.contextmanager
