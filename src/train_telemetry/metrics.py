@@ -26,6 +26,8 @@ __all__ = [
     "batch_label_stats",
     "evaluate_holdout",
     "batch_accuracy",
+    "count_vector",
+    "unpack_count_vector",
     "nonfinite_keys",
 ]
 
@@ -137,6 +139,65 @@ def batch_label_stats(
             out[f"{label_key}_{cls}_pct"] = 100.0 * counts.get(cls, 0) / total if total else None
     out["batch_size"] = batch_size
     return out
+
+
+# The vector of the DDP batch-stats all_reduce (int64, summed over ranks): the count of
+# each class 0..MAX_CLASSES-1, then the rows, then two "this rank could not say" counts.
+MAX_CLASSES = 1024
+COUNT_VECTOR_LEN = MAX_CLASSES + 3
+_ROWS = MAX_CLASSES  # batch rows: the sum is the global batch size
+_NO_SIZE = MAX_CLASSES + 1  # ranks whose batch size is unknown (> 0: batch_size None)
+_UNCOUNTED = MAX_CLASSES + 2  # ranks without labels or with labels that are not class ids
+
+
+def count_vector(batch: Mapping[str, Any] | None, label_key: str, input_keys: Sequence[str],
+                 device: torch.device) -> torch.Tensor:
+    """This rank's share of the global batch statistics; never raises, no sync on CUDA."""
+    vec = torch.zeros(COUNT_VECTOR_LEN, dtype=torch.int64, device=device)
+    vec[_NO_SIZE] = 1  # "unknown" until shown otherwise
+    vec[_UNCOUNTED] = 1
+    try:
+        size = batch_size_of(batch, label_key, input_keys) if batch is not None else None
+        if size is not None:
+            vec[_ROWS] = size
+            vec[_NO_SIZE] = 0
+    except Exception:
+        pass
+    try:
+        labels = batch.get(label_key) if batch is not None else None
+        if labels is None:
+            return vec
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(labels)
+        flat = labels.detach().reshape(-1).to(device)  # a copy (and a sync) only if devices differ
+        valid = (flat >= 0) & (flat < MAX_CLASSES)
+        if flat.is_floating_point():
+            valid &= flat == flat.round()  # regression targets are not classes
+        classes = torch.where(valid, flat, torch.zeros_like(flat)).to(torch.int64)
+        vec[:MAX_CLASSES].index_add_(0, classes, valid.to(torch.int64))
+        vec[_UNCOUNTED] = (~valid).any()  # a tensor assignment: stays on the device
+    except Exception:  # odd labels: this rank still joins the collective, as "uncounted"
+        vec[:MAX_CLASSES].zero_()
+        vec[_UNCOUNTED] = 1
+    return vec
+
+
+def unpack_count_vector(values: Sequence[int]) -> tuple[dict[int, int] | None, int | None]:
+    """(label counts, batch size) of the global batch from the all_reduced vector."""
+    counts = None if values[_UNCOUNTED] else {c: n for c, n in enumerate(values[:MAX_CLASSES]) if n}
+    size = None if values[_NO_SIZE] else values[_ROWS]
+    return counts, size
+
+
+def batch_size_of(batch: Mapping[str, Any], label_key: str, input_keys: Sequence[str]) -> int | None:
+    """Rows of the batch: the first dim of its labels or first input; None if it has neither."""
+    for key in (label_key, *input_keys):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+        if isinstance(v, (list, tuple)):
+            return len(v)
+    return None
 
 
 def batch_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,30 @@
-"""The training-side snapshot: the slot pool in shared memory and ``take_snapshot``.
+"""The training-side snapshot: the slot pool in shared memory and what the hook copies into it.
 
 Runs in: the training process, inside ``Telemetry.on_batch_end`` (the hot path).
 
 What a collection costs the training loop is decided here, so everything in this module
-is about doing the least work that keeps the record exact:
+is about doing the least work that keeps the record exact. At a collection the hook runs
+two fused torch calls and no per-tensor Python:
 
-- per-parameter gradient norms in one fused ``torch._foreach_norm`` (no ``.item()`` per
-  parameter; on CUDA the norms stay on the device until the hand-off thread reads them);
-- one ``torch._foreach_copy_`` of the weights (and buffers, which holdout eval needs)
-  into a slot: pre-allocated shared memory the worker maps once at setup. This copy is
-  what makes the record exact: the optimizer mutates the weights right after the hook
-  returns, and the worker never reads live training tensors;
-- learning rates and the batch's label counts as plain numbers.
+- ``torch._foreach_norm`` of the gradients, stacked into one tensor;
+- one ``torch._foreach_copy_`` of the weights and buffers *and* of everything else the
+  record needs from this step (those norms, the loss, the batch's labels and the model's
+  outputs) into a slot: pre-allocated shared memory the worker maps once at setup. The
+  copy is what makes the record exact: the optimizer mutates the weights right after the
+  hook returns, and the worker never reads live training tensors. Label counts and batch
+  accuracy are computed by the worker from the copied labels and outputs (each small
+  torch op costs the training thread 10-30 us at a collection step; see
+  docs/benchmarks.md).
 
-A slot is FREE (0) or TAKEN (1) in a shared byte array. Only the trainer moves a slot
-FREE -> TAKEN and only the worker moves it back, so no lock is needed; the snapshot
-message (sent after the copy) orders the data before the worker reads it.
+The plain numbers (step, epoch, time, learning rates, drop counters) go into the slot's
+header bytes; publishing a slot writes its index into a shared ring and releases a
+semaphore. Nothing is written to a pipe, so the hook never pays for waking the worker
+(a pipe write that wakes a sleeping process costs ~90 us on a 2-core VM): the worker
+polls the semaphore (``worker.PUBLISH_POLL_S``).
+
+Slot states: FREE (0) or TAKEN (1) in a shared byte array. Only the trainer moves a slot
+FREE -> TAKEN (and publishes it) and only the worker moves it back. The semaphore's
+release/acquire order the slot's data before the worker reads it, on any CPU.
 """
 
 from __future__ import annotations
@@ -30,9 +39,12 @@ from typing import Any
 import torch
 
 from .config import TelemetryConfigError
-from .messages import TensorSpec
+from .messages import HEADER_BYTES, TensorSpec
+from .metrics import COUNT_VECTOR_LEN
 
-__all__ = ["Layout", "SlotPool", "build_layout", "cpu_model_copy", "unwrap_model"]
+__all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
+           "grad_norms", "unwrap_model"]
+
 
 FREE = 0
 TAKEN = 1
@@ -86,21 +98,37 @@ def build_layout(model: torch.nn.Module) -> Layout:
     return Layout(specs=specs, params=params, buffers=buffers, sources=sources, on_cuda=on_cuda)
 
 
-def cpu_model_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A CPU deep copy of ``model`` that never allocates a second copy on the GPU.
+def model_on_slot(model: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """A CPU copy of ``model`` whose parameters and buffers *are* ``slot``'s tensors.
 
-    Pre-seeding deepcopy's memo with CPU clones of every parameter and buffer makes
-    deepcopy reuse them instead of copying the device tensors.
+    What the worker evaluates the holdout with. It owns no weights: the worker points it
+    at each snapshot's slot before the forward (``bind_model``), so neither process holds a
+    second copy of the model, and the trainer never allocates one (not even while pickling
+    it: the slot is already in shared memory, so only its handles travel). ``slot`` is in
+    ``build_layout`` order: parameters, then buffers. Pre-seeding deepcopy's memo makes
+    deepcopy reuse these tensors instead of copying the module's (possibly CUDA) ones.
     """
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    if len(params) + len(buffers) != len(slot):
+        raise ValueError(f"the slot has {len(slot)} tensors, the model {len(params)} parameters and {len(buffers)} buffers")
     memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
+    for p, t in zip(params, slot[: len(params)], strict=True):
+        memo[id(p)] = torch.nn.Parameter(t, requires_grad=False)
+    for b, t in zip(buffers, slot[len(params) :], strict=True):
+        # A new tensor on the same memory, never ``t`` itself: bind_model re-points the
+        # model's buffers, which must not re-point the slot's own views with them.
+        memo[id(b)] = t.detach()
     clone = copy.deepcopy(model, memo)
     for p in clone.parameters():
         p.grad = None
     return clone
+
+
+def bind_model(targets: Sequence[torch.Tensor], slot: Sequence[torch.Tensor]) -> None:
+    """Point a ``model_on_slot`` model's parameters and buffers (``targets``) at ``slot``'s tensors (no copy)."""
+    for t, v in zip(targets, slot, strict=True):
+        t.data = v
 
 
 def _shm_free_bytes() -> int | None:
@@ -110,13 +138,99 @@ def _shm_free_bytes() -> int | None:
         return None
 
 
-class SlotPool:
-    """``num_slots`` copies of the layout's tensors in shared (and, on CUDA, pinned) memory."""
+AUX_BYTES = 1 << 20  # per slot: the batch's labels and the model's outputs, when they fit
 
-    def __init__(self, layout: Layout, state: Any, shared: bool) -> None:
-        self.state = state  # shared byte array: FREE/TAKEN per slot
-        num_slots = len(state)
-        need = layout.nbytes * num_slots
+
+class Channel:
+    """The shared state of the trainer -> worker hand-off, for ``num_slots`` slots.
+
+    ``state[i]``: FREE or TAKEN. ``headers``: HEADER_BYTES of plain numbers per slot.
+    Publishing slot i (trainer) writes i into the ring and releases the semaphore; the
+    worker takes published slots in order with non-blocking acquires. Nothing here wakes
+    the worker, so publishing costs the trainer no system call that waits on a wake-up.
+
+    Created before the worker is spawned (shared ctypes objects travel only as process
+    arguments). With ``ctx=None`` (``mode: sync``) everything is process-local.
+    """
+
+    def __init__(self, ctx: Any, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.state: Any
+        self.headers: Any
+        self.ring: Any
+        if ctx is None:
+            self.state = bytearray(num_slots)
+            self.headers = bytearray(num_slots * HEADER_BYTES)
+            self.ring = [0] * num_slots
+            self._sem: Any = None
+        else:
+            self.state = ctx.RawArray("b", num_slots)
+            self.headers = ctx.RawArray("B", num_slots * HEADER_BYTES)
+            self.ring = ctx.RawArray("i", num_slots)
+            self._sem = ctx.Semaphore(0)
+        self._state_view: memoryview | None = None  # per process (a memoryview does not pickle)
+        self._published = 0  # trainer side: slots published so far
+        self._consumed = 0  # worker side: published slots taken so far
+
+    # -- trainer side
+    def acquire(self) -> int | None:
+        """A free slot, now TAKEN, or None when all are in use."""
+        state = self._state_view
+        if state is None:  # a memoryview indexes ~3x faster than the ctypes array
+            state = self._state_view = memoryview(self.state).cast("B").cast("b")
+        for i in range(self.num_slots):
+            if state[i] == FREE:
+                state[i] = TAKEN
+                return i
+        return None
+
+    def publish(self, slot: int) -> None:
+        """Hand a filled slot to the worker (after its data and header are written)."""
+        self.ring[self._published % self.num_slots] = slot
+        self._published += 1
+        self._sem.release()  # a release barrier: the slot's data is visible before the permit
+
+    def free_count(self) -> int:
+        return sum(1 for i in range(self.num_slots) if self.state[i] == FREE)
+
+    # -- worker side
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_state_view": None}
+
+    def take_published(self) -> list[int]:
+        """Slots published since the last call, in the order they were published."""
+        out = []
+        while self._sem.acquire(False):  # an acquire barrier; never blocks
+            out.append(self.ring[self._consumed % self.num_slots])
+            self._consumed += 1
+        return out
+
+    def release(self, slot: int) -> None:
+        self.state[slot] = FREE
+
+
+class SlotPool:
+    """``num_slots`` snapshot slots in shared (and, on CUDA, pinned) memory.
+
+    Per slot: ``slots[i]``, one tensor per layout tensor (weights and buffers, views into
+    one flat buffer per dtype); ``meta[i]``, one flat byte buffer holding ``norms[i]``
+    (float64 per parameter, -1 = no gradient), ``scalars[i]`` (float64: loss, accuracy),
+    ``counts[i]`` (int64, the DDP label-count vector) and ``aux[i]`` (AUX_BYTES for the
+    batch's labels and outputs).
+    """
+
+    def __init__(self, layout: Layout, channel: Channel, shared: bool) -> None:
+        self.channel = channel
+        num_slots = channel.num_slots
+        n_params = max(len(layout.params), 1)
+        meta_fields = {"norms": (torch.float64, n_params), "scalars": (torch.float64, 2),
+                       "counts": (torch.int64, COUNT_VECTOR_LEN), "aux": (torch.uint8, AUX_BYTES)}
+        offsets: dict[str, int] = {}
+        meta_bytes = 0
+        for name, (dtype, numel) in meta_fields.items():
+            offsets[name] = meta_bytes
+            meta_bytes += _align(numel * _itemsize(dtype))
+        need = (layout.nbytes + meta_bytes) * num_slots
         if shared:
             free = _shm_free_bytes()
             if free is not None and need > free:
@@ -127,6 +241,7 @@ class SlotPool:
                 )
         pin = layout.on_cuda and torch.cuda.is_available()
         self.slots: list[list[torch.Tensor]] = []
+        self.meta: list[torch.Tensor] = []
         for _ in range(num_slots):
             # One flat buffer per dtype, each tensor a view into it: a slot is then a few
             # shared-memory segments (file descriptors) however many tensors the model has,
@@ -134,39 +249,74 @@ class SlotPool:
             flats: dict[torch.dtype, torch.Tensor] = {}
             for dtype in dict.fromkeys(src.dtype for src in layout.sources):
                 numel = sum(src.numel() for src in layout.sources if src.dtype == dtype)
-                # zeros, not empty: touching every page now makes a too-small /dev/shm
-                # fail here, at start(), rather than with SIGBUS in the middle of training.
-                flat = torch.zeros(max(numel, 1), dtype=dtype, device="cpu")
-                if shared:
-                    flat.share_memory_()
-                if pin:
-                    _pin_in_place(flat)
-                flats[dtype] = flat
-            offsets = dict.fromkeys(flats, 0)
+                flats[dtype] = _shared_zeros(numel, dtype, shared, pin)
+            starts = dict.fromkeys(flats, 0)
             tensors = []
             for src in layout.sources:
-                start = offsets[src.dtype]
-                offsets[src.dtype] = start + src.numel()
+                start = starts[src.dtype]
+                starts[src.dtype] = start + src.numel()
                 tensors.append(flats[src.dtype][start : start + src.numel()].view(src.shape))
             self.slots.append(tensors)
+            self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
+        self.meta_offsets = offsets
+        self.norms, self.scalars, self.counts, self.aux = meta_views(self.meta, offsets, n_params)
+        self.norm_views = [list(norms[: len(layout.params)].unbind()) for norms in self.norms]  # 0-d each
         self.nbytes = need
+        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
         for i in range(num_slots):
-            state[i] = FREE
+            channel.state[i] = FREE
 
-    def acquire(self) -> int | None:
-        """A free slot, now TAKEN, or None when all are in use."""
-        state = self.state
-        for i in range(len(state)):
-            if state[i] == FREE:
-                state[i] = TAKEN
-                return i
-        return None
+    def scalar(self, slot: int, index: int, shape: torch.Size) -> torch.Tensor:
+        """``scalars[slot][index]`` viewed with ``shape`` (one element), to copy a loss into."""
+        key = ("scalar", slot, index, shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.scalars[slot][index : index + 1].view(shape)
+        return view
 
-    def release(self, i: int) -> None:
-        self.state[i] = FREE
 
-    def free_count(self) -> int:
-        return sum(1 for v in self.state if v == FREE)
+def meta_views(
+    meta: Sequence[torch.Tensor], offsets: dict[str, int], n_params: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(norms, scalars, counts, aux) of each slot's meta buffer (the worker rebuilds them too)."""
+
+    def view(buf: torch.Tensor, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        start = offsets[name]
+        return buf[start : start + numel * _itemsize(dtype)].view(dtype)
+
+    return (
+        [view(m, "norms", torch.float64, n_params) for m in meta],
+        [view(m, "scalars", torch.float64, 2) for m in meta],
+        [view(m, "counts", torch.int64, COUNT_VECTOR_LEN) for m in meta],
+        [view(m, "aux", torch.uint8, AUX_BYTES) for m in meta],
+    )
+
+
+def aux_view(aux: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The part of a slot's aux bytes that holds one tensor of ``dtype`` and ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return aux[offset : offset + numel * _itemsize(dtype)].view(dtype).view(tuple(shape))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def _shared_zeros(numel: int, dtype: torch.dtype, shared: bool, pin: bool) -> torch.Tensor:
+    # zeros, not empty: touching every page now makes a too-small /dev/shm fail here,
+    # at start(), rather than with SIGBUS in the middle of training.
+    flat = torch.zeros(max(numel, 1), dtype=dtype, device="cpu")
+    if shared:
+        flat.share_memory_()
+    if pin:
+        _pin_in_place(flat)
+    return flat
 
 
 def _pin_in_place(t: torch.Tensor) -> None:
@@ -179,31 +329,30 @@ def _pin_in_place(t: torch.Tensor) -> None:
         os.environ.setdefault("TRAIN_TELEMETRY_PIN_FAILED", str(int(err)))
 
 
-def copy_weights(layout: Layout, slot: Sequence[torch.Tensor]) -> None:
-    """Copy the layout's tensors into ``slot`` in one fused call (async from CUDA)."""
-    # This is the only O(params) work on the training thread. From CUDA the copy is
-    # non-blocking into pinned memory; the hand-off thread waits on an event before the
-    # worker may read the slot. On CPU it is a synchronous memcpy.
-    torch._foreach_copy_(list(slot), layout.sources, non_blocking=layout.on_cuda)
+def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool) -> list[torch.Tensor] | torch.Tensor | None:
+    """Each parameter's gradient norm, computed on the gradients' device; call under no_grad.
 
-
-def grad_norm_tensor(params: Sequence[torch.nn.Parameter]) -> tuple[torch.Tensor | None, list[int]]:
-    """Per-parameter grad norms as one tensor (on the grads' device) and which params had grads."""
-    index = []
-    grads = []
+    Common case (every parameter has a dense gradient on one device): one fused
+    ``_foreach_norm``, returned as its list of 0-d tensors (``stack=False``: the hook copies
+    them into the slot's 0-d views in its one fused copy) or stacked into one tensor
+    (``stack=True``, CUDA: one device-to-host copy instead of one per parameter).
+    Otherwise a float64 CPU tensor with -1 for parameters without a gradient. None when no
+    parameter has a gradient.
+    """
+    grads = [g for p in params if (g := p.grad) is not None]
+    if not grads:
+        return None
+    if len(grads) == len(params) and not grads[0].is_sparse:
+        try:
+            norms = torch._foreach_norm(grads)
+            return torch.stack(norms) if stack else list(norms)
+        except RuntimeError:  # sparse or on several devices: the general path below
+            pass
+    # Rare (some params without grads, sparse grads, a model split over devices): one
+    # small sync per tensor, norms gathered on the CPU.
+    out = torch.full((len(params),), -1.0, dtype=torch.float64)
     for i, p in enumerate(params):
         g = p.grad
         if g is not None:
-            index.append(i)
-            grads.append(g)  # no .detach() per tensor (~0.4 us each): no_grad below does its job
-    if not grads:
-        return None, index
-    device = grads[0].device
-    with torch.no_grad():  # grads of a create_graph=True backward require grad: build no graph
-        if grads[0].is_sparse or any(g.device != device for g in grads):
-            # Rare (sparse grads, model split over devices): one small sync per tensor.
-            norms = torch.stack(
-                [(g.coalesce().values() if g.is_sparse else g).norm().float().cpu() for g in grads]
-            )
-            return norms, index
-        return torch.stack(torch._foreach_norm(grads)), index
+            out[i] = (g.coalesce().values() if g.is_sparse else g).norm().double().cpu()
+    return out

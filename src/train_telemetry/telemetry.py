@@ -1,8 +1,8 @@
 """Telemetry: the object users hold; start / on_batch_end / stop and the worker's lifecycle.
 
 Runs in: the training process. The hook (``on_batch_end``) is the hot path: between
-collections it costs one attribute test and a modulo; at a collection it takes a snapshot
-(snapshot.py) and hands a small message to the worker (worker.py, NOTE [worker
+collections it costs one attribute test and a modulo; at a collection it copies a snapshot
+into a shared slot (snapshot.py) and publishes it to the worker (worker.py, NOTE [worker
 lifecycle]). It never raises into training, and never waits on the worker unless the
 user asked for ``on_full: block`` (and then at most ``block_timeout_s``).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -21,6 +22,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -32,15 +34,32 @@ import torch.multiprocessing as tmp
 
 from . import metrics
 from .config import TelemetryConfig, TelemetryConfigError
-from .messages import Done, Ready, Setup, SetupDone, Snapshot, Stop
+from .messages import (
+    ALL_MISSING,
+    IN_AUX,
+    IN_EXTRA,
+    IN_HEADER,
+    IN_SLOT,
+    NONE,
+    Done,
+    Groups,
+    Ready,
+    Setup,
+    SetupDone,
+    Stop,
+    read_header,
+    write_header,
+)
 from .records import CHECKPOINT_FILE, RECORDS_FILE, RUN_FILE, SCHEMA_VERSION, SUMMARY_FILE
 from .snapshot import (
+    AUX_BYTES,
+    Channel,
     Layout,
     SlotPool,
+    aux_view,
     build_layout,
-    copy_weights,
-    cpu_model_copy,
-    grad_norm_tensor,
+    grad_norms,
+    model_on_slot,
     unwrap_model,
 )
 from .worker import RecordWriter, SnapshotProcessor, worker_loop
@@ -137,27 +156,30 @@ class Telemetry:
         self._count_device = torch.device("cpu")  # where that all_reduce's vector lives
         self._layout: Layout | None = None
         self._pool: SlotPool | None = None
-        self._slot_state: Any = None
+        self._channel: Channel | None = None
+        self._headers: memoryview | None = None  # the channel's header bytes
         self._proc: Any = None
         self._to_worker: Any = None
         self._from_worker: Any = None
         self._processor: SnapshotProcessor | None = None
         self._writer: RecordWriter | None = None
         self._worker_dead = False
+        self._worker_exited = False  # set by the watcher thread when the worker process ends
         self._handoff: _HandOff | None = None
         self._group_key: tuple[int, ...] | None = None
         self._group_of: list[int] = []
         self._group_names: list[str] = []
-        self._groups_changed = False  # the worker has not yet seen the current param -> group map
+        self._groups_version = 0  # bumped when the param -> group map changes; snapshots carry it
         self._seq = 0
         self._taken = 0
         self._dropped = 0
         self._dropped_since = 0
         self._hook_errors = 0
         self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the worker
-        self._direct_send: bool | None = None  # see _send_snapshot; False: put() from now on
-        self._direct_max = 0  # bytes of the largest snapshot written to the pipe directly
-        self._pipe_size = -1  # bytes the snapshot pipe buffers (0: unknown); -1: not read yet
+        self._copy_srcs: list[torch.Tensor] = []  # what every collection copies: weights and buffers
+        self._copy_dsts: list[list[torch.Tensor]] = []  # ... into each slot
+        self._on_cuda = False
+        self._aux_plans: dict[tuple[Any, ...], _AuxPlan] = {}
         self._needs_weights = config.track_weight_delta or config.track_holdout_logits
         self._setup_sent = False
 
@@ -241,11 +263,13 @@ class Telemetry:
         if batch_idx % self._every:
             return
         try:
-            self._collect(model, optimizer, batch_idx, epoch, batch, loss, outputs)
+            # no_grad: outputs, loss (and create_graph grads) require grad; copying them must build no graph
+            with torch.no_grad():
+                self._collect(model, optimizer, batch_idx, epoch, batch, loss, outputs)
         except Exception as exc:  # never let telemetry crash training
             self._hook_errors += 1
-            if self._unsent_slot is not None and self._pool is not None:
-                self._pool.release(self._unsent_slot)  # else a repeated failure leaks every slot
+            if self._unsent_slot is not None and self._channel is not None:
+                self._channel.release(self._unsent_slot)  # else a repeated failure leaks every slot
                 self._unsent_slot = None
             self._warn_once(f"hook:{type(exc).__name__}", f"telemetry collection failed and was skipped: {type(exc).__name__}: {exc}")
 
@@ -386,12 +410,13 @@ class Telemetry:
         # If the worker dies, our exit must not hang flushing this queue (DataLoader does the same).
         self._to_worker.cancel_join_thread()
         self._from_worker = ctx.Queue()
-        self._slot_state = ctx.RawArray("b", cfg.num_slots)
+        self._channel = Channel(ctx, cfg.num_slots)
+        self._headers = memoryview(self._channel.headers).cast("B")
         assert self.output_dir is not None
         self._proc = ctx.Process(
             target=worker_loop,
             args=(cfg, str(self.output_dir), str(self._records_path()), self._to_worker,
-                  self._from_worker, self._slot_state, os.getpid(),
+                  self._from_worker, self._channel, os.getpid(),
                   # PDEATHSIG follows the starting thread: from any other, rely on polling.
                   threading.current_thread() is threading.main_thread()),
             name="train-telemetry-worker",
@@ -403,6 +428,7 @@ class Telemetry:
             raise TelemetryStartError(f"could not start the telemetry worker: {type(exc).__name__}: {exc}") from exc
         msg = self._await_reply(Ready, cfg.start_timeout_s, "start")
         assert isinstance(msg, Ready)
+        _watch_exit(self, self._proc.sentinel)
 
     def _await_reply(self, kind: type, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
@@ -425,7 +451,7 @@ class Telemetry:
                 )
 
     def _setup_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, init_reference: bool) -> None:
-        """Build the slot pool and hand the worker its model copy and slots (once)."""
+        """Build the slot pool and hand the worker its slots and the eval model on them (once)."""
         cfg = self.config
         inner = unwrap_model(model)
         layout = build_layout(inner)
@@ -433,36 +459,46 @@ class Telemetry:
         if optimizer is not None:
             self._update_groups(optimizer)
         shared = cfg.mode == "async"
-        state = self._slot_state if shared else bytearray(1)
-        # Without weights to copy the slots are empty, but still bound how many snapshots
-        # can wait for the worker: a slow or hung worker then costs drops, never memory.
-        slot_layout = layout if self._needs_weights else Layout(specs=[], params=[], buffers=[])
-        self._pool = SlotPool(slot_layout, state, shared=shared)
+        if self._channel is None:  # mode: sync: one process-local slot
+            self._channel = Channel(None, 1)
+            self._headers = memoryview(self._channel.headers)
+        # Without weights to copy the slots hold no weights, but still bound how many
+        # snapshots can wait for the worker: a slow or hung worker then costs drops, never memory.
+        slot_layout = layout if self._needs_weights else Layout(specs=[], params=layout.params, buffers=[], on_cuda=layout.on_cuda)
+        self._pool = SlotPool(slot_layout, self._channel, shared=shared)
+        self._copy_srcs = list(layout.sources) if self._needs_weights else []
+        self._copy_dsts = [list(t) if self._needs_weights else [] for t in self._pool.slots]
+        self._on_cuda = layout.on_cuda
         eval_model = None
         if cfg.track_holdout_logits and self._holdout is not None:
-            eval_model = cpu_model_copy(inner)
+            eval_model = model_on_slot(inner, self._pool.slots[0])
         init_slot = None
-        if init_reference and self._pool is not None and cfg.track_weight_delta:
-            init_slot = self._pool.acquire()
+        if init_reference and cfg.track_weight_delta:
+            init_slot = self._channel.acquire()
             assert init_slot is not None
-            copy_weights(layout, self._pool.slots[init_slot])
+            torch._foreach_copy_(self._copy_dsts[init_slot], self._copy_srcs)
             if layout.on_cuda:
                 torch.cuda.current_stream().synchronize()  # once, at start: not the hot path
         setup = Setup(
             specs=layout.specs,
             num_params=layout.num_params,
-            slots=self._pool.slots if self._pool is not None else [],
+            slots=self._pool.slots if self._needs_weights else [],
+            meta=self._pool.meta,
+            meta_offsets=self._pool.meta_offsets,
             model=eval_model,
             forward_fn=self.forward_fn,
             holdout=self._holdout if cfg.track_holdout_logits else None,
             init_slot=init_slot,
+            groups=Groups(self._groups_version, list(self._group_of) or [-1] * layout.num_params, list(self._group_names)),
+            rank=self._rank,
+            world_size=self._world_size,
             checkpoint_name=self._file_name(CHECKPOINT_FILE),
         )
         if cfg.mode == "sync":
             assert self._writer is not None and self.output_dir is not None
             self._processor = SnapshotProcessor(cfg, self.output_dir, setup, self._writer)
-            if init_slot is not None and self._pool is not None:
-                self._pool.release(init_slot)
+            if init_slot is not None:
+                self._channel.release(init_slot)
             self._setup_sent = True
             return
         try:
@@ -479,11 +515,11 @@ class Telemetry:
         if done.error:
             raise TelemetryStartError(done.error)
         if layout.on_cuda:
-            self._handoff = _HandOff(self._to_worker)
+            self._handoff = _HandOff(self._channel)
 
     def _update_groups(self, optimizer: torch.optim.Optimizer) -> None:
         groups = optimizer.param_groups
-        key = tuple(len(g["params"]) for g in groups)
+        key = tuple([len(g["params"]) for g in groups])
         if key == self._group_key:
             return
         assert self._layout is not None
@@ -505,7 +541,13 @@ class Telemetry:
         self._group_key = key
         self._group_of = group_of
         self._group_names = names
-        self._groups_changed = True
+        self._groups_version += 1
+        if self._setup_sent:  # else Setup carries them
+            message = Groups(self._groups_version, list(group_of), list(names))
+            if self._processor is not None:
+                self._processor.add_groups(message)
+            elif self._to_worker is not None:
+                self._to_worker.put(message)  # before the snapshot that names this version is published
 
     def _write_run_info(self, model: torch.nn.Module | None) -> None:
         assert self.output_dir is not None
@@ -519,7 +561,9 @@ class Telemetry:
             "config": self.config.to_dict(),
             "groups": groups,
             "num_params": sum(p.numel() for p in self._layout.params) if self._layout else None,
-            "slot_bytes": self._layout.nbytes if self._layout else None,
+            # one slot: weights and buffers, plus its meta (norms, loss, labels/outputs bytes)
+            "slot_bytes": self._pool.nbytes // max(self.config.num_slots if self.config.mode == "async" else 1, 1)
+            if self._pool else None,
             "started": datetime.now(timezone.utc).astimezone().isoformat(),
             "pid": os.getpid(),
             "worker_pid": self.worker_pid,
@@ -551,154 +595,199 @@ class Telemetry:
         loss: torch.Tensor | float | None,
         outputs: torch.Tensor | None,
     ) -> None:
+        # Every line here runs on the training thread at each collection, with caches cold
+        # from the step before it: a cheap torch op costs 10-30 us here, not the 1-2 us of a
+        # microbenchmark. So the hook runs two fused torch calls (norms, then one copy of
+        # everything into the slot), packs plain numbers into the slot's header and
+        # publishes it; label counts and accuracy are the worker's work (snapshot.py).
         t0 = time.perf_counter()
         cfg = self.config
-        label_counts: Any = None
-        errors: list[dict[str, str]] = []  # metrics that failed here: recorded, never raised
+        counts: torch.Tensor | None = None
         if self._global_batch:
             # DDP: every rank joins this all_reduce at every collection step, before anything
             # that depends on this rank's own state (worker dead, no free slot, an error) may
             # return: a rank that skipped it would leave the others waiting in it for good.
-            # _count_vector never raises. On CPU (gloo) this blocks until all ranks arrive.
-            label_counts = _count_vector(batch, cfg, self._count_device)
-            torch.distributed.all_reduce(label_counts)  # SUM; unpacked in _finalize (no sync here)
-        elif cfg.track_batch_stats:
-            try:
-                label_counts = self._label_counts(batch, batch_idx)
-            except Exception as exc:
-                errors.append(_hook_error("batch_stats", exc))
+            # count_vector never raises. On CPU (gloo) this blocks until all ranks arrive.
+            counts = metrics.count_vector(batch, cfg.label_key, cfg.input_keys, self._count_device)
+            torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
         if not self._writes:
             return
-        if self._worker_dead or (self._proc is not None and not self._proc.is_alive()):
+        if self._worker_exited:  # set by the _Watcher thread: no system call here
             self._on_worker_dead()
             self._drop()
             return
         if not self._setup_sent:
             self._setup_model(model, optimizer, init_reference=False)  # start() had no model
-        layout = self._layout
-        assert layout is not None
         if optimizer is not None:
             self._update_groups(optimizer)
-        slot = None
-        if self._pool is not None:
-            slot = self._acquire_slot()
-            if slot is None:
-                self._drop()
-                return
-            self._unsent_slot = slot  # on_batch_end releases it if we fail before sending it
-            if self._needs_weights:
-                copy_weights(layout, self._pool.slots[slot])
-        grad_norms: Any = None
+        pool = self._pool
+        assert pool is not None and self._layout is not None
+        slot = self._acquire_slot()
+        if slot is None:
+            self._drop()
+            return
+        self._unsent_slot = slot  # on_batch_end releases it if we fail before publishing it
+        src = list(self._copy_srcs)
+        dst = list(self._copy_dsts[slot])
+        errors: list[dict[str, str]] | None = None
+        grads = NONE
         if cfg.track_gradients:
-            norms, index = grad_norm_tensor(layout.params)
-            grad_norms = (norms, index, len(layout.params))
+            norms = grad_norms(self._layout.params, stack=self._on_cuda)
+            if norms is None:
+                grads = ALL_MISSING
+            elif isinstance(norms, list):
+                src += norms
+                dst += pool.norm_views[slot]
+                grads = IN_SLOT
+            else:
+                src.append(norms)
+                dst.append(pool.norms[slot][: norms.shape[0]])
+                grads = IN_SLOT
+        loss_kind, loss_value = NONE, 0.0
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() == 1:
+                src.append(loss)
+                dst.append(pool.scalar(slot, 0, loss.shape))
+                loss_kind = IN_SLOT
+            else:
+                errors = [{"where": "train_loss", "type": "ValueError",
+                           "message": f"loss has shape {tuple(loss.shape)}: pass the scalar loss the optimizer steps on"}]
+        elif loss is not None:
+            try:
+                loss_value, loss_kind = float(loss), IN_HEADER
+            except (TypeError, ValueError) as exc:
+                errors = [_hook_error("train_loss", exc)]
+        labels = None
+        if batch is not None and cfg.label_key in batch:
+            labels = batch[cfg.label_key]
+        plan = None
+        extra_values: dict[str, Any] | None = None
+        acc_kind = counts_kind = NONE
+        batch_size = -1
+        if isinstance(labels, torch.Tensor):
+            out = outputs if isinstance(outputs, torch.Tensor) else None
+            # is_cuda, not .device (which builds a new object each time): a plan is per device type
+            key = (labels.shape, labels.dtype, labels.is_cuda, None if out is None else out.shape,
+                   None if out is None else out.dtype, out is not None and out.is_cuda)
+            plan = self._aux_plans.get(key)
+            if plan is None:
+                plan = self._plan_aux(key, labels, out)
+            batch_size = plan.batch_size
+            aux_src: list[torch.Tensor] = []
+            if plan.labels_fit:
+                aux_src = [labels, out] if plan.outputs and out is not None else [labels]
+            if plan.same_device:
+                src += aux_src
+                dst += plan.views[slot]
+            acc_kind = plan.accuracy_kind
+            if acc_kind == IN_SLOT:
+                try:
+                    src.append(metrics.batch_accuracy(out, labels))  # type: ignore[arg-type]
+                    dst.append(pool.scalars[slot][1])
+                except Exception as exc:
+                    acc_kind = NONE
+                    errors = (errors or []) + [_hook_error("train_accuracy", exc)]
+            if cfg.track_batch_stats and counts is None:
+                counts_kind = IN_AUX
+                if not plan.labels_fit:
+                    counts_kind = IN_EXTRA
+                    try:
+                        extra_values = {"label_counts": metrics.label_counts(labels.detach().cpu())}
+                    except Exception as exc:
+                        errors = (errors or []) + [_hook_error("batch_stats", exc)]
+                        counts_kind = NONE
+        elif cfg.track_batch_stats and counts is None and labels is not None:
+            try:  # a list of class ids, say: counted here (rare, and not a tensor op we can defer)
+                extra_values = {"label_counts": metrics.label_counts(torch.as_tensor(labels))}
+                counts_kind = IN_EXTRA
+            except Exception as exc:
+                errors = (errors or []) + [_hook_error("batch_stats", exc)]
+        if batch_size < 0 and batch is not None and counts is None:
+            try:
+                size = _batch_size(batch, cfg)
+                batch_size = -1 if size is None else size
+            except Exception as exc:
+                errors = (errors or []) + [_hook_error("batch_size", exc)]
+        if counts is not None:
+            src.append(counts)
+            dst.append(pool.counts[slot])
+            counts_kind = IN_SLOT
         lrs = None
         if cfg.track_learning_rates and optimizer is not None:
             try:
                 lrs = [float(g["lr"]) for g in optimizer.param_groups]
             except Exception as exc:
-                errors.append(_hook_error("learning_rates", exc))
-        train_loss: Any = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        train_acc: Any = None
-        if outputs is not None and batch is not None and cfg.label_key in batch:
-            try:
-                train_acc = metrics.batch_accuracy(outputs, batch[cfg.label_key])
-            except Exception as exc:
-                errors.append({"where": "train_accuracy", "type": type(exc).__name__, "message": str(exc)})
-        # Under DDP the global batch size comes out of the reduced vector, in _finalize.
-        batch_size = None
-        if batch is not None and not self._global_batch:
-            try:
-                batch_size = _batch_size(batch, cfg)
-            except Exception as exc:
-                errors.append(_hook_error("batch_size", exc))
-        first = self._groups_changed
-        self._groups_changed = False
-        snap = Snapshot(
-            seq=self._seq,
-            slot=slot,
-            batch_idx=batch_idx,
-            epoch=epoch,
-            time=time.time(),
-            grad_norms=grad_norms,
-            learning_rates=lrs,
-            group_of=list(self._group_of) if first else None,
-            group_names=list(self._group_names) if first else None,
-            label_counts=label_counts,
-            batch_size=batch_size,
-            train_loss=train_loss,
-            train_accuracy=train_acc,
-            hook_ms=0.0,
-            dropped_before=self._dropped_since,
-            dropped_total=self._dropped,
-            rank=self._rank,
-            world_size=self._world_size,
-            errors=errors,
-        )
+                errors = (errors or []) + [_hook_error("learning_rates", exc)]
+        torch._foreach_copy_(dst, src, non_blocking=self._on_cuda)
+        if plan is not None and not plan.same_device:
+            torch._foreach_copy_(plan.views[slot], aux_src, non_blocking=True)
+        if errors or extra_values:
+            extra_dict = dict(plan.extra) if plan is not None else {}
+            extra_dict.update(extra_values or {})
+            if errors:
+                extra_dict["errors"] = errors
+            extra = pickle.dumps(extra_dict, pickle.HIGHEST_PROTOCOL)
+        else:
+            extra = plan.extra_bytes if plan is not None else b""
+        seq = self._seq
         self._seq += 1
         self._taken += 1
+        dropped_before = self._dropped_since
         self._dropped_since = 0
+        write_header(self._headers, slot, seq, batch_idx, epoch, time.time(), (time.perf_counter() - t0) * 1000.0,
+                     dropped_before, self._dropped, batch_size, self._groups_version, grads, loss_kind, acc_kind,
+                     counts_kind, loss_value, lrs, extra)
+        self._unsent_slot = None
         if self._handoff is not None:
             # CUDA: the copies above are still in flight; the hand-off thread waits on this
-            # event (off the training thread) before the worker may read the slot.
+            # event (off the training thread) before it publishes the slot.
             event = torch.cuda.Event()
             event.record()
-            snap.hook_ms = (time.perf_counter() - t0) * 1000.0
-            self._handoff.submit(event, snap)
-            self._unsent_slot = None
-            return
-        _finalize(snap)
-        snap.hook_ms = (time.perf_counter() - t0) * 1000.0
-        if self._processor is not None:  # mode: sync
-            pool = self._pool
-            self._unsent_slot = None  # process() releases it, even when it fails
-            self._processor.write(self._processor.process(snap, pool.release if pool else _no_release))
+            self._handoff.submit(event, slot)
+        elif self._processor is not None:  # mode: sync
+            self._processor.write(self._processor.process(read_header(self._headers, slot), pool.channel.release))
         else:
-            self._send_snapshot(snap)
-            self._unsent_slot = None
+            pool.channel.publish(slot)
 
-    def _send_snapshot(self, snap: Snapshot) -> None:
-        """Hand a CPU snapshot (plain numbers and a slot index) to the worker without waking a thread.
-
-        ``Queue.put`` appends to a buffer and wakes the queue's feeder thread to pickle and write
-        it; that thread then competes with training for the GIL and a core: ~4 ms stalls at
-        collection steps on 2 busy cores (docs/benchmarks.md). Here the training thread pickles
-        (~10 us) and writes the pipe itself, under the lock put()'s feeder writes under.
-
-        It must never block. Every snapshot written here holds a slot until the worker has read
-        it, so at most ``num_slots`` sit in the pipe; we write directly only while that many of
-        the largest one seen fit in the pipe's buffer. Otherwise (thousands of tensors, a small
-        pipe, no F_GETPIPE_SZ or a mp.Queue without these attributes) this and every later
-        snapshot go through put(), so the worker still reads them in order.
-        """
-        q = self._to_worker
-        if self._direct_send is not False and snap.slot is not None:
-            if self._pipe_size < 0:
-                self._pipe_size = _pipe_capacity(q)
-            # Plain pickle: after _finalize a snapshot holds plain numbers only, and it is half the
-            # cost of ForkingPickler (no per-call dispatch-table copy). get() unpickles either.
-            payload = pickle.dumps(snap, pickle.HIGHEST_PROTOCOL)
-            self._direct_max = max(self._direct_max, len(payload) + 4)  # + send_bytes' length header
-            if self._pipe_size >= self.config.num_slots * self._direct_max:
-                q._sem.acquire(False)  # get() releases it once per message, as after put()
-                with q._wlock:
-                    q._writer.send_bytes(payload)
-                self._direct_send = True
-                return
-        self._direct_send = False
-        q.put(snap)
-
-    def _label_counts(self, batch: Mapping[str, Any] | None, batch_idx: int) -> dict[int, int] | None:
-        if batch is None or self.config.label_key not in batch:
-            return None
-        labels = batch[self.config.label_key]
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
-        return metrics.label_counts(labels.detach().cpu())
+    def _plan_aux(self, key: tuple[Any, ...], labels: torch.Tensor, outputs: torch.Tensor | None) -> _AuxPlan:
+        """Where this shape of labels/outputs goes in each slot's aux bytes (once per shape)."""
+        assert self._pool is not None
+        if len(self._aux_plans) > 64:  # shapes that never repeat (e.g. variable sequence lengths)
+            self._aux_plans.clear()
+        batch_size = int(labels.shape[0]) if labels.dim() > 0 else -1
+        lab_bytes = labels.numel() * labels.element_size()
+        out_bytes = outputs.numel() * outputs.element_size() if outputs is not None else 0
+        out_at = (lab_bytes + 63) // 64 * 64
+        labels_fit = lab_bytes <= AUX_BYTES
+        outputs_fit = outputs is not None and labels_fit and out_at + out_bytes <= AUX_BYTES
+        extra: dict[str, Any] = {}
+        views: list[list[torch.Tensor]] = []
+        if labels_fit:
+            specs: list[tuple[str, int, torch.Tensor]] = [("labels", 0, labels)]
+            if outputs_fit and outputs is not None:
+                specs.append(("outputs", out_at, outputs))
+            for name, offset, t in specs:
+                extra[name] = (offset, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            views = [[aux_view(self._pool.aux[i], offset, t.dtype, t.shape) for _, offset, t in specs]
+                     for i in range(len(self._pool.aux))]
+        if outputs_fit:
+            accuracy_kind = IN_AUX
+        elif outputs is not None:
+            accuracy_kind = IN_SLOT  # too big to copy: accuracy as a 0-d tensor, copied into scalars[1]
+        else:
+            accuracy_kind = NONE
+        device = self._layout.sources[0].device if self._layout and self._layout.sources else torch.device("cpu")
+        same_device = labels.device == device and (not outputs_fit or outputs.device == device)  # type: ignore[union-attr]
+        plan = _AuxPlan(batch_size=batch_size, labels_fit=labels_fit, outputs=outputs_fit, accuracy_kind=accuracy_kind,
+                        views=views if labels_fit else [[] for _ in self._pool.aux], same_device=same_device or not labels_fit,
+                        extra=extra, extra_bytes=pickle.dumps(extra, pickle.HIGHEST_PROTOCOL) if extra else b"")
+        self._aux_plans[key] = plan
+        return plan
 
     def _acquire_slot(self) -> int | None:
-        assert self._pool is not None
-        slot = self._pool.acquire()
+        channel = self._channel
+        assert channel is not None
+        slot = channel.acquire()
         if slot is not None or self.config.on_full == "drop":
             return slot
         deadline = time.monotonic() + self.config.block_timeout_s
@@ -706,7 +795,7 @@ class Telemetry:
             if self._proc is not None and not self._proc.is_alive():
                 return None
             time.sleep(0.0005)
-            slot = self._pool.acquire()
+            slot = channel.acquire()
         return slot
 
     def _drop(self) -> None:
@@ -842,130 +931,78 @@ TrainingTelemetry = Telemetry  # the seed's name for the same class
 
 
 # ---------------------------------------------------------------------- helpers
-def _finalize(snap: Snapshot) -> None:
-    """Turn the snapshot's device tensors into plain numbers (a sync on CUDA: call off the hot path there)."""
-    if isinstance(snap.grad_norms, tuple):
-        norms, index, n = snap.grad_norms
-        values: list[float | None] = [None] * n
-        if norms is not None:
-            for i, v in zip(index, norms.tolist(), strict=True):
-                values[i] = v
-        snap.grad_norms = values
-    if isinstance(snap.label_counts, torch.Tensor):  # DDP: the all_reduced _count_vector
-        snap.label_counts, snap.batch_size = _unpack_count_vector(snap.label_counts.tolist())
-    if isinstance(snap.train_loss, torch.Tensor):
-        snap.train_loss = float(snap.train_loss)
-    if isinstance(snap.train_accuracy, torch.Tensor):
-        snap.train_accuracy = float(snap.train_accuracy)
-
-
-def _no_release(i: int) -> None:
-    pass
-
-
-def _pipe_capacity(q: Any) -> int:
-    """Bytes a mp.Queue's pipe buffers before a write blocks (Linux); 0 if unknown or not a pipe we can use."""
-    try:
-        import fcntl
-
-        if q._wlock is None or not hasattr(q, "_sem"):  # Windows has no write lock
-            return 0
-        return int(fcntl.fcntl(q._writer.fileno(), fcntl.F_GETPIPE_SZ))
-    except (ImportError, AttributeError, OSError):
-        return 0
-
-
 def _hook_error(where: str, exc: BaseException) -> dict[str, str]:
     """A record's ``errors`` entry for a metric that failed in the hook (same shape as the worker's)."""
     return {"where": where, "type": type(exc).__name__, "message": str(exc)}
 
 
 def _batch_size(batch: Mapping[str, Any], cfg: TelemetryConfig) -> int | None:
-    for key in (cfg.label_key, *cfg.input_keys):
-        v = batch.get(key)
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-        if isinstance(v, (list, tuple)):
-            return len(v)
-    return None
+    return metrics.batch_size_of(batch, cfg.label_key, cfg.input_keys)
 
 
-# The vector of the DDP batch-stats all_reduce (int64, summed over ranks): the count of
-# each class 0.._MAX_CLASSES-1, then the rows, then two "this rank could not say" counts.
-_MAX_CLASSES = 1024
-_ROWS = _MAX_CLASSES  # batch rows: the sum is the global batch size
-_NO_SIZE = _MAX_CLASSES + 1  # ranks whose batch size is unknown (> 0: batch_size None)
-_UNCOUNTED = _MAX_CLASSES + 2  # ranks without labels or with labels that are not class ids
+@dataclass
+class _AuxPlan:
+    """How one shape of (labels, outputs) is copied into the slots' aux bytes (Telemetry._plan_aux)."""
 
-
-def _count_vector(batch: Mapping[str, Any] | None, cfg: TelemetryConfig, device: torch.device) -> torch.Tensor:
-    """This rank's share of the global batch statistics; never raises, no sync on CUDA."""
-    vec = torch.zeros(_MAX_CLASSES + 3, dtype=torch.int64, device=device)
-    vec[_NO_SIZE] = 1  # "unknown" until shown otherwise
-    vec[_UNCOUNTED] = 1
-    with contextlib.suppress(Exception):
-        size = _batch_size(batch, cfg) if batch is not None else None
-        if size is not None:
-            vec[_ROWS] = size
-            vec[_NO_SIZE] = 0
-    try:
-        labels = batch.get(cfg.label_key) if batch is not None else None
-        if labels is None:
-            return vec
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
-        flat = labels.detach().reshape(-1).to(device)  # a copy (and a sync) only if devices differ
-        valid = (flat >= 0) & (flat < _MAX_CLASSES)
-        if flat.is_floating_point():
-            valid &= flat == flat.round()  # regression targets are not classes
-        classes = torch.where(valid, flat, torch.zeros_like(flat)).to(torch.int64)
-        vec[:_MAX_CLASSES].index_add_(0, classes, valid.to(torch.int64))
-        vec[_UNCOUNTED] = (~valid).any()  # a tensor assignment: stays on the device
-    except Exception:  # odd labels: this rank still joins the collective, as "uncounted"
-        vec[:_MAX_CLASSES].zero_()
-        vec[_UNCOUNTED] = 1
-    return vec
-
-
-def _unpack_count_vector(values: list[int]) -> tuple[dict[int, int] | None, int | None]:
-    """(label counts, batch size) of the global batch from the all_reduced vector."""
-    counts = None if values[_UNCOUNTED] else {c: n for c, n in enumerate(values[:_MAX_CLASSES]) if n}
-    size = None if values[_NO_SIZE] else values[_ROWS]
-    return counts, size
+    batch_size: int
+    labels_fit: bool  # labels are copied; else counted in the hook
+    outputs: bool  # outputs are copied too (the worker computes accuracy from both)
+    accuracy_kind: int
+    views: list[list[torch.Tensor]]  # per slot: the aux views labels (and outputs) are copied into
+    same_device: bool  # copied in the hook's one fused copy; else in a second one
+    extra: dict[str, Any]  # the aux layout, for the header
+    extra_bytes: bytes  # ... pickled once
 
 
 class _HandOff:
-    """CUDA only: a thread that waits for each snapshot's copies, then sends it to the worker.
+    """CUDA only: a thread that waits for each snapshot's copies, then publishes its slot.
 
     Waiting on the event here (it releases the GIL) keeps the training thread free of
     device syncs; the hook itself only records the event.
     """
 
-    def __init__(self, to_worker: Any) -> None:
-        self._to_worker = to_worker
-        self._pending: queue.SimpleQueue[tuple[Any, Snapshot] | None] = queue.SimpleQueue()
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._pending: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="train-telemetry-handoff", daemon=True)
         self._thread.start()
 
-    def submit(self, event: Any, snap: Snapshot) -> None:
-        self._pending.put((event, snap))
+    def submit(self, event: Any, slot: int) -> None:
+        self._pending.put((event, slot))
 
     def _run(self) -> None:
         while True:
             item = self._pending.get()
             if item is None:
                 return
-            event, snap = item
+            event, slot = item
             try:
                 event.synchronize()
-                _finalize(snap)
-                self._to_worker.put(snap)
+                self._channel.publish(slot)
             except Exception as exc:  # keep the thread alive: one failed snapshot is one record lost
                 warnings.warn(f"train-telemetry: hand-off failed: {exc}", RuntimeWarning, stacklevel=1)
 
     def close(self, deadline: float) -> None:
         self._pending.put(None)
         self._thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _watch_exit(telemetry: Telemetry, sentinel: int) -> None:
+    """Set ``telemetry._worker_exited`` when the worker ends, from a thread that sleeps until then.
+
+    The hook then tests a flag instead of asking the OS (``Process.is_alive`` is a waitpid
+    system call: ~25 us of a collection step). The thread holds only a weak reference.
+    """
+    ref = weakref.ref(telemetry)
+
+    def watch() -> None:
+        with contextlib.suppress(Exception):
+            multiprocessing.connection.wait([sentinel])
+        t = ref()
+        if t is not None:
+            t._worker_exited = True
+
+    threading.Thread(target=watch, name="train-telemetry-watch", daemon=True).start()
 
 
 def _describe_exit(code: int | None) -> str:

@@ -8,15 +8,19 @@ NOTE [worker lifecycle]
 
 Data flow (one collection)::
 
-    trainer: on_batch_end                      worker: worker_loop
+    trainer: on_batch_end                      worker: worker_loop (polls every PUBLISH_POLL_S)
     ---------------------                      -------------------
-    slot = pool.acquire()   (none: drop/block)
-    copy weights -> slot, norms, LRs, labels
-    to_worker.put(Snapshot(slot, ...))  -----> SnapshotProcessor.process(snapshot)
-                                                 deltas vs last_checkpoint.pt (mmap)
+    slot = channel.acquire()  (none: drop/block)
+    norms = _foreach_norm(grads)
+    one _foreach_copy_ into the slot: weights,
+      buffers, norms, loss, labels, outputs
+    write_header(slot): step, LRs, counters
+    channel.publish(slot)  ------------------> channel.take_published() -> read_header
+      (ring + semaphore: no pipe write,          label counts, batch accuracy (from the slot)
+       so no wake-up cost in the hook)           deltas vs last_checkpoint.pt (pread, chunked)
                                                  write slot as the new checkpoint (rename)
-                                                 copy slot into the model copy, eval holdout
-                                 slot FREE <---- pool.release(slot)
+                                                 point the eval model at the slot, eval holdout
+                                 slot FREE <---- channel.release(slot)
                                                  encode the record, append one whole line
 
 Protocol per role:
@@ -31,13 +35,17 @@ Protocol per role:
   ask the kernel to SIGTERM us if the trainer dies (PR_SET_PDEATHSIG; only when started
   from the trainer's main thread, since it fires when the starting *thread* exits), lower
   our CPU priority and thread count so training keeps its cores; repair a torn last line.
-* loop: ``get(timeout=POLL_S)``; on timeout check that the trainer still lives
-  (``os.getppid()`` changed means it died: flush, exit). Each snapshot is processed in a
-  try/except per metric, so one failing metric costs that field, not the record; an
-  error that escapes anyway costs that record and is counted.
-* stop (trainer): send ``Stop``; the queue is FIFO, so every snapshot sent before it is
-  written first; wait for ``Done`` and the exit until the deadline; then SIGTERM, then
-  SIGKILL; never wait without a timeout.
+* loop: process every published slot in publish order, then ``get(timeout=PUBLISH_POLL_S)``
+  on the control queue (``Setup``, ``Groups``, ``Stop``); every POLL_S check that the
+  trainer still lives (``os.getppid()`` changed means it died: flush, exit). Each
+  snapshot is processed in a try/except per metric, so one failing metric costs that
+  field, not the record; an error that escapes anyway costs that record and is counted.
+* groups: a snapshot names the version of the param -> group map it was taken under; a
+  new map is put on the queue before the first snapshot naming it is published, and the
+  worker reads the queue until it has it.
+* stop (trainer): send ``Stop`` after the last publish; the worker drains every published
+  slot before it answers ``Done``; the trainer waits for ``Done`` and the exit until the
+  deadline; then SIGTERM, then SIGKILL; never waits without a timeout.
 * trainer death (SIGKILL, OOM): the worker notices within POLL_S (or at once through
   PDEATHSIG), writes nothing more from slots (the trainer may have died mid-copy) and
   exits; the records already written are whole lines.
@@ -47,15 +55,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
+import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,10 +75,29 @@ import torch
 
 from . import metrics
 from .config import TelemetryConfig
-from .messages import Done, Ready, Setup, SetupDone, Snapshot, Stop
+from .messages import (
+    ALL_MISSING,
+    IN_AUX,
+    IN_EXTRA,
+    IN_SLOT,
+    Done,
+    Groups,
+    Ready,
+    Setup,
+    SetupDone,
+    Snapshot,
+    Stop,
+    read_header,
+)
 from .records import SCHEMA_VERSION, encode_record, repair_torn_tail
+from .snapshot import Channel, aux_view, bind_model, meta_views
 
 POLL_S = 0.5  # how often an idle worker checks that the trainer is alive
+# How often the worker looks for published slots. Publishing never wakes us (that would
+# cost the trainer a wake-up in its hook), so this bounds a snapshot's wait before its
+# record is started; 100 checks a second cost ~0.3% of a core.
+PUBLISH_POLL_S = 0.01
+GROUPS_WAIT_S = 10.0  # a snapshot names a group map not received yet: wait this long for it
 _MAX_LOGGED_ERRORS = 20
 
 
@@ -145,17 +175,18 @@ class SnapshotProcessor:
         self.setup = setup
         self.writer = writer
         self.checkpoint = run_dir / setup.checkpoint_name
-        self.group_of: list[int] = [-1] * setup.num_params
-        self.group_names: list[str] = []
+        self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
+        self.norms, self.scalars, self.counts, self.aux = meta_views(
+            setup.meta, setup.meta_offsets, max(setup.num_params, 1))
+        self._aux_views: dict[tuple[int, bytes], dict[str, torch.Tensor]] = {}
         self.num_classes = 0
         self.errors: dict[str, int] = {}
         self.last_errors: list[str] = []
         self.model = setup.model
         self.model_targets: list[torch.Tensor] = []
         if self.model is not None:
-            self.model_targets = [t.detach() for _, t in self.model.named_parameters()] + [
-                t.detach() for _, t in self.model.named_buffers()
-            ]
+            # The model's own tensors (not detached copies): bind_model re-points them per snapshot.
+            self.model_targets = [*self.model.parameters(), *self.model.buffers()]
             if len(self.model_targets) != len(setup.specs):
                 raise RuntimeError("the worker's model copy does not match the snapshot layout")
         if setup.holdout is not None:
@@ -167,9 +198,16 @@ class SnapshotProcessor:
         if setup.init_slot is not None:
             self._save_checkpoint(setup.slots[setup.init_slot], batch_idx=None, epoch=None)
 
+    def add_groups(self, groups: Groups) -> None:
+        self.groups[groups.version] = groups
+        for old in sorted(self.groups)[:-8]:  # snapshots in flight name recent versions only
+            del self.groups[old]
+
     # -- one snapshot -> one record ------------------------------------------------
     def process(self, snap: Snapshot, release: Callable[[int], None]) -> dict[str, Any]:
+        """The record of ``snap``; reads everything it needs from the slot, then releases it."""
         cfg = self.config
+        setup = self.setup
         record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "batch_idx": snap.batch_idx,
@@ -177,48 +215,65 @@ class SnapshotProcessor:
             "seq": snap.seq,
             "timestamp": datetime.fromtimestamp(snap.time, timezone.utc).astimezone().isoformat(),
             "time": snap.time,
-            "rank": snap.rank,
-            "world_size": snap.world_size,
+            "rank": setup.rank,
+            "world_size": setup.world_size,
         }
-        errors: list[dict[str, str]] = list(snap.errors)
-        if snap.group_of is not None:
-            self.group_of = snap.group_of
-            self.group_names = snap.group_names or []
-        slot = self.setup.slots[snap.slot] if snap.slot is not None else None
+        errors: list[dict[str, str]] = list(snap.extra.get("errors", ()))
+        groups = self.groups.get(snap.groups_version) or self.groups[max(self.groups)]
+        group_of, names = groups.group_of, groups.names
+        i = snap.slot
+        label_counts: dict[int, int] | None = None
+        batch_size = snap.batch_size
+        train_loss: float | None = snap.loss
+        train_acc: float | None = None
         try:
-            if cfg.track_gradients and snap.grad_norms is not None:
+            if snap.grads in (IN_SLOT, ALL_MISSING) and cfg.track_gradients:
                 with self._guard("gradient_norm", errors):
+                    n = setup.num_params
+                    values = [None] * n if snap.grads == ALL_MISSING else self.norms[i][:n].tolist()
                     record["gradient_norm"] = metrics.combine_norms(
-                        snap.grad_norms, self.group_of, self.group_names
-                    )
+                        [None if v is None or v < 0 else v for v in values], group_of, names)  # NaN stays NaN
+            if snap.loss_kind == IN_SLOT:
+                train_loss = float(self.scalars[i][0])
+            views = self._views(i, snap.extra) if "labels" in snap.extra else {}
+            if snap.accuracy_kind == IN_AUX:
+                with self._guard("train_accuracy", errors):
+                    train_acc = float(metrics.batch_accuracy(views["outputs"], views["labels"]))
+            elif snap.accuracy_kind == IN_SLOT:
+                train_acc = float(self.scalars[i][1])
+            if snap.counts_kind == IN_SLOT:  # DDP: the all_reduced count vector
+                label_counts, batch_size = metrics.unpack_count_vector(self.counts[i].tolist())
+            elif snap.counts_kind == IN_AUX:
+                with self._guard("batch_stats", errors):
+                    label_counts = metrics.label_counts(views["labels"])
+            elif snap.counts_kind == IN_EXTRA:
+                label_counts = snap.extra.get("label_counts")
+            slot = setup.slots[i] if setup.slots else None
             if cfg.track_weight_delta and slot is not None:
                 with self._guard("weight_delta", errors):
-                    record.update(self._weights(slot, snap))
+                    record.update(self._weights(slot, snap, group_of, names))
             if cfg.track_holdout_logits and slot is not None and self.model is not None:
                 with self._guard("holdout_logits", errors):
-                    torch._foreach_copy_(self.model_targets, list(slot))
+                    bind_model(self.model_targets, slot)  # the model now reads this snapshot's weights
                     record["holdout_logits"] = metrics.evaluate_holdout(
                         self.model,
-                        self.setup.holdout or {},
+                        setup.holdout or {},
                         cfg.input_keys,
                         cfg.label_key,
-                        self.setup.forward_fn,
+                        setup.forward_fn,
                         cfg.eval_batch_size,
                     )
                     self.num_classes = max(self.num_classes, max(record["holdout_logits"]["labels"], default=-1) + 1)
         finally:
-            if snap.slot is not None:
-                release(snap.slot)  # the slot's data is no longer needed: give it back early
+            release(i)  # the slot's data is no longer needed: give it back early
         if cfg.track_learning_rates and snap.learning_rates is not None:
-            record["learning_rates"] = metrics.learning_rate_dict(snap.learning_rates, self.group_names)
-        if cfg.track_batch_stats and (snap.label_counts is not None or snap.batch_size is not None):
-            if snap.label_counts:
-                self.num_classes = max(self.num_classes, max(snap.label_counts) + 1)
-            record["batch_stats"] = metrics.batch_label_stats(
-                snap.label_counts, snap.batch_size, cfg.label_key, self.num_classes
-            )
-        if snap.train_loss is not None or snap.train_accuracy is not None:
-            record["train"] = {"loss": snap.train_loss, "accuracy": snap.train_accuracy}
+            record["learning_rates"] = metrics.learning_rate_dict(snap.learning_rates, names)
+        if cfg.track_batch_stats and (label_counts is not None or batch_size is not None):
+            if label_counts:
+                self.num_classes = max(self.num_classes, max(label_counts) + 1)
+            record["batch_stats"] = metrics.batch_label_stats(label_counts, batch_size, cfg.label_key, self.num_classes)
+        if train_loss is not None or train_acc is not None:
+            record["train"] = {"loss": train_loss, "accuracy": train_acc}
         record["telemetry"] = {
             "hook_ms": snap.hook_ms,
             "dropped_before": snap.dropped_before,
@@ -232,6 +287,21 @@ class SnapshotProcessor:
             record["errors"] = errors
         return record
 
+    def _views(self, slot: int, extra: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The labels/outputs the hook copied into ``slot``'s aux bytes, as tensors."""
+        key = (slot, repr([(k, extra[k]) for k in ("labels", "outputs") if k in extra]).encode())
+        views = self._aux_views.get(key)
+        if views is None:
+            if len(self._aux_views) > 64:
+                self._aux_views.clear()
+            views = {}
+            for name in ("labels", "outputs"):
+                if name in extra:
+                    offset, dtype, shape = extra[name]
+                    views[name] = aux_view(self.aux[slot], offset, getattr(torch, dtype), shape)
+            self._aux_views[key] = views
+        return views
+
     def write(self, record: dict[str, Any]) -> None:
         try:
             line = encode_record(record)
@@ -244,39 +314,24 @@ class SnapshotProcessor:
         self.writer.write(line)
 
     # -- weights ------------------------------------------------------------------
-    def _weights(self, slot: list[torch.Tensor], snap: Snapshot) -> dict[str, Any]:
+    def _weights(self, slot: list[torch.Tensor], snap: Snapshot, group_of: list[int], names: list[str]) -> dict[str, Any]:
         n = self.setup.num_params
         current = slot[:n]
-        names = self.group_names
         out: dict[str, Any] = {}
-        out["weight_norm"] = metrics.combine_norms(metrics.tensor_norms(current), self.group_of, names)
-        reference = self._load_reference()
-        if reference is None:
+        out["weight_norm"] = metrics.combine_norms(metrics.tensor_norms(current), group_of, names)
+        if not self.checkpoint.exists():
             out["weight_delta"] = {key: None for key in out["weight_norm"]}
             out["update_ratio"] = {key: None for key in out["weight_norm"]}
             out["reference_batch_idx"] = None
         else:
-            ref_tensors, ref_batch_idx = reference
-            out["weight_delta"] = metrics.combine_norms(
-                metrics.weight_delta_norms(current, ref_tensors), self.group_of, names
-            )
-            ref_norm = metrics.combine_norms(metrics.tensor_norms(ref_tensors), self.group_of, names)
+            param_names = [spec.name for spec in self.setup.specs[:n]]
+            deltas, ref_norms, ref_batch_idx = reference_norms(self.checkpoint, param_names, current)
+            out["weight_delta"] = metrics.combine_norms(deltas, group_of, names)
+            ref_norm = metrics.combine_norms(ref_norms, group_of, names)
             out["update_ratio"] = metrics.update_ratios(out["weight_delta"], ref_norm)
             out["reference_batch_idx"] = ref_batch_idx
         self._save_checkpoint(slot, snap.batch_idx, snap.epoch)
         return out
-
-    def _load_reference(self) -> tuple[list[torch.Tensor], int | None] | None:
-        if not self.checkpoint.exists():
-            return None
-        # mmap: the reference is read from the page cache, not held as a second copy.
-        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        state = ckpt["state_dict"]
-        names = [s.name for s in self.setup.specs[: self.setup.num_params]]
-        missing = [name for name in names if name not in state]
-        if missing:
-            raise KeyError(f"{self.checkpoint} lacks {len(missing)} parameters, e.g. {missing[0]!r}")
-        return [state[name] for name in names], ckpt.get("batch_idx")
 
     def _save_checkpoint(self, slot: list[torch.Tensor], batch_idx: int | None, epoch: int | None) -> None:
         state = {spec.name: t for spec, t in zip(self.setup.specs, slot, strict=True)}
@@ -300,6 +355,91 @@ class SnapshotProcessor:
             self.last_errors.append(f"{key}: {exc}")
         _log_once(key, f"{where} failed ({type(exc).__name__}: {exc}); recorded in the "
                   "record's errors, further identical failures are counted silently")
+
+
+_READ_CHUNK = 4 << 20  # bytes of the reference checkpoint read at a time
+
+
+def reference_norms(
+    path: Path, names: Sequence[str], current: Sequence[torch.Tensor]
+) -> tuple[list[float], list[float], int | None]:
+    """(||current_i - reference_i||, ||reference_i||) per parameter, and the reference's batch_idx.
+
+    The reference is the checkpoint at ``path`` (torch.save of ``{"batch_idx", "epoch",
+    "state_dict"}``). ``torch.load(mmap=True)`` gives names, shapes and where each tensor's
+    bytes lie without reading them; the bytes are then read with ``pread`` through one
+    reusable 4 MiB buffer. Reading through the mmap instead would count every page of the
+    reference in our RSS until the mapping goes: a third copy of the weights at peak, on
+    top of the two slots. Falls back to the mmap when the file's layout is not the one
+    torch.save writes today (an uncompressed zip mapped whole).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = ckpt["state_dict"]
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise KeyError(f"{path} lacks {len(missing)} parameters, e.g. {missing[0]!r}")
+    refs = [state[name] for name in names]
+    for name, ref, cur in zip(names, refs, current, strict=True):
+        if ref.shape != cur.shape or ref.dtype != cur.dtype:
+            raise ValueError(f"{path}: {name} is {ref.dtype}{list(ref.shape)}, the model's {cur.dtype}{list(cur.shape)}")
+    batch_idx = ckpt.get("batch_idx")
+    offsets = _file_offsets(path, refs)
+    if offsets is None:
+        return metrics.weight_delta_norms(current, refs), metrics.tensor_norms(refs), batch_idx
+    del ckpt, state, refs  # only the offsets are needed now: the mapping can go
+    buf = bytearray(_READ_CHUNK)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    view = memoryview(buf)
+    deltas: list[float] = []
+    ref_norms: list[float] = []
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for cur, offset in zip(current, offsets, strict=True):
+            flat = cur.reshape(-1)
+            item = flat.element_size()
+            per = _READ_CHUNK // item
+            d2 = r2 = 0.0
+            for start in range(0, flat.numel(), per):
+                count = min(per, flat.numel() - start)
+                nbytes = count * item
+                if os.preadv(fd, [view[:nbytes]], offset + start * item) != nbytes:
+                    raise OSError(f"{path}: short read (was it truncated?)")
+                ref_part = raw[:nbytes].view(flat.dtype)
+                d2 += float(torch.linalg.vector_norm(flat[start : start + count] - ref_part, dtype=torch.float64)) ** 2
+                r2 += float(torch.linalg.vector_norm(ref_part, dtype=torch.float64)) ** 2
+            deltas.append(math.sqrt(d2))
+            ref_norms.append(math.sqrt(r2))
+    return deltas, ref_norms, batch_idx
+
+
+def _file_offsets(path: Path, tensors: Sequence[torch.Tensor]) -> list[int] | None:
+    """The byte offset in ``path`` of each mmap-loaded tensor's data, or None if it cannot be told.
+
+    torch.load(mmap=True) maps the file once and each storage at its zip entry's data
+    offset, so (storage address - entry offset) is one constant: checked, not assumed.
+    """
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            entries = []
+            for info in zf.infolist():
+                if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+                    continue
+                f.seek(info.header_offset)
+                local = f.read(30)  # the local file header: its name and extra lengths come last
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                entries.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
+    except (OSError, zipfile.BadZipFile, struct.error):
+        return None
+    storages = list({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.items())
+    known = set(entries)
+    first_ptr, first_size = storages[0]
+    for offset, size in entries:
+        base = first_ptr - offset
+        if size == first_size and all((ptr - base, nbytes) in known for ptr, nbytes in storages):
+            return [t.data_ptr() - base for t in tensors]
+    return None
 
 
 def _error_entry(where: str, exc: BaseException) -> dict[str, str]:
@@ -347,7 +487,7 @@ def worker_loop(
     records_file: str,
     to_worker: Any,
     from_worker: Any,
-    slot_state: Any,
+    channel: Channel,
     parent_pid: int,
     parent_death_signal: bool = True,
 ) -> None:
@@ -360,41 +500,61 @@ def worker_loop(
     processor: SnapshotProcessor | None = None
     clean = True
     fatal: list[str] = []
+    headers = memoryview(channel.headers).cast("B")
+    stopping = False
+    next_parent_check = time.monotonic() + POLL_S
 
-    def release(i: int) -> None:
-        slot_state[i] = 0
+    def handle(msg: Any) -> None:
+        nonlocal processor, stopping
+        if isinstance(msg, Stop):
+            stopping = True
+        elif isinstance(msg, Groups):
+            if processor is not None:
+                processor.add_groups(msg)
+        elif isinstance(msg, Setup):
+            try:
+                processor = SnapshotProcessor(config, Path(run_dir), msg, writer)
+                if msg.init_slot is not None:
+                    channel.release(msg.init_slot)
+                error = _check_holdout(processor)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            from_worker.put(SetupDone(error))
+
+    def process_published() -> None:
+        for slot in channel.take_published():
+            if processor is None:  # cannot happen unless the trainer misbehaves
+                channel.release(slot)
+                continue
+            try:
+                snap = read_header(headers, slot)
+                # The trainer puts a new group map on the queue before it publishes the
+                # first snapshot that names it: read the queue until it is here.
+                deadline = time.monotonic() + GROUPS_WAIT_S
+                while snap.groups_version not in processor.groups and time.monotonic() < deadline:
+                    with contextlib.suppress(queue.Empty):
+                        handle(_unpickle(to_worker.get(timeout=0.1)))
+                processor.write(processor.process(snap, channel.release))
+            except Exception as exc:
+                channel.release(slot)
+                processor._count("record", exc)
 
     try:
         while not _terminating:
-            try:
-                raw = to_worker.get(timeout=POLL_S)
-            except queue.Empty:
-                if os.getppid() != parent_pid:  # the trainer died: stop reading its slots
-                    clean = False
-                    break
-                continue
-            msg = pickle.loads(raw) if isinstance(raw, bytes) else raw
-            if isinstance(msg, Stop):
+            process_published()
+            if stopping:  # everything published before Stop is written now
                 break
-            if isinstance(msg, Setup):
-                try:
-                    processor = SnapshotProcessor(config, Path(run_dir), msg, writer)
-                    if msg.init_slot is not None:
-                        release(msg.init_slot)
-                    error = _check_holdout(processor)
-                except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-                from_worker.put(SetupDone(error))
+            try:
+                msg = _unpickle(to_worker.get(timeout=PUBLISH_POLL_S))
+            except queue.Empty:
+                now = time.monotonic()
+                if now > next_parent_check:
+                    next_parent_check = now + POLL_S
+                    if os.getppid() != parent_pid:  # the trainer died: stop reading its slots
+                        clean = False
+                        break
                 continue
-            if isinstance(msg, Snapshot):
-                if processor is None:  # cannot happen unless the trainer misbehaves
-                    if msg.slot is not None:
-                        release(msg.slot)
-                    continue
-                try:
-                    processor.write(processor.process(msg, release))
-                except Exception as exc:
-                    processor._count("record", exc)
+            handle(msg)
     except BaseException as exc:  # a bug of ours: say why we die instead of vanishing
         clean = False
         fatal.append("".join(traceback.format_exception(exc)))
@@ -416,6 +576,10 @@ def worker_loop(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(1 if fatal else 0)
+
+
+def _unpickle(raw: Any) -> Any:
+    return pickle.loads(raw) if isinstance(raw, bytes) else raw
 
 
 def _check_holdout(processor: SnapshotProcessor) -> str | None:

@@ -244,7 +244,7 @@ def test_exception_in_holdout_eval_is_recorded_per_record_and_logged_once(
         assert r["learning_rates"]["group_0"] == pytest.approx(0.01)
     accuracy_errors = [e for e in records[-1]["errors"] if e["where"] == "train_accuracy"]
     assert len(accuracy_errors) == 1 and accuracy_errors[0]["type"] == "RuntimeError"
-    assert summary.errors == {"holdout_logits: HoldoutBoom": 6}
+    assert summary.errors == {"holdout_logits: HoldoutBoom": 6, "train_accuracy: RuntimeError": 1}
     err = capfd.readouterr().err
     assert err.count("holdout_logits failed (HoldoutBoom") == 1, err
 
@@ -273,11 +273,11 @@ def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Pat
         telemetry.on_batch_end(run.model, OptimizerWithoutLR(run.model.parameters()), 0, 0, None, batch)
         telemetry.on_batch_end(run.model, run.opt, 1, 0, None, tuple(batch.values()))  # type: ignore[arg-type]
         # 2) a collection that fails after taking its slot (sync mode has a single slot)
-        real = telemetry_module.grad_norm_tensor
-        monkeypatch.setattr(telemetry_module, "grad_norm_tensor", lambda params: 1 / 0)
+        real = telemetry_module.grad_norms
+        monkeypatch.setattr(telemetry_module, "grad_norms", lambda params, stack: 1 / 0)
         for step in range(2, 5):
             telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
-        monkeypatch.setattr(telemetry_module, "grad_norm_tensor", real)
+        monkeypatch.setattr(telemetry_module, "grad_norms", real)
         for step in range(5, 8):
             telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
     summary = telemetry.stop()
