@@ -443,6 +443,7 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
             "records_written", "snapshots_taken", "snapshots_dropped", "hook_errors", "clean", "stop_seconds")}
         run_info = json.loads((out / "run.json").read_text())
         seg["slot_bytes"] = run_info.get("slot_bytes")
+        seg["slot_meta_bytes"] = run_info.get("slot_meta_bytes") or 0
         records = read_records(out)
         hook_ms = [r["telemetry"]["hook_ms"] for r in records if "telemetry" in r]
         seg["record_hook_ms_median"] = statistics.median(hook_ms) if hook_ms else None
@@ -559,6 +560,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
             row["idle_hook_added_ns_median"] = _median([i["added_ns_median"] for i in idle])
         rows.append(row)
     slot_bytes = next((s["slot_bytes"] for s in segs if s.get("slot_bytes")), None)
+    slot_meta_bytes = next((s["slot_meta_bytes"] for s in segs if s.get("slot_meta_bytes")), 0)
     idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] == "async" and "idle_hook_added_ns" in r), None)
     return {
         "preset": preset.name,
@@ -566,6 +568,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         "num_params": preset.num_params,
         "state_bytes": preset.state_bytes,
         "slot_bytes": slot_bytes,
+        "slot_meta_bytes": slot_meta_bytes,
         "floor_ms": floor_ms,
         "off_mean_ms": _median([o["mean_ms"] for o in offs]),
         "off_aa_noise": _median(aa),
@@ -610,7 +613,7 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
         r = rows.get(("async", 1)) or next((r for r in p["rows"] if r["mode"] == "async"), None)
         if r and r.get("worker_added_mb") is not None and p["slot_bytes"]:
             # Both processes' RSS count the slot pages: subtract the pool once.
-            pool = num_slots * p["slot_bytes"] / 2**20
+            pool = num_slots * (p["slot_bytes"] + p.get("slot_meta_bytes", 0)) / 2**20
             budget = pool + p["state_bytes"] / 2**20
             added = (r["trainer_added_mb"] or 0.0) + r["worker_added_mb"] - pool
             p["memory"] = {"slot_pool_mb": pool, "model_copy_mb": p["state_bytes"] / 2**20, "budget_mb": budget,

@@ -61,7 +61,7 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     start_timeout_s: PositiveFloat = 120.0
     stop_timeout_s: PositiveFloat = 60.0
     worker_threads: PositiveInt = 1
-    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 19
     worker_sched_idle: bool = False
     eval_batch_size: PositiveInt = 256
     fsync: bool = True

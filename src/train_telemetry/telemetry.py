@@ -561,9 +561,9 @@ class Telemetry:
             "config": self.config.to_dict(),
             "groups": groups,
             "num_params": sum(p.numel() for p in self._layout.params) if self._layout else None,
-            # one slot: weights and buffers, plus its meta (norms, loss, labels/outputs bytes)
-            "slot_bytes": self._pool.nbytes // max(self.config.num_slots if self.config.mode == "async" else 1, 1)
-            if self._pool else None,
+            "slot_bytes": self._layout.nbytes if self._layout else None,  # weights and buffers, per slot
+            # ... plus this per slot: grad norms, loss, the batch's labels and outputs
+            "slot_meta_bytes": self._pool.meta[0].numel() if self._pool else None,
             "started": datetime.now(timezone.utc).astimezone().isoformat(),
             "pid": os.getpid(),
             "worker_pid": self.worker_pid,
