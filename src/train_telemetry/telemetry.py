@@ -612,7 +612,7 @@ class Telemetry:
             torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
         if not self._writes:
             return
-        if self._worker_exited:  # set by the _Watcher thread: no system call here
+        if self._worker_exited:  # set by the _watch_exit thread: no system call here
             self._on_worker_dead()
             self._drop()
             return

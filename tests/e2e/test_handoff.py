@@ -1,0 +1,130 @@
+"""The trainer -> worker hand-off: what travels in the slot, the header and the control queue.
+
+A real tiny training run per test; every value is checked against torch at the hook.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train_telemetry.telemetry as telemetry_module
+from train_telemetry import Telemetry, TelemetryConfig, read_records
+
+
+class TwoLayer(nn.Module):
+    """Module level, so that spawn can pickle it for the worker's holdout eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def _config(tmp_path: Path, mode: str, **extra: object) -> TelemetryConfig:
+    return TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, mode=mode, on_full="block",
+                           input_keys=["x"], label_key="y", holdout_size=8, worker_nice=0, **extra)  # type: ignore[arg-type]
+
+
+def _batch(g: torch.Generator, n: int = 12) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(n, 6, generator=g), "y": torch.randint(0, 3, (n,), generator=g)}
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs = model(batch["x"])
+    loss = nn.functional.cross_entropy(outputs, batch["y"])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss, outputs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_param_group_added_mid_run_is_named_from_that_record_on(tmp_path: Path, mode: str) -> None:
+    """The group map travels as a versioned message; records before the change keep the old map."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = TwoLayer()
+    opt = torch.optim.SGD([{"params": model.body.parameters(), "lr": 0.1, "name": "body"}], lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, mode))
+    telemetry.set_holdout_data(_batch(g, 8))
+    telemetry.start(model, opt)
+    expected_head = []
+    for step in range(6):
+        if step == 3:
+            opt.add_param_group({"params": model.head.parameters(), "lr": 0.01, "name": "head"})
+        batch = _batch(g)
+        loss, outputs = _step(model, opt, batch)
+        telemetry.on_batch_end(model, opt, step, 0, None, batch, loss=loss, outputs=outputs)
+        expected_head.append(float(nn.utils.get_total_norm([p.grad for p in model.head.parameters()])))
+    summary = telemetry.stop()
+    records = read_records(tmp_path / "run")
+    assert summary.clean and len(records) == 6
+    for rec in records[:3]:  # the head is trained by nobody yet
+        assert set(rec["learning_rates"]) == {"group_0", "body"}
+        assert "unassigned" in rec["gradient_norm"] and "head" not in rec["gradient_norm"]
+    for rec, head in zip(records[3:], expected_head[3:], strict=True):
+        assert set(rec["learning_rates"]) == {"group_0", "body", "group_1", "head"}
+        assert rec["learning_rates"]["head"] == pytest.approx(0.01)
+        assert rec["gradient_norm"]["head"] == pytest.approx(head, rel=1e-5)
+        assert "unassigned" not in rec["gradient_norm"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("aux_bytes", [1 << 20, 16])  # 16: labels and outputs do not fit: counted in the hook
+def test_label_counts_and_accuracy_are_exact_whether_copied_or_computed_in_the_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aux_bytes: int
+) -> None:
+    monkeypatch.setattr(telemetry_module, "AUX_BYTES", aux_bytes)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, "async"))
+    telemetry.set_holdout_data(_batch(g, 8))
+    telemetry.start(model, opt)
+    expected = []
+    for step in range(5):
+        batch = _batch(g, n=10 + step)  # a new shape each step: a new aux layout each time
+        loss, outputs = _step(model, opt, batch)
+        telemetry.on_batch_end(model, opt, step, 0, None, batch, loss=loss, outputs=outputs)
+        counts = torch.bincount(batch["y"], minlength=3).tolist()
+        expected.append((counts, float((outputs.argmax(1) == batch["y"]).float().mean()), float(loss.detach())))
+    summary = telemetry.stop()
+    records = read_records(tmp_path / "run")
+    assert summary.clean and len(records) == 5
+    for rec, (counts, accuracy, loss_value) in zip(records, expected, strict=True):
+        n = sum(counts)
+        assert rec["batch_stats"]["batch_size"] == n
+        for cls in range(3):
+            assert rec["batch_stats"][f"y_{cls}_pct"] == pytest.approx(100.0 * counts[cls] / n)
+        assert rec["train"]["accuracy"] == pytest.approx(accuracy)
+        assert rec["train"]["loss"] == pytest.approx(loss_value, rel=1e-6)
+        assert "errors" not in rec
+
+
+@pytest.mark.timeout(120)
+def test_labels_given_as_a_list_and_a_float_loss_are_recorded(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, "async", track_holdout_logits=False))
+    telemetry.start(model, opt)
+    batch = _batch(g)
+    loss, _ = _step(model, opt, batch)
+    labels = batch["y"].tolist()
+    telemetry.on_batch_end(model, opt, 0, 0, None, {"x": batch["x"], "y": labels}, loss=float(loss.detach()))
+    telemetry.stop()
+    (rec,) = read_records(tmp_path / "run")
+    for cls in range(3):
+        assert rec["batch_stats"][f"y_{cls}_pct"] == pytest.approx(100.0 * labels.count(cls) / len(labels))
+    assert rec["batch_stats"]["batch_size"] == len(labels)
+    assert rec["train"] == {"loss": pytest.approx(float(loss.detach())), "accuracy": None}
