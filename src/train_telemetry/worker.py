@@ -495,8 +495,8 @@ def _prepare_process(config: TelemetryConfig, parent_death_signal: bool) -> None
     with contextlib.suppress(OSError):
         os.nice(config.worker_nice)
     if config.worker_sched_idle and hasattr(os, "SCHED_IDLE"):
-        # nice alone still lets us take ~10% of a core from a trainer that uses them all,
-        # enough to stall its threads (docs/benchmarks.md). Under SCHED_IDLE we get only
+        # nice alone (even +19) still gives us time slices on a trainer's busy cores, each
+        # stalling one of its threads (docs/benchmarks.md). Under SCHED_IDLE we get only
         # time nobody else wants, so on a saturated machine most snapshots are dropped:
         # opt-in, for runs where training speed matters more than records. Set before
         # torch starts its thread pool, so its threads inherit it.
