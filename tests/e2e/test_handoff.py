@@ -122,8 +122,12 @@ def test_labels_given_as_a_list_and_a_float_loss_are_recorded(tmp_path: Path) ->
     loss, _ = _step(model, opt, batch)
     labels = batch["y"].tolist()
     telemetry.on_batch_end(model, opt, 0, 0, None, {"x": batch["x"], "y": labels}, loss=float(loss.detach()))
+    assert torch.is_grad_enabled()  # the hook turns grad mode off for its copies and back on
+    with torch.no_grad():
+        telemetry.on_batch_end(model, opt, 1, 0, None, batch, loss=loss)
+        assert not torch.is_grad_enabled()
     telemetry.stop()
-    (rec,) = read_records(tmp_path / "run")
+    rec, _ = read_records(tmp_path / "run")
     for cls in range(3):
         assert rec["batch_stats"][f"y_{cls}_pct"] == pytest.approx(100.0 * labels.count(cls) / len(labels))
     assert rec["batch_stats"]["batch_size"] == len(labels)
