@@ -132,3 +132,26 @@ def test_labels_given_as_a_list_and_a_float_loss_are_recorded(tmp_path: Path) ->
         assert rec["batch_stats"][f"y_{cls}_pct"] == pytest.approx(100.0 * labels.count(cls) / len(labels))
     assert rec["batch_stats"]["batch_size"] == len(labels)
     assert rec["train"] == {"loss": pytest.approx(float(loss.detach())), "accuracy": None}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_the_delta_reference_on_disk_is_the_last_collection_and_loads_with_torch(tmp_path: Path, mode: str) -> None:
+    """last_checkpoint.pt is rewritten in place at each collection; torch.load reads the weights of the last one."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, mode))
+    telemetry.set_holdout_data(_batch(g, 8))
+    telemetry.start(model, opt)
+    for step in range(4):
+        batch = _batch(g)
+        loss, outputs = _step(model, opt, batch)
+        telemetry.on_batch_end(model, opt, step, 0, None, batch, loss=loss, outputs=outputs)
+    assert telemetry.stop().clean
+    ckpt = torch.load(tmp_path / "run" / "last_checkpoint.pt", weights_only=True)
+    assert (ckpt["batch_idx"], ckpt["epoch"]) == (3, 0)
+    assert ckpt["state_dict"].keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][name], value), name
