@@ -144,7 +144,7 @@ def read_header(buf: Any, slot: int) -> Snapshot:
 
 @dataclass
 class Stop:
-    """No more snapshots: write what is queued, flush, answer Done, exit."""
+    """No more snapshots: write every published one, flush, answer Done, exit."""
 
     reason: str = "stop"
 

@@ -20,7 +20,7 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``update_ratio``    {overall, <group>...}: weight_delta / weight norm at the previous collection
 ``learning_rates``  {group_0.., <name>...}: the LR of each param group at the hook
 ``holdout_logits``  {logits, labels, predictions, accuracy, loss}: eval-mode forward of the
-                    model copy on the fixed holdout
+                    model at the hook (the snapshot's weights) on the fixed holdout
 ``batch_stats``     {<label_key>_<class>_pct..., batch_size}
 ``train``           {loss, accuracy}: from the hook's optional ``loss`` / ``outputs``
 ``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms}: what collecting cost

@@ -743,17 +743,19 @@ class Telemetry:
         write_header(self._headers, slot, seq, batch_idx, epoch, time.time(), (time.perf_counter() - t0) * 1000.0,
                      dropped_before, self._dropped, batch_size, self._groups_version, grads, loss_kind, acc_kind,
                      counts_kind, loss_value, lrs, extra)
-        self._unsent_slot = None
         if self._handoff is not None:
             # CUDA: the copies above are still in flight; the hand-off thread waits on this
             # event (off the training thread) before it publishes the slot.
             event = torch.cuda.Event()
             event.record()
             self._handoff.submit(event, slot)
+            self._unsent_slot = None
         elif self._processor is not None:  # mode: sync
+            self._unsent_slot = None  # process() releases it, even when it fails
             self._processor.write(self._processor.process(read_header(self._headers, slot), pool.channel.release))
         else:
             pool.channel.publish(slot)
+            self._unsent_slot = None
 
     def _plan_aux(self, key: tuple[Any, ...], labels: torch.Tensor, outputs: torch.Tensor | None) -> _AuxPlan:
         """Where this shape of labels/outputs goes in each slot's aux bytes (once per shape)."""
