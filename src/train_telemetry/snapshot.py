@@ -187,8 +187,8 @@ class Channel:
     def publish(self, slot: int) -> None:
         """Hand a filled slot to the worker (after its data and header are written)."""
         self.ring[self._published % self.num_slots] = slot
-        self._published += 1
         self._sem.release()  # a release barrier: the slot's data is visible before the permit
+        self._published += 1  # after: a failed release leaves the ring as it was
 
     def free_count(self) -> int:
         return sum(1 for i in range(self.num_slots) if self.state[i] == FREE)
