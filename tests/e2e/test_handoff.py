@@ -155,3 +155,27 @@ def test_the_delta_reference_on_disk_is_the_last_collection_and_loads_with_torch
     assert ckpt["state_dict"].keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
         assert torch.equal(ckpt["state_dict"][name], value), name
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_the_other_start_methods_hand_over_every_snapshot(tmp_path: Path, start_method: str) -> None:
+    """The slots, ring and semaphore reach a fork- or forkserver-started worker as well as a spawned one."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, "async", start_method=start_method))
+    telemetry.set_holdout_data(_batch(g, 8))
+    telemetry.start(model, opt)
+    norms = []
+    for step in range(3):
+        batch = _batch(g)
+        loss, outputs = _step(model, opt, batch)
+        telemetry.on_batch_end(model, opt, step, 0, None, batch, loss=loss, outputs=outputs)
+        norms.append(float(nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+    summary = telemetry.stop()
+    records = read_records(tmp_path / "run")
+    assert summary.clean and [r["batch_idx"] for r in records] == [0, 1, 2]
+    assert [r["gradient_norm"]["overall"] for r in records] == pytest.approx(norms, rel=1e-5)
+    assert all(len(r["holdout_logits"]["logits"]) == 8 for r in records)
