@@ -59,6 +59,7 @@ from torch import nn
 
 from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
 from train_telemetry.demo import SiameseNet, make_optimizer
+from train_telemetry.snapshot import pin_in_place
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "stress.yaml"
@@ -166,7 +167,8 @@ class Preset:
         return f"{arch}, batch {s['batch_size']}, {s.get('optimizer', 'adamw')}"
 
 
-def build_preset(name: str, spec: dict[str, Any]) -> Preset:
+def build_preset(name: str, spec: dict[str, Any], device: str = "cpu") -> Preset:
+    """The preset's model and training batches on ``device``; the holdout stays on the CPU (the worker's)."""
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
     b = spec["batch_size"]
@@ -190,7 +192,8 @@ def build_preset(name: str, spec: dict[str, Any]) -> Preset:
             return {"x": torch.randn(n, spec["in_features"], generator=g), "winner": torch.randint(0, 2, (n,), generator=g)}
 
         input_keys = ["x"]
-    batches = [sample(b) for _ in range(8)]
+    batches = [{k: v.to(device) for k, v in sample(b).items()} for _ in range(8)]
+    model.to(device)
     opt_name = spec.get("optimizer", "adamw")
 
     def make_opt(m: nn.Module) -> torch.optim.Optimizer:
@@ -329,10 +332,14 @@ def time_idle_hook(hook: Callable[..., None], args: tuple[Any, ...], kwargs: dic
 
 def floor_op(layout_sources: list[torch.Tensor], dst: list[torch.Tensor], params: list[nn.Parameter]) -> None:
     """What any exact snapshot must do: one fused copy into shared memory, one fused norm."""
-    torch._foreach_copy_(dst, layout_sources)
+    torch._foreach_copy_(dst, layout_sources, non_blocking=layout_sources[0].is_cuda)
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         torch._foreach_norm(grads)
+
+
+def _no_sync() -> None:
+    pass
 
 
 def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[str, Any], settings: dict[str, Any],
@@ -346,7 +353,10 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     limit_s = float(settings["segment_time_limit_s"])
     model, optimizer = preset.fresh()
     loss_fn = nn.CrossEntropyLoss()
-    device = torch.device("cpu")
+    device = torch.device(settings.get("device", "cpu"))
+    # CUDA: a step's time includes its GPU work (synchronize after the hook, outside the
+    # hook's own timing), so a hook that synchronized would show as a long hook time.
+    sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
     keys = preset.input_keys
     gc.collect()
     telemetry: Telemetry | None = None
@@ -355,7 +365,10 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     if mode == "floor":
         params = list(model.parameters())
         sources = [t.detach() for t in [*params, *model.buffers()]]
-        dst = [torch.zeros_like(t).share_memory_() for t in sources]
+        dst = [torch.zeros_like(t, device="cpu").share_memory_() for t in sources]
+        if device.type == "cuda":  # pinned, as the slots are: the copy is asynchronous
+            for t in dst:
+                pin_in_place(t)
 
         def floor() -> None:
             floor_op(sources, dst, params)
@@ -412,8 +425,10 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
         elif floor is not None and batch_idx % every == 0:
             floor()
         t2 = time.perf_counter_ns()
+        sync()
+        t3 = time.perf_counter_ns()
         if measured >= 0:
-            step_ns.append(t2 - t0)
+            step_ns.append(t3 - t0)
             hook_ns.append(t2 - t1)
             dropped_at.append(telemetry is not None and telemetry.snapshots_dropped > dropped0)
     seg["train_cpu_s"] = time.process_time() - cpu0
@@ -634,7 +649,8 @@ def _f(v: float | None, spec: str = ".2f") -> str:
 def markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
-        f"Measured {env['date']} on {env['cpus']} CPU cores ({env['cpu_model']}), torch {env['torch']}, "
+        f"Measured {env['date']} on {env['cpus']} CPU cores ({env['cpu_model']})"
+        f"{', training on ' + env['gpu'] if env.get('gpu') else ''}, torch {env['torch']}, "
         f"trainer torch threads {env['threads']}, worker threads {env['worker_threads']} at nice "
         f"+{env['worker_nice']}{' and SCHED_IDLE' if env['worker_sched'] == 'idle' else ''}, "
         f"{env['num_slots']} slots, {env['repeats']} repeats (medians). "
@@ -722,7 +738,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a few steps of every path, small wide model (CI)")
     parser.add_argument("--keep-runs", action="store_true", help="keep each segment's telemetry run directory")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model trains (cuda: pinned slots, non-blocking copies; GPU memory not reported)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
 
     try:
         settings, preset_specs, tcfg = load_config(args.config)
@@ -735,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             spec.update(QUICK_SIZES[spec["kind"]])
     overrides = {"presets": args.presets, "modes": args.modes, "collect_every_n": args.every, "repeats": args.repeats,
                  "threads": args.threads, "segment_time_limit_s": args.segment_time_limit,
-                 "worker_sched": args.worker_sched,
+                 "worker_sched": args.worker_sched, "device": args.device,
                  "output_dir": str(args.output_dir) if args.output_dir else None}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     for key, flag in (("worker_nice", args.worker_nice), ("worker_threads", args.worker_threads), ("num_slots", args.num_slots)):
@@ -766,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker_threads": tcfg_checked.worker_threads, "worker_nice": tcfg_checked.worker_nice,
         "worker_sched": settings["worker_sched"],
         "num_slots": tcfg_checked.num_slots, "repeats": int(settings["repeats"]), "command": command,
-        "quick": args.quick, "loadavg_start": list(os.getloadavg()),
+        "quick": args.quick, "loadavg_start": list(os.getloadavg()), "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
     }
     print(f"stress test: presets {settings['presets']}, modes {modes}, every {everies}, "
           f"{settings['repeats']} repeats, trainer threads {threads}, output {out_dir}", flush=True)
@@ -776,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     segments: list[dict[str, Any]] = []
     presets: dict[str, Preset] = {}
     for name in settings["presets"]:
-        preset = build_preset(name, preset_specs[name])
+        preset = build_preset(name, preset_specs[name], args.device)
         presets[name] = preset
         print(f"{name}: {preset.describe()}, {preset.num_params / 1e6:.2f}M parameters", flush=True)
         for repeat in range(int(settings["repeats"])):

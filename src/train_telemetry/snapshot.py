@@ -43,7 +43,7 @@ from .messages import HEADER_BYTES, TensorSpec
 from .metrics import COUNT_VECTOR_LEN
 
 __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
-           "grad_norms", "unwrap_model"]
+           "grad_norms", "pin_in_place", "unwrap_model"]
 
 
 FREE = 0
@@ -315,11 +315,11 @@ def _shared_zeros(numel: int, dtype: torch.dtype, shared: bool, pin: bool) -> to
     if shared:
         flat.share_memory_()
     if pin:
-        _pin_in_place(flat)
+        pin_in_place(flat)
     return flat
 
 
-def _pin_in_place(t: torch.Tensor) -> None:
+def pin_in_place(t: torch.Tensor) -> None:
     """Page-lock a shared CPU tensor so device->host copies into it can be asynchronous."""
     if t.numel() == 0:
         return

@@ -751,6 +751,8 @@ class Telemetry:
             self._handoff.submit(event, slot)
             self._unsent_slot = None
         elif self._processor is not None:  # mode: sync
+            if self._on_cuda:  # the copies into the slot are asynchronous: wait for them (sync mode)
+                torch.cuda.current_stream().synchronize()
             self._unsent_slot = None  # process() releases it, even when it fails
             self._processor.write(self._processor.process(read_header(self._headers, slot), pool.channel.release))
         else:
