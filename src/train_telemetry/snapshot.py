@@ -190,9 +190,6 @@ class Channel:
         self._sem.release()  # a release barrier: the slot's data is visible before the permit
         self._published += 1  # after: a failed release leaves the ring as it was
 
-    def free_count(self) -> int:
-        return sum(1 for i in range(self.num_slots) if self.state[i] == FREE)
-
     # -- worker side
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_state_view": None}
