@@ -710,7 +710,7 @@ class Telemetry:
                 errors = (errors or []) + [_hook_error("batch_stats", exc)]
         if batch_size < 0 and batch is not None and counts is None:
             try:
-                size = _batch_size(batch, cfg)
+                size = metrics.batch_size_of(batch, cfg.label_key, cfg.input_keys)
                 batch_size = -1 if size is None else size
             except Exception as exc:
                 errors = (errors or []) + [_hook_error("batch_size", exc)]
@@ -725,7 +725,7 @@ class Telemetry:
             except Exception as exc:
                 errors = (errors or []) + [_hook_error("learning_rates", exc)]
         torch._foreach_copy_(dst, src, non_blocking=self._on_cuda)
-        if plan is not None and not plan.same_device:
+        if plan is not None and aux_src and not plan.same_device:
             torch._foreach_copy_(plan.views[slot], aux_src, non_blocking=True)
         if errors or extra_values:
             extra_dict = dict(plan.extra) if plan is not None else {}
@@ -771,7 +771,7 @@ class Telemetry:
         labels_fit = lab_bytes <= AUX_BYTES
         outputs_fit = outputs is not None and labels_fit and out_at + out_bytes <= AUX_BYTES
         extra: dict[str, Any] = {}
-        views: list[list[torch.Tensor]] = []
+        views: list[list[torch.Tensor]] = [[] for _ in self._pool.aux]
         if labels_fit:
             specs: list[tuple[str, int, torch.Tensor]] = [("labels", 0, labels)]
             if outputs_fit and outputs is not None:
@@ -789,7 +789,7 @@ class Telemetry:
         device = self._layout.sources[0].device if self._layout and self._layout.sources else torch.device("cpu")
         same_device = labels.device == device and (not outputs_fit or outputs.device == device)  # type: ignore[union-attr]
         plan = _AuxPlan(batch_size=batch_size, labels_fit=labels_fit, outputs=outputs_fit, accuracy_kind=accuracy_kind,
-                        views=views if labels_fit else [[] for _ in self._pool.aux], same_device=same_device or not labels_fit,
+                        views=views, same_device=same_device,
                         extra=extra, extra_bytes=pickle.dumps(extra, pickle.HIGHEST_PROTOCOL) if extra else b"")
         self._aux_plans[key] = plan
         return plan
@@ -944,10 +944,6 @@ TrainingTelemetry = Telemetry  # the seed's name for the same class
 def _hook_error(where: str, exc: BaseException) -> dict[str, str]:
     """A record's ``errors`` entry for a metric that failed in the hook (same shape as the worker's)."""
     return {"where": where, "type": type(exc).__name__, "message": str(exc)}
-
-
-def _batch_size(batch: Mapping[str, Any], cfg: TelemetryConfig) -> int | None:
-    return metrics.batch_size_of(batch, cfg.label_key, cfg.input_keys)
 
 
 @dataclass

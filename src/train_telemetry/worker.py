@@ -178,7 +178,7 @@ class SnapshotProcessor:
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
         self.norms, self.scalars, self.counts, self.aux = meta_views(
             setup.meta, setup.meta_offsets, max(setup.num_params, 1))
-        self._aux_views: dict[tuple[int, bytes], dict[str, torch.Tensor]] = {}
+        self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self._ref_norms: list[float] | None = None  # per-parameter norms of last_checkpoint.pt
         self.num_classes = 0
         self.errors: dict[str, int] = {}
@@ -291,7 +291,7 @@ class SnapshotProcessor:
 
     def _views(self, slot: int, extra: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The labels/outputs the hook copied into ``slot``'s aux bytes, as tensors."""
-        key = (slot, repr([(k, extra[k]) for k in ("labels", "outputs") if k in extra]).encode())
+        key = (slot, extra.get("labels"), extra.get("outputs"))  # (offset, dtype, shape) tuples
         views = self._aux_views.get(key)
         if views is None:
             if len(self._aux_views) > 64:
