@@ -5,7 +5,9 @@ A real tiny training run per test; every value is checked against torch at the h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,17 +47,27 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.T
     return loss, outputs
 
 
+def _start(
+    tmp_path: Path, mode: str, seed: int, groups: Callable[[TwoLayer], Any] | None = None, **config: object
+) -> tuple[TwoLayer, torch.optim.Optimizer, Telemetry, torch.Generator]:
+    """A started run: a fresh TwoLayer, SGD (over ``groups(model)`` if given), the holdout set when tracked."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    model = TwoLayer()
+    opt = torch.optim.SGD(groups(model) if groups else model.parameters(), lr=0.1)
+    telemetry = Telemetry(_config(tmp_path, mode, **config))
+    if telemetry.config.track_holdout_logits:
+        telemetry.set_holdout_data(_batch(g, 8))
+    telemetry.start(model, opt)
+    return model, opt, telemetry, g
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_param_group_added_mid_run_is_named_from_that_record_on(tmp_path: Path, mode: str) -> None:
     """The group map travels as a versioned message; records before the change keep the old map."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    model = TwoLayer()
-    opt = torch.optim.SGD([{"params": model.body.parameters(), "lr": 0.1, "name": "body"}], lr=0.1)
-    telemetry = Telemetry(_config(tmp_path, mode))
-    telemetry.set_holdout_data(_batch(g, 8))
-    telemetry.start(model, opt)
+    model, opt, telemetry, g = _start(
+        tmp_path, mode, 1, groups=lambda m: [{"params": m.body.parameters(), "lr": 0.1, "name": "body"}])
     expected_head = []
     for step in range(6):
         if step == 3:
@@ -83,13 +95,7 @@ def test_label_counts_and_accuracy_are_exact_whether_copied_or_computed_in_the_h
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aux_bytes: int
 ) -> None:
     monkeypatch.setattr(telemetry_module, "AUX_BYTES", aux_bytes)
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(2)
-    model = TwoLayer()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    telemetry = Telemetry(_config(tmp_path, "async"))
-    telemetry.set_holdout_data(_batch(g, 8))
-    telemetry.start(model, opt)
+    model, opt, telemetry, g = _start(tmp_path, "async", 2)
     expected = []
     for step in range(5):
         batch = _batch(g, n=10 + step)  # a new shape each step: a new aux layout each time
@@ -112,12 +118,7 @@ def test_label_counts_and_accuracy_are_exact_whether_copied_or_computed_in_the_h
 
 @pytest.mark.timeout(120)
 def test_labels_given_as_a_list_and_a_float_loss_are_recorded(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(3)
-    model = TwoLayer()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    telemetry = Telemetry(_config(tmp_path, "async", track_holdout_logits=False))
-    telemetry.start(model, opt)
+    model, opt, telemetry, g = _start(tmp_path, "async", 3, track_holdout_logits=False)
     batch = _batch(g)
     loss, _ = _step(model, opt, batch)
     labels = batch["y"].tolist()
@@ -138,13 +139,7 @@ def test_labels_given_as_a_list_and_a_float_loss_are_recorded(tmp_path: Path) ->
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_the_delta_reference_on_disk_is_the_last_collection_and_loads_with_torch(tmp_path: Path, mode: str) -> None:
     """last_checkpoint.pt is rewritten in place at each collection; torch.load reads the weights of the last one."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(4)
-    model = TwoLayer()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    telemetry = Telemetry(_config(tmp_path, mode))
-    telemetry.set_holdout_data(_batch(g, 8))
-    telemetry.start(model, opt)
+    model, opt, telemetry, g = _start(tmp_path, mode, 4)
     for step in range(4):
         batch = _batch(g)
         loss, outputs = _step(model, opt, batch)
@@ -161,13 +156,7 @@ def test_the_delta_reference_on_disk_is_the_last_collection_and_loads_with_torch
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 def test_the_other_start_methods_hand_over_every_snapshot(tmp_path: Path, start_method: str) -> None:
     """The slots, ring and semaphore reach a fork- or forkserver-started worker as well as a spawned one."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(5)
-    model = TwoLayer()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    telemetry = Telemetry(_config(tmp_path, "async", start_method=start_method))
-    telemetry.set_holdout_data(_batch(g, 8))
-    telemetry.start(model, opt)
+    model, opt, telemetry, g = _start(tmp_path, "async", 5, start_method=start_method)
     norms = []
     for step in range(3):
         batch = _batch(g)
