@@ -42,12 +42,27 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 __all__ = [
+    "CORE_KEYS",
+    "GROUP_FAMILIES",
+    "OVERALL",
+    "ErrorEntry",
+    "HoldoutLogits",
+    "Record",
+    "RecordError",
+    "TelemetryCost",
+    "TrainMetrics",
+    "error_entry",
+    "metric_keys",
+    "nonfinite_keys",
+    "validate_record",
     "SCHEMA_VERSION",
     "RECORDS_FILE",
     "RUN_FILE",
@@ -67,6 +82,12 @@ RECORDS_FILE = "telemetry.jsonl"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "last_checkpoint.pt"
+
+OVERALL = "overall"
+"""The key of the whole-model value in every per-group family."""
+
+GROUP_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "update_ratio")
+"""Families keyed {overall, <group>...}; ``learning_rates`` is per group but has no overall."""
 
 _NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -182,3 +203,156 @@ def repair_torn_tail(path: str | os.PathLike[str]) -> int:
             return size - keep
     except FileNotFoundError:
         return 0
+
+
+# -- the schema -----------------------------------------------------------------------
+# One definition of what a record holds. Core keys are typed here; any other top-level
+# key is a metric's: a dict whose leaves are numbers or null, possibly nested (see
+# validate_record). Fields left UNSET are absent from the line.
+
+class ErrorEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """One metric that failed at one collection: where, the exception type and message."""
+
+    where: str
+    type: str
+    message: str
+
+
+class HoldoutLogits(msgspec.Struct, forbid_unknown_fields=True):
+    """``holdout_logits``: the eval-mode forward on the fixed holdout."""
+
+    logits: list[Any]
+    labels: list[int]
+    predictions: list[int]
+    accuracy: float | None
+    loss: float | None
+
+
+class TrainMetrics(msgspec.Struct, forbid_unknown_fields=True):
+    """``train``: from the hook's optional ``loss`` / ``outputs``."""
+
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+class TelemetryCost(msgspec.Struct, forbid_unknown_fields=True):
+    """``telemetry``: what collecting this record cost, and the drops before it."""
+
+    hook_ms: float | None = None
+    dropped_before: int = 0
+    dropped_total: int = 0
+    worker_lag_ms: float | None = None
+
+
+class Record(msgspec.Struct, omit_defaults=True):
+    """The core keys of one line of ``telemetry.jsonl`` (other keys are metrics' dicts)."""
+
+    schema: int
+    batch_idx: int
+    epoch: int
+    seq: int
+    timestamp: str
+    time: float
+    rank: int | UnsetType = UNSET
+    world_size: int | UnsetType = UNSET
+    reference_batch_idx: int | None | UnsetType = UNSET
+    gradient_norm: dict[str, float | None] | UnsetType = UNSET
+    weight_delta: dict[str, float | None] | UnsetType = UNSET
+    weight_norm: dict[str, float | None] | UnsetType = UNSET
+    update_ratio: dict[str, float | None] | UnsetType = UNSET
+    learning_rates: dict[str, float | None] | UnsetType = UNSET
+    holdout_logits: HoldoutLogits | UnsetType = UNSET
+    batch_stats: dict[str, float | None] | UnsetType = UNSET
+    train: TrainMetrics | UnsetType = UNSET
+    telemetry: TelemetryCost | UnsetType = UNSET
+    nonfinite: list[str] | UnsetType = UNSET
+    errors: list[ErrorEntry] | UnsetType = UNSET
+    layers: dict[str, dict[str, float | None]] | UnsetType = UNSET
+    activations: dict[str, dict[str, float | str | None]] | UnsetType = UNSET
+    model_mode: dict[str, float | None] | UnsetType = UNSET
+    gradient_clipping: dict[str, float | None] | UnsetType = UNSET
+
+
+CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
+"""Every key typed by :class:`Record`; any other top-level key belongs to a metric."""
+
+# Keys that describe the record or the collector, not the model: never scanned for NaN
+# and never shown as a metric.
+_BOOKKEEPING = frozenset(
+    {"schema", "batch_idx", "epoch", "seq", "timestamp", "time", "rank", "world_size",
+     "reference_batch_idx", "telemetry", "nonfinite", "errors"}
+)
+# The order nonfinite_keys reports the seed's families in (then the rest, in record order).
+_SCAN_FIRST = (*GROUP_FAMILIES, "learning_rates", "train", "holdout_logits")
+
+
+class RecordError(ValueError):
+    """A record that does not match the schema; the message names the key path."""
+
+
+def error_entry(where: str, exc: BaseException) -> dict[str, str]:
+    """The ``errors`` entry for ``exc`` raised while computing ``where``."""
+    return {"where": where, "type": type(exc).__name__, "message": str(exc)}
+
+
+def metric_keys(record: Mapping[str, Any]) -> list[str]:
+    """Top-level keys of ``record`` that are not core keys: one per extra metric."""
+    return [key for key in record if key not in CORE_KEYS]
+
+
+def _float_leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(dotted path, leaf) for every non-dict leaf under ``value``; lists are not entered."""
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            yield from _float_leaves(sub, f"{path}.{key}")
+    else:
+        yield path, value
+
+
+def nonfinite_keys(record: Mapping[str, Any]) -> list[str]:
+    """"family.key[.sub...]" for each NaN / +-Inf float in the record's metric dicts.
+
+    Every dict-valued top-level key is scanned recursively (a user metric's NaN is found
+    too); lists (``holdout_logits.logits``) and the bookkeeping keys are not.
+    """
+    families = [k for k in _SCAN_FIRST if k in record]
+    families += [k for k in record if k not in _SCAN_FIRST and k not in _BOOKKEEPING]
+    found: list[str] = []
+    for family in families:
+        if not isinstance(record[family], Mapping):
+            continue
+        found += [
+            path
+            for path, v in _float_leaves(record[family], family)
+            if isinstance(v, float) and not math.isfinite(v)
+        ]
+    return found
+
+
+def _check_metric_value(value: Any, path: str) -> None:
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                raise RecordError(f"{path}: keys must be strings, got {key!r}")
+            _check_metric_value(sub, f"{path}.{key}")
+    elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RecordError(f"{path}: expected a number, null or a dict of them, got {value!r}")
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise :class:`RecordError` naming the key path if ``record`` does not match the schema.
+
+    Core keys must have their :class:`Record` types; any other key must hold a dict whose
+    leaves are numbers or null, possibly nested.
+    """
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a record is a JSON object, got {type(record).__name__}")
+    core = {k: v for k, v in record.items() if k in CORE_KEYS}
+    try:
+        msgspec.convert(core, Record)
+    except msgspec.ValidationError as exc:
+        raise RecordError(f"record (batch_idx {record.get('batch_idx')!r}): {exc}") from None
+    for key in metric_keys(record):
+        if not isinstance(record[key], Mapping):
+            raise RecordError(f"$.{key}: a metric's value must be a dict, got {record[key]!r}")
+        _check_metric_value(record[key], f"$.{key}")
