@@ -50,6 +50,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 __all__ = [
+    "BOOKKEEPING_KEYS",
     "CORE_KEYS",
     "GROUP_FAMILIES",
     "OVERALL",
@@ -276,12 +277,11 @@ class Record(msgspec.Struct, omit_defaults=True):
 CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
 """Every key typed by :class:`Record`; any other top-level key belongs to a metric."""
 
-# Keys that describe the record or the collector, not the model: never scanned for NaN
-# and never shown as a metric.
-_BOOKKEEPING = frozenset(
+BOOKKEEPING_KEYS = frozenset(
     {"schema", "batch_idx", "epoch", "seq", "timestamp", "time", "rank", "world_size",
      "reference_batch_idx", "telemetry", "nonfinite", "errors"}
 )
+"""Keys that describe the record or the collector, not the model: never scanned for NaN."""
 # The order nonfinite_keys reports the seed's families in (then the rest, in record order).
 _SCAN_FIRST = (*GROUP_FAMILIES, "learning_rates", "train", "holdout_logits")
 
@@ -316,7 +316,7 @@ def nonfinite_keys(record: Mapping[str, Any]) -> list[str]:
     too); lists (``holdout_logits.logits``) and the bookkeeping keys are not.
     """
     families = [k for k in _SCAN_FIRST if k in record]
-    families += [k for k in record if k not in _SCAN_FIRST and k not in _BOOKKEEPING]
+    families += [k for k in record if k not in _SCAN_FIRST and k not in BOOKKEEPING_KEYS]
     found: list[str] = []
     for family in families:
         if not isinstance(record[family], Mapping):

@@ -16,7 +16,7 @@ from train_telemetry.analysis import (
     to_dataframe,
     write_table,
 )
-from train_telemetry.analysis.synthetic import write_pathology
+from train_telemetry.testing import write_pathology
 
 pd = pytest.importorskip("pandas")
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from train_telemetry.analysis import RunNotFoundError, load_run, load_runs
-from train_telemetry.analysis.synthetic import (
+from train_telemetry.records import RECORDS_FILE, encode_record
+from train_telemetry.testing import (
     make_meta,
     make_records,
     make_summary,
     write_pathology,
     write_run,
 )
-from train_telemetry.records import RECORDS_FILE, encode_record
 
 
 def test_load_run_reads_records_and_both_json_files(tmp_path: Path) -> None:

@@ -8,19 +8,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-from train_telemetry.analysis.synthetic import write_pathology
+from train_telemetry.testing import write_pathology
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def test_report_runs_with_torch_unimportable(tmp_path: Path) -> None:
-    """With torch made unimportable, the analysis package and the CLI import and report a run."""
+    """With torch made unimportable, the analysis package, testing and the CLI import and report a run."""
     run_dir = write_pathology(tmp_path / "run", "frozen_backbone", n=5)
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import train_telemetry.analysis
+        import train_telemetry.testing
         from train_telemetry.cli import main
         status = main(["report", {str(run_dir)!r}])
         heavy = sorted(m for m in ("torch", "matplotlib", "pandas", "tensorboard") if sys.modules.get(m) is not None)

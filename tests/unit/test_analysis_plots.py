@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from train_telemetry.analysis import MissingExtraError, load_run, save_dashboard, save_overlay
-from train_telemetry.analysis.synthetic import make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import make_meta, make_records, write_pathology, write_run
 
 mpimg = pytest.importorskip("matplotlib.image")
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from train_telemetry.analysis import load_run, render_report, report_data, report_json
-from train_telemetry.analysis.synthetic import make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import make_meta, make_records, write_pathology, write_run
 
 
 def _strict_loads(text: str) -> object:

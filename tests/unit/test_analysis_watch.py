@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from train_telemetry.analysis import watch
-from train_telemetry.analysis.synthetic import (
+from train_telemetry.analysis.watch import RecordFollower
+from train_telemetry.records import RECORDS_FILE, RUN_FILE, SUMMARY_FILE, encode_record
+from train_telemetry.testing import (
     make_meta,
     make_records,
     make_summary,
     write_pathology,
     write_run,
 )
-from train_telemetry.analysis.watch import RecordFollower
-from train_telemetry.records import RECORDS_FILE, RUN_FILE, SUMMARY_FILE, encode_record
 
 
 def test_follower_returns_only_whole_lines(tmp_path: Path) -> None:

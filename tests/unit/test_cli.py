@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from train_telemetry.analysis.synthetic import make_records, write_pathology
 from train_telemetry.cli import EXIT_ERROR, EXIT_OK, EXIT_SERIOUS, main
 from train_telemetry.records import encode_record
+from train_telemetry.testing import make_records, write_pathology
 
 
 @pytest.fixture

@@ -14,15 +14,26 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train_telemetry.records import RECORDS_FILE, RUN_FILE, SUMMARY_FILE, read_json, read_records
+from train_telemetry.records import (
+    BOOKKEEPING_KEYS,
+    GROUP_FAMILIES,
+    OVERALL,
+    RECORDS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    read_json,
+    read_records,
+)
 
 __all__ = [
+    "GROUP_FAMILIES",
     "OVERALL",
+    "SECTION_KEYS",
     "Record",
     "Run",
     "RunNotFoundError",
@@ -35,14 +46,18 @@ __all__ = [
     "load_run",
     "load_runs",
     "number",
+    "numeric_leaves",
     "record_step",
 ]
 
 Record = dict[str, Any]
 
-OVERALL = "overall"
-# Per-group families: {overall, <group>...} in every record that has them.
-GROUP_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "update_ratio")
+# Keys with a section of their own in the report and the dashboard. Any other key whose
+# value is a dict is a metric shown generically (Run.metric_keys), so a new metric needs no
+# change here.
+SECTION_KEYS = BOOKKEEPING_KEYS | {
+    *GROUP_FAMILIES, "learning_rates", "holdout_logits", "batch_stats", "train"
+}
 
 _RANK_FILE = re.compile(r"^telemetry\.rank(\d+)\.jsonl$")
 _GROUP_INDEX = re.compile(r"^group_(\d+)$")
@@ -73,6 +88,17 @@ def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def numeric_leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted path, float) for each number under ``value``; strings, nulls and lists are skipped."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from numeric_leaves(inner, f"{prefix}.{key}" if prefix else str(key))
+        return
+    f = number(value)
+    if f is not None:
+        yield prefix, f
 
 
 def record_step(record: Record, index: int) -> int:
@@ -227,6 +253,31 @@ class Run:
             v = self.learning_rate(record, group)
             if v is not None:
                 out.append((self.step(i), v))
+        return out
+
+    def metric_keys(self) -> list[str]:
+        """Record keys without a section of their own whose value is a dict: one per extra metric.
+
+        ``layers``, ``activations``, ``model_mode`` and any user metric's key, in the order
+        they first appear.
+        """
+        seen: dict[str, None] = {}
+        for record in self.records:
+            seen.update(
+                (k, None) for k, v in record.items() if k not in SECTION_KEYS and isinstance(v, dict)
+            )
+        return list(seen)
+
+    def leaf_series(self, key: str) -> dict[str, list[tuple[int, float]]]:
+        """{leaf path under ``key``: [(step, value)...]} for every number in ``record[key]``.
+
+        Nested dicts give dotted paths (``gradient_norm.fc1`` under ``layers``), in the
+        order they first appear.
+        """
+        out: dict[str, list[tuple[int, float]]] = {}
+        for i, record in enumerate(self.records):
+            for path, value in numeric_leaves(record.get(key)):
+                out.setdefault(path, []).append((self.step(i), value))
         return out
 
     def holdout(self) -> list[tuple[int, Record, dict[str, Any]]]:
