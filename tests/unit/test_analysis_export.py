@@ -16,7 +16,7 @@ from train_telemetry.analysis import (
     to_dataframe,
     write_table,
 )
-from train_telemetry.testing import write_pathology
+from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
 
 pd = pytest.importorskip("pandas")
 
@@ -88,7 +88,6 @@ def test_missing_pandas_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_tensorboard_export_writes_readable_scalars(tmp_path: Path) -> None:
     """Every numeric value becomes a TensorBoard scalar at the record's step, readable by TensorBoard."""
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = load_run(write_pathology(tmp_path / "run", "healthy", n=4))
@@ -118,3 +117,37 @@ def test_missing_tensorboard_names_the_extra(
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'train-telemetry\[tensorboard\]'"):
         export_tensorboard(run, tmp_path / "tb")
+
+
+def _metric_run(tmp_path: Path) -> Path:
+    """A run whose records carry a made-up metric and the nested per-layer breakdown."""
+    records = add_metric(
+        make_records(n=4, layers=True),
+        "mean_abs_weight",
+        lambda r: {"overall": 0.5 + r["seq"], "backbone": 0.25, "head": None},
+    )
+    return write_run(tmp_path / "run", records, meta=make_meta())
+
+
+def test_any_metric_becomes_dotted_columns(tmp_path: Path) -> None:
+    """A metric unknown to the code, and nested layers, become dotted columns with the record's values."""
+    frame = to_dataframe(_metric_run(tmp_path))
+    assert frame["mean_abs_weight.overall"].tolist() == [0.5, 1.5, 2.5, 3.5]
+    assert frame["mean_abs_weight.backbone"].tolist() == [0.25] * 4
+    assert frame["mean_abs_weight.head"].isna().all()
+    for column in ("layers.gradient_norm.head", "layers.weight_norm.backbone.0", "layers.update_ratio.backbone.2"):
+        assert column in frame.columns, column
+
+
+def test_any_metric_becomes_tensorboard_scalars(tmp_path: Path) -> None:
+    """TensorBoard gets a scalar per number of a made-up metric and of the per-layer breakdown."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = load_run(_metric_run(tmp_path))
+    export_tensorboard(run, tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"mean_abs_weight/overall", "mean_abs_weight/backbone", "layers/gradient_norm.head"} <= tags
+    assert "mean_abs_weight/head" not in tags  # null is no scalar
+    assert [e.value for e in events.Scalars("mean_abs_weight/overall")] == [0.5, 1.5, 2.5, 3.5]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from train_telemetry.analysis import MissingExtraError, load_run, save_dashboard, save_overlay
-from train_telemetry.testing import make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
 
 mpimg = pytest.importorskip("matplotlib.image")
 
@@ -84,3 +84,32 @@ def test_missing_matplotlib_names_the_extra(
     with pytest.raises(MissingExtraError, match=r"pip install 'train-telemetry\[plot\]'"):
         save_dashboard(run, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_dashboard_adds_a_panel_per_extra_metric(tmp_path: Path) -> None:
+    """A made-up metric and the per-layer breakdown each get panels with data, in rows added below."""
+    records = add_metric(
+        make_records(n=8, layers=True), "mean_abs_weight", lambda r: {"overall": 0.5, "backbone": 0.25, "head": 1.0}
+    )
+    info = save_dashboard(load_run(write_run(tmp_path / "run", records, meta=make_meta())), tmp_path / "d.png")
+    extra = list(info.panels)[10:]
+    assert extra == [
+        "layers.gradient_norm", "layers.weight_norm", "layers.weight_delta", "layers.update_ratio", "mean_abs_weight",
+    ]  # in the order they first hold a number: the first record's weight delta is null
+    assert info.empty_panels == []
+    image = mpimg.imread(info.path)
+    assert image.shape[:2] == (1900 + 3 * 380, 1400) == (info.height, info.width)
+    counts = _coloured_pixels(image, rows=8, cols=2, top=0.025)
+    metric_cells = [*counts[5], *counts[6], counts[7][0]]
+    assert all(n >= MIN_COLOURED_PIXELS for n in metric_cells), counts
+    assert counts[7][1] < 50, counts  # the odd panel out leaves its neighbour blank
+
+
+def test_dashboard_bounds_panels_and_lines_of_a_wide_metric(tmp_path: Path) -> None:
+    """A metric of 20 modules x 3 stats gets one panel per stat (a line per module), not one per module."""
+    records = add_metric(
+        make_records(n=4), "activations", lambda r: {f"fc{i}": {"mean": i, "std": 1.0, "dead": 0.0} for i in range(20)}
+    )
+    info = save_dashboard(load_run(write_run(tmp_path / "run", records, meta=make_meta())), tmp_path / "d.png")
+    assert list(info.panels)[10:] == ["activations.*.mean", "activations.*.std", "activations.*.dead"]
+    assert (info.width, info.height) == (1400, 1900 + 2 * 380)

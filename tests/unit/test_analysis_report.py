@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from train_telemetry.analysis import load_run, render_report, report_data, report_json
-from train_telemetry.testing import make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
 
 
 def _strict_loads(text: str) -> object:
@@ -128,3 +128,60 @@ def test_summary_numbers_match_the_records(tmp_path: Path) -> None:
     values = [r["gradient_norm"]["head"] for r in run.records]
     assert stats["first"] == values[0] and stats["last"] == values[-1]
     assert math.isclose(stats["max"], max(values))
+
+
+def _metric_run(tmp_path: Path, pathology: str = "healthy") -> Path:
+    """A run whose records carry a made-up metric, a 12-module one, and the per-layer breakdown."""
+    records = add_metric(
+        make_records(pathology, layers=True),
+        "mean_abs_weight",
+        lambda r: {"overall": 0.5 + r["seq"], "backbone": 0.25, "head": 2.0},
+    )
+    records = add_metric(records, "activations", lambda r: {f"fc{i}": {"mean": float(i)} for i in range(12)})
+    return write_run(tmp_path / "run", records, meta=make_meta())
+
+
+def test_report_shows_any_metric_with_first_last_min_max(tmp_path: Path) -> None:
+    """A metric the code does not know is listed leaf by leaf with first, last, min and max."""
+    text = render_report(report_data(load_run(_metric_run(tmp_path))))
+    section = text[text.index("other metrics") :]
+    assert section.splitlines()[0].split() == ["other", "metrics", "first", "last", "min", "max"]
+    assert "  mean_abs_weight\n" in section
+    rows = [line.split() for line in section.splitlines()[2:5]]
+    assert rows == [
+        ["overall", "0.5", "11.5", "0.5", "11.5"],
+        ["backbone", "0.25", "0.25", "0.25", "0.25"],
+        ["head", "2", "2", "2", "2"],
+    ]
+
+
+def test_report_bounds_a_metric_with_many_values_and_json_carries_all(tmp_path: Path) -> None:
+    """A 12-value metric shows its 10 largest last values in the text; --json has all 12 and the layers."""
+    data = report_data(load_run(_metric_run(tmp_path)))
+    text = render_report(data)
+    assert "activations (12 values; the 10 largest last values, all in --json)" in text
+    assert "fc11.mean" in text and "fc2.mean" in text and "fc1.mean" not in text
+    parsed = _strict_loads(report_json(data))
+    assert isinstance(parsed, dict)
+    metrics = parsed["summary"]["metrics"]
+    assert len(metrics["activations"]) == 12
+    assert metrics["mean_abs_weight"]["overall"] == {
+        "n": 12, "first": 0.5, "last": 11.5, "last_step": 220, "min": 0.5, "max": 11.5, "nonfinite": 0,
+    }
+    assert set(metrics["layers"]) >= {"gradient_norm.head", "weight_norm.backbone.0", "update_ratio.backbone.2"}
+    assert "  layers" not in text.split("per layer")[1]  # the layers have their own table instead
+
+
+def test_report_has_a_per_layer_table_ranked_by_gradient_norm(tmp_path: Path) -> None:
+    """The last record's layers are a table of grad norm, weight norm and update ratio, largest grad first, Inf on top."""
+    run = load_run(_metric_run(tmp_path, "exploding"))
+    text = render_report(report_data(run))
+    table = text[text.index("  per layer at step 220 (by gradient norm)") :].splitlines()
+    assert table[1].split() == ["layer", "grad", "norm", "weight", "norm", "update/weight"]
+    last = run.records[-1]["layers"]
+    assert [row.split()[0] for row in table[2:5]] == ["head", "backbone.0", "backbone.2"]
+    assert table[2].split()[1:3] == ["Inf", "5.1"]
+    assert table[3].split()[1] == f"{last['gradient_norm']['backbone.0']:.2e}"
+    summary = report_data(run)["summary"]["layers"]
+    assert summary["step"] == 220 and summary["layers"] == 3
+    assert summary["rows"][0] == {"layer": "backbone.0", **{f: v["backbone.0"] for f, v in last.items()}}

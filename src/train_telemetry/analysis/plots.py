@@ -28,6 +28,11 @@ __all__ = ["PlotInfo", "save_dashboard", "save_overlay"]
 # Dashboard: 5 rows x 2 panels; at 100 dpi a 14 x 19 in figure is 1400 x 1900 px, legible
 # when opened at full size and each panel still ~650 px wide.
 DASHBOARD_SIZE_IN = (14.0, 19.0)
+# Any other metric gets panels below, two per row of this height; bounded so that a run
+# with many metrics still makes a readable image (the report and export carry the rest).
+METRIC_ROW_HEIGHT_IN = 3.8
+MAX_METRIC_PANELS = 8
+MAX_LINES_PER_PANEL = 8
 OVERLAY_SIZE_IN = (14.0, 13.0)
 DEFAULT_DPI = 100
 _SEVERITY_COLOURS = {"serious": "tab:red", "warning": "tab:orange", "info": "tab:gray"}
@@ -145,6 +150,61 @@ def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
         ax.plot([], [], " ", label="no data: " + ", ".join(missing))
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, which="major", alpha=0.3)
+    return True
+
+
+def _metric_panels(run: Run) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """(title, {line label: series}) per extra metric, at most :data:`MAX_METRIC_PANELS`.
+
+    A metric two levels deep gets one panel per first-level key (``layers.gradient_norm``,
+    a line per module), unless the second level has at most half as many distinct keys
+    (``activations``: {module: {stat}}): then one per second-level key
+    (``activations.*.dead_fraction``). Either way a panel holds one kind of number.
+    """
+    panels: list[tuple[str, dict[str, list[tuple[int, float]]]]] = []
+    for key in run.metric_keys():
+        leaves = run.leaf_series(key)
+        split = [path.split(".", 1) for path in leaves]
+        if not leaves or any(len(parts) < 2 for parts in split):
+            panels += [(key, leaves)] if leaves else []
+            continue
+        heads = list(dict.fromkeys(h for h, _ in split))
+        tails = list(dict.fromkeys(t for _, t in split))
+        if 2 * len(tails) <= len(heads):  # {thing: {kind: value}}: a panel per kind
+            panels += [(f"{key}.*.{t}", {h: leaves[f"{h}.{t}"] for h in heads if f"{h}.{t}" in leaves})
+                       for t in tails]
+        else:  # {kind: {thing: value}}
+            panels += [(f"{key}.{h}", {t: leaves[f"{h}.{t}"] for t in tails if f"{h}.{t}" in leaves})
+                       for h in heads]
+    return panels[:MAX_METRIC_PANELS]
+
+
+def _metric_panel(ax: Axes, title: str, lines: dict[str, list[tuple[int, float]]]) -> bool:
+    """Up to :data:`MAX_LINES_PER_PANEL` lines, the largest last values; log scale when all positive."""
+    ax.set_title(title)
+    ranked = sorted(lines, key=lambda k: -abs(lines[k][-1][1]) if math.isfinite(lines[k][-1][1]) else -math.inf)
+    shown = ranked[:MAX_LINES_PER_PANEL]
+    finite = [v for k in shown for _, v in lines[k] if math.isfinite(v)]
+    log = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
+    for label, colour in zip(shown, _colours(len(shown)), strict=True):
+        series = lines[label]
+        if log:
+            _plot_log_series(ax, series, label, colour)
+            continue
+        good = [(s, v) for s, v in series if math.isfinite(v)]
+        if good:
+            ax.plot(*zip(*good, strict=True), color=colour, label=label, marker="." if len(good) < 30 else None)
+        bad = [s for s, v in series if not math.isfinite(v)]
+        if bad:
+            ax.plot(bad, [0.98] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(),
+                    label=f"{label} NaN/Inf", clip_on=False)
+    if log:
+        ax.set_yscale("log")
+    if len(ranked) > len(shown):
+        ax.plot([], [], " ", label=f"+{len(ranked) - len(shown)} more (see the report)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize="x-small", loc="best")
+    ax.grid(True, alpha=0.3)
     return True
 
 
@@ -348,9 +408,16 @@ def _diagnoses_panel(ax: Axes, diagnoses: Sequence[Diagnosis]) -> bool:
 
 
 def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT_DPI) -> PlotInfo:
-    """Write one image of ``run``: a panel per metric family, then the diagnoses."""
-    figure = _new_figure(DASHBOARD_SIZE_IN, dpi)
-    axes = figure.subplots(5, 2)
+    """Write one image of ``run``: a panel per metric family, the diagnoses, then any other metric.
+
+    Each record key without a panel of its own (``layers``, ``activations``, a user
+    metric) adds a panel (see :func:`_metric_panels`), two per extra row of the image.
+    """
+    extra = _metric_panels(run)
+    rows = 5 + (len(extra) + 1) // 2
+    width, height = DASHBOARD_SIZE_IN
+    figure = _new_figure((width, height + (rows - 5) * METRIC_ROW_HEIGHT_IN), dpi)
+    axes = figure.subplots(rows, 2, squeeze=False)
     diagnoses = diagnose(run)
     steps = run.steps
     serious = sum(d.severity == "serious" for d in diagnoses)
@@ -375,6 +442,10 @@ def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT
         "telemetry cost": _telemetry_panel(axes[4][0], run),
         "diagnoses": _diagnoses_panel(axes[4][1], diagnoses),
     }
+    for i, (title, lines) in enumerate(extra):
+        panels[title] = _metric_panel(axes[5 + i // 2][i % 2], title, lines)
+    if len(extra) % 2:
+        axes[-1][1].set_axis_off()
     return _save(figure, path, dpi, panels)
 
 

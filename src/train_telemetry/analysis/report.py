@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from train_telemetry.analysis.diagnose import Diagnosis, diagnose, is_serious
@@ -32,6 +32,16 @@ __all__ = ["render_report", "report_data", "report_json", "sparkline", "summariz
 
 # A trend is drawn in at most this many characters: enough to show a shape on one line.
 TREND_WIDTH = 24
+# The text shows at most this many values per extra metric and this many layers; --json
+# carries them all.
+MAX_METRIC_ROWS = 10
+MAX_LAYER_ROWS = 10
+# The per-layer table's columns: (family under ``layers``, heading).
+LAYER_COLUMNS = (
+    ("gradient_norm", "grad norm"),
+    ("weight_norm", "weight norm"),
+    ("update_ratio", "update/weight"),
+)
 _BARS = "▁▂▃▄▅▆▇█"
 _ASCII_BARS = "_.-:=+*#"
 
@@ -167,6 +177,8 @@ def summarize(run: Run) -> dict[str, Any]:
         },
         "batches": _batch_summary(run),
         "telemetry": _telemetry_summary(run),
+        "metrics": _metrics_summary(run),
+        "layers": _layers_summary(run),
         "notes": notes,
     }
     if run.records and summary["train"]["loss"] is None and summary["train"]["accuracy"] is None:
@@ -179,6 +191,52 @@ def summarize(run: Run) -> dict[str, Any]:
     if run.meta is None:
         notes.append("no run.json: group sizes, config and expected LR ratios are unknown")
     return summary
+
+
+def _leaf_stats(series: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    finite = [v for _, v in series if math.isfinite(v)]
+    return {
+        "n": len(series),
+        "first": series[0][1],
+        "last": series[-1][1],
+        "last_step": series[-1][0],
+        "min": min(finite) if finite else None,
+        "max": max(finite) if finite else None,
+        "nonfinite": len(series) - len(finite),
+    }
+
+
+def _metrics_summary(run: Run) -> dict[str, dict[str, dict[str, Any]]]:
+    """{metric key: {leaf path: first/last/min/max}} for every key without a section of its own."""
+    out = {}
+    for key in run.metric_keys():
+        leaves = {path: _leaf_stats(series) for path, series in run.leaf_series(key).items()}
+        if leaves:
+            out[key] = leaves
+    return out
+
+
+def _layers_summary(run: Run) -> dict[str, Any] | None:
+    """The last record's ``layers`` breakdown: one row per module, in model order."""
+    for i in range(len(run.records) - 1, -1, -1):
+        layers = run.records[i].get("layers")
+        if isinstance(layers, dict) and layers:
+            break
+    else:
+        return None
+    families = {f: v for f, v in layers.items() if isinstance(v, dict)}
+    modules = list(dict.fromkeys(m for values in families.values() for m in values))
+    rows = [{"layer": m, **{f: number(v.get(m)) for f, v in families.items()}} for m in modules]
+    return {"step": run.step(i), "layers": len(rows), "rows": rows}
+
+
+def _rank_key(value: float | None) -> tuple[int, float]:
+    """Sort largest first, with NaN/Inf ahead of every number and missing values last."""
+    if value is None:
+        return (2, 0.0)
+    if not math.isfinite(value):
+        return (0, 0.0)
+    return (1, -value)
 
 
 def _lr_ratios(run: Run) -> dict[str, Any] | None:
@@ -357,6 +415,8 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
     lines.extend(_group_table(s, ascii_only=ascii_only))
     lines.extend(_holdout_lines(s, ascii_only=ascii_only))
     lines.extend(_batch_lines(s))
+    lines.extend(_layer_lines(s.get("layers")))
+    lines.extend(_metric_lines(s.get("metrics") or {}, skip={"layers"} if s.get("layers") else set()))
     lines.extend(_telemetry_lines(s))
     for note in s["notes"]:
         add(f"note: {note}")
@@ -517,4 +577,45 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
     lines = ["", "  telemetry: " + ", ".join(counts)]
     if parts:
         lines.append("    " + "; ".join(parts))
+    return lines
+
+
+def _layer_lines(layers: Mapping[str, Any] | None) -> list[str]:
+    if not layers:
+        return []
+    rows = sorted(layers["rows"], key=lambda r: _rank_key(r.get("gradient_norm")))
+    shown = rows[:MAX_LAYER_ROWS]
+    width = max(14, min(40, max(len(r["layer"]) for r in shown)))
+    scope = f"top {len(shown)} of {len(rows)} by gradient norm" if len(rows) > len(shown) else "by gradient norm"
+    lines = [
+        "",
+        f"  per layer at step {layers['step']} ({scope})",
+        f"    {'layer':<{width}} " + " ".join(f"{head:>13}" for _, head in LAYER_COLUMNS),
+    ]
+    for row in shown:
+        values = " ".join(f"{format_number(row.get(family)):>13}" for family, _ in LAYER_COLUMNS)
+        lines.append(f"    {row['layer']:<{width}} {values}")
+    return lines
+
+
+def _metric_lines(metrics: Mapping[str, Mapping[str, Any]], skip: set[str]) -> list[str]:
+    """Each extra metric's values: first, last, min, max; the largest last values when many."""
+    shown = {k: v for k, v in metrics.items() if k not in skip}
+    if not shown:
+        return []
+    lines = ["", f"  {'other metrics':<32} {'first':>10} {'last':>10} {'min':>10} {'max':>10}"]
+    for key, leaves in shown.items():
+        paths = list(leaves)
+        if len(paths) > MAX_METRIC_ROWS:
+            paths = sorted(paths, key=lambda p: _rank_key(leaves[p]["last"]))[:MAX_METRIC_ROWS]
+            lines.append(f"  {key} ({len(leaves)} values; the {len(paths)} largest last values, all in --json)")
+        else:
+            lines.append(f"  {key}")
+        for path in paths:
+            st = leaves[path]
+            label = path if len(path) <= 30 else "..." + path[-27:]
+            lines.append(
+                f"    {label:<30} {format_number(st['first']):>10} {format_number(st['last']):>10} "
+                f"{format_number(st['min']):>10} {format_number(st['max']):>10}"
+            )
     return lines
