@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 def test_report_runs_with_torch_unimportable(tmp_path: Path) -> None:
     """With torch made unimportable, the analysis package, testing and the CLI import and report a run."""
-    run_dir = write_pathology(tmp_path / "run", "frozen_backbone", n=5)
+    run_dir = write_pathology(tmp_path / "run", "frozen_backbone", n=5, layers=True)
     script = textwrap.dedent(
         f"""
         import sys
@@ -38,4 +38,5 @@ def test_report_runs_with_torch_unimportable(tmp_path: Path) -> None:
     )
     assert result.returncode == 1, result.stderr  # the frozen backbone is serious: the report ran
     assert "SERIOUS  frozen_group" in result.stdout
+    assert "per layer at step 80" in result.stdout
     assert "HEAVY []" in result.stdout

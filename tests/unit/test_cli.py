@@ -10,7 +10,7 @@ import pytest
 
 from train_telemetry.cli import EXIT_ERROR, EXIT_OK, EXIT_SERIOUS, main
 from train_telemetry.records import encode_record
-from train_telemetry.testing import make_records, write_pathology
+from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
 
 
 @pytest.fixture
@@ -155,7 +155,6 @@ def test_export_tensorboard(
     healthy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """export --tensorboard DIR writes an event file and says how many scalars."""
-    pytest.importorskip("tensorboard")
     assert main(["export", str(healthy), "--tensorboard", str(tmp_path / "tb")]) == EXIT_OK
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert "TensorBoard scalars to" in capsys.readouterr().out
@@ -176,3 +175,21 @@ def test_bad_option_values_are_usage_errors(
         main(["watch", str(healthy), "--max-seconds", "-1"])
     assert exc.value.code == 2
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_report_and_export_show_a_metric_without_code_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user metric and the per-layer breakdown appear in report, report --json and the CSV export."""
+    records = add_metric(make_records(n=5, layers=True), "mean_abs_weight", lambda r: {"overall": 0.5, "head": 2.0})
+    run_dir = write_run(tmp_path / "run", records, meta=make_meta())
+    assert main(["report", str(run_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "  mean_abs_weight\n" in out and "per layer at step 80 (by gradient norm)" in out
+    assert main(["report", str(run_dir), "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["metrics"]["mean_abs_weight"]["head"]["last"] == 2.0
+    assert [row["layer"] for row in data["summary"]["layers"]["rows"]] == ["backbone.0", "backbone.2", "head"]
+    assert main(["export", str(run_dir), "--format", "csv"]) == EXIT_OK
+    header = next(run_dir.glob("*.csv")).read_text().splitlines()[0].split(",")
+    assert {"mean_abs_weight.overall", "mean_abs_weight.head", "layers.gradient_norm.backbone.0"} <= set(header)
