@@ -24,9 +24,18 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``batch_stats``     {<label_key>_<class>_pct..., batch_size}
 ``train``           {loss, accuracy}: from the hook's optional ``loss`` / ``outputs``
 ``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms}: what collecting cost
-``nonfinite``       list of "family.key" whose value is NaN or +-Inf (absent when none)
+``layers``          {gradient_norm, weight_norm, weight_delta, update_ratio}: each {<module>: float|null}
+``activations``     {<module>: {kind, mean, std, dead_fraction | saturated_fraction, ...}}
+``model_mode``      {training, batchnorm_layers, batchnorm_stat_change}
+``nonfinite``       list of "family.key[.sub]" whose value is NaN or +-Inf (absent when none)
 ``errors``          list of {where, type, message} for metrics that failed (absent when none)
+``<any other>``     a metric's own key: a dict whose leaves are numbers or null, possibly nested
 ==================  ==========================================================================
+
+:class:`Record` types every core key once; :func:`validate_record` checks a record against
+it and the "any other key" rule, naming the bad key path; :func:`nonfinite_keys` is the
+NaN scan the collector writes as ``nonfinite``. Analysis shows any metric's key without
+code of its own for it.
 
 A metric turned off by its ``track_*`` key is absent. NaN and +-Inf are written as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that every line is strict JSON
@@ -61,7 +70,6 @@ __all__ = [
     "TelemetryCost",
     "TrainMetrics",
     "error_entry",
-    "metric_keys",
     "nonfinite_keys",
     "validate_record",
     "SCHEMA_VERSION",
@@ -272,6 +280,9 @@ class Record(msgspec.Struct, omit_defaults=True):
     activations: dict[str, dict[str, float | str | None]] | UnsetType = UNSET
     model_mode: dict[str, float | None] | UnsetType = UNSET
     gradient_clipping: dict[str, float | None] | UnsetType = UNSET
+    segment: int | UnsetType = UNSET
+    restarts: int | UnsetType = UNSET
+    built_by: str | UnsetType = UNSET
 
 
 CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
@@ -279,7 +290,7 @@ CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
 
 BOOKKEEPING_KEYS = frozenset(
     {"schema", "batch_idx", "epoch", "seq", "timestamp", "time", "rank", "world_size",
-     "reference_batch_idx", "telemetry", "nonfinite", "errors"}
+     "reference_batch_idx", "telemetry", "nonfinite", "errors", "segment", "restarts", "built_by"}
 )
 """Keys that describe the record or the collector, not the model: never scanned for NaN."""
 # The order nonfinite_keys reports the seed's families in (then the rest, in record order).
@@ -293,11 +304,6 @@ class RecordError(ValueError):
 def error_entry(where: str, exc: BaseException) -> dict[str, str]:
     """The ``errors`` entry for ``exc`` raised while computing ``where``."""
     return {"where": where, "type": type(exc).__name__, "message": str(exc)}
-
-
-def metric_keys(record: Mapping[str, Any]) -> list[str]:
-    """Top-level keys of ``record`` that are not core keys: one per extra metric."""
-    return [key for key in record if key not in CORE_KEYS]
 
 
 def _float_leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -352,7 +358,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
         msgspec.convert(core, Record)
     except msgspec.ValidationError as exc:
         raise RecordError(f"record (batch_idx {record.get('batch_idx')!r}): {exc}") from None
-    for key in metric_keys(record):
+    for key in (k for k in record if k not in CORE_KEYS):
         if not isinstance(record[key], Mapping):
             raise RecordError(f"$.{key}: a metric's value must be a dict, got {record[key]!r}")
         _check_metric_value(record[key], f"$.{key}")

@@ -10,6 +10,7 @@ import pytest
 from train_telemetry.analysis import RunNotFoundError, load_run, load_runs
 from train_telemetry.records import RECORDS_FILE, encode_record
 from train_telemetry.testing import (
+    add_metric,
     make_meta,
     make_records,
     make_summary,
@@ -117,3 +118,17 @@ def test_a_records_file_path_loads_its_directory_sidecars(tmp_path: Path) -> Non
     )
     run = load_run(directory / RECORDS_FILE)
     assert run.meta is not None and run.summary is not None
+
+
+def test_any_metric_key_is_found_with_its_numeric_leaves(tmp_path: Path) -> None:
+    """Keys without a section of their own are metrics; their numbers are series by dotted path, strings skipped."""
+    records = add_metric(make_records(n=3, layers=True), "mean_abs_weight", lambda r: {"overall": r["seq"] / 2})
+    for record in records:
+        record["activations"] = {"fc1": {"kind": "relu", "dead_fraction": 0.25}}
+    run = load_run(write_run(tmp_path / "run", records, meta=make_meta()))
+    assert run.metric_keys() == ["layers", "mean_abs_weight", "activations"]
+    assert run.leaf_series("mean_abs_weight") == {"overall": [(0, 0.0), (20, 0.5), (40, 1.0)]}
+    assert run.leaf_series("activations") == {"fc1.dead_fraction": [(0, 0.25), (20, 0.25), (40, 0.25)]}
+    assert run.leaf_series("layers")["gradient_norm.head"] == [
+        (s, r["layers"]["gradient_norm"]["head"]) for s, r in zip(run.steps, run.records, strict=True)
+    ]

@@ -43,6 +43,8 @@ _NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size"}
 def flatten_record(record: Record, *, per_example: bool = False) -> dict[str, Any]:
     """One record as flat columns: nested keys joined with '.', e.g. ``gradient_norm.head``.
 
+    Any metric's key flattens the same way (``layers.gradient_norm.fc1``,
+    ``activations.fc1.dead_fraction``), so a new metric needs no change here.
     ``nonfinite`` becomes one ';'-joined string and ``errors`` a JSON string (both are lists);
     the holdout's per-example lists are dropped unless ``per_example``.
     """
