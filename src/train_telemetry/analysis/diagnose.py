@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from train_telemetry.analysis.load import (
-    OVERALL,
     Run,
     class_sort_key,
     format_number,
     holdout_accuracy,
     holdout_chance,
+    holdout_class_count,
     number,
 )
+from train_telemetry.records import OVERALL, nonfinite_keys
 
 __all__ = [
     "CODES",
@@ -44,17 +45,25 @@ _SEVERITY_ORDER = {"serious": 0, "warning": 1, "info": 2}
 
 # In report order within a severity: causes first (what to fix), then the symptoms they
 # produce (a frozen backbone or single-class batches also leave the holdout at chance; a
-# batch that switches class makes the gradients surge).
+# batch that switches class makes the gradients surge; gradients never zeroed or dead ReLUs
+# make gradients grow or vanish and training swing or stall).
 CODES = (
     "nonfinite",
+    "gradients_not_zeroed",
+    "eval_mode_training",
+    "frozen_batchnorm_stats",
     "single_class_batches",
     "data_imbalance",
     "frozen_group",
     "lr_ratio_mismatch",
+    "dying_relu",
+    "saturated_activations",
     "exploding_gradients",
     "vanishing_gradients",
+    "unstable_training",
     "update_ratio_inverted",
     "overfitting",
+    "non_convergence",
     "no_learning",
     "prediction_collapse",
     "dropped_snapshots",
@@ -161,6 +170,80 @@ SINGLE_CLASS_SERIOUS_FRACTION = 0.5
 # sampling noise alone stays well under 2x.
 IMBALANCE_RATIO = 3.0
 IMBALANCE_MIN_PER_CLASS = 20
+
+# --- silent bugs: gradients never zeroed ----------------------------------------------------
+# Without optimizer.zero_grad() the .grad the hook sees at step s is the sum of every batch's
+# gradient since the start: its norm grows like s when the per-step gradients are correlated
+# (early training: they point the same way) and at least like sqrt(s) when they are not, and
+# between two collections it changes only by the few batches added to a long sum. A healthy
+# run's gradient is one batch's: it moves around its level with the batch (the demo's healthy
+# run grows 0.09 -> 1.6 early, then swings +-40% between collections). The signature, judged
+# on at least 6 records:
+NOT_ZEROED_MIN_RECORDS = 6
+# ... over the second half of the run the log gradient norm rises steadily: its net rise is at
+# least half its total variation (measured: runs without zero_grad 0.57-0.78 on the demo, iris,
+# wine; healthy runs ~0, the demo's 0.24: noise around a level) ...
+NOT_ZEROED_STEADINESS = 0.5
+# ... by at least (s_last / s_mid) ** 0.4 (a sum of s gradients grows at least like sqrt(s);
+# 0.4 leaves room for the noise of the end points) and at most 4 * (s_last / s_mid) ** 2 (a
+# sum cannot grow much faster than linearly: exponential growth is an explosion) ...
+NOT_ZEROED_MIN_EXPONENT = 0.4
+NOT_ZEROED_MAX_EXPONENT = 2.0
+NOT_ZEROED_MAX_SLACK = 4.0
+# ... the whole run's late level is at least 2x its early level (as for exploding gradients) ...
+NOT_ZEROED_GROWTH = 2.0
+# ... or, once the loss is ~0 and the batches add ~nothing, the sum stays where it got to: the
+# second half's median change between collections under 5% (one batch's gradient changes
+# 20-50% with the batch, a sum of hundreds by its last few terms) after 2x growth from the
+# first record, while the train loss fell to half or less (a real gradient follows the loss
+# down) ...
+NOT_ZEROED_PLATEAU_JITTER = 0.05
+NOT_ZEROED_PLATEAU_LOSS_DROP = 0.5
+# ... with no NaN/Inf and without a 10x loss surge (LOSS_SURGE_GROWTH): growth that the loss
+# shares, or that ends in Inf, is an explosion or a data problem, not an accumulating sum.
+
+# --- silent bugs: activations (the ``activations`` record key) ------------------------------
+# DeepDiagnosis flags dead ReLUs at >= 70% of activations <= 0. dead_fraction counts units
+# that never fire over the whole holdout, stricter than a share of activations, so a layer at
+# 70% has lost most of its units for every input (healthy layers stay under ~20%).
+DEAD_RELU_FRACTION = 0.7
+# DeepDiagnosis flags tanh/sigmoid saturation at > 50% of pre-activations beyond +-5;
+# saturated_fraction (|tanh| > 0.99, sigmoid < 0.01 or > 0.99) is the same idea at +-2.6 / +-4.6.
+SATURATED_FRACTION = 0.5
+# Judged on the last third of the records (median), so that one bad holdout pass is not enough;
+# a layer must hold it in at least this many records.
+MIN_ACTIVATION_RECORDS = 2
+
+# --- silent bugs: model mode (the ``model_mode`` record key) --------------------------------
+# model.training == 0 at the hook in this many records (and half of them, and the last one)
+# is a loop that trains in eval mode; one record can be a loop that evaluated just before.
+MIN_MODE_RECORDS = 2
+# batchnorm_stat_change is relative (||running - previous|| / ||previous||): with the default
+# momentum 0.1 healthy BN layers move their stats by 1e-3..1e-1 per collection; float32
+# rounding alone is ~1e-7. At most 1e-6 in every record (at least 2) is frozen.
+FROZEN_BN_CHANGE = 1e-6
+
+# --- training dynamics ---------------------------------------------------------------------
+# Unstable: consecutive-record swings of the train loss (or gradient norm) in the last third
+# (median) at least 3x those of the first third, as large as half the level (the larger of the
+# first and last thirds' medians: a loss that falls to ~0.01 and spikes on a hard batch is
+# not unstable, one that keeps jumping back to half its starting level is) and changing direction in >= 40% of the second half's steps (random noise turns in ~2/3; a
+# monotone surge or explosion turns rarely and is exploding_gradients). Healthy runs' swings
+# shrink or stay with the level (the demo's: 1-1.8x).
+UNSTABLE_MIN_RECORDS = 6
+UNSTABLE_GROWTH = 3.0
+UNSTABLE_SWING = 0.5
+UNSTABLE_TURNS = 0.4
+# Non-convergence (AutoTrainer): the train loss has stopped improving over the second half
+# (last third's mean within 5% of the middle third's, or above it) while it is still high:
+# 2x or more the best holdout loss of the run (the holdout shows that much lower is
+# reachable; dropout alone makes a train loss ~1.2-1.5x the eval loss) and at least 30% of
+# chance level (ln of the class count: a uniform guess), so that a near-zero loss's noise
+# does not count. It is left to no_learning when the holdout stays at chance.
+NONCONV_MIN_RECORDS = 6
+NONCONV_STALL = 0.05
+NONCONV_HOLDOUT_GAP = 2.0
+NONCONV_MIN_CHANCE_SHARE = 0.3
 
 # --- the collector itself ------------------------------------------------------------------
 # Dropping more than 10% of snapshots leaves holes in every trend: warn; fewer is bookkeeping.
@@ -275,36 +358,24 @@ def _chance_margin(p: float, n: int) -> float:
 
 # --- detectors -----------------------------------------------------------------------------
 
-_SCANNED_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "learning_rates", "train")
+
+def _value_at(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _nonfinite_in(record: dict[str, Any]) -> dict[str, Any]:
     """ "family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
-    found: dict[str, Any] = {}
     listed = record.get("nonfinite")
-    if isinstance(listed, list):
-        for key in listed:
-            if isinstance(key, str):
-                family, _, name = key.partition(".")
-                value = (
-                    record.get(family, {}).get(name)
-                    if isinstance(record.get(family), dict)
-                    else None
-                )
-                found[key] = value if value is not None else "non-finite"
-    for family in _SCANNED_FAMILIES:
-        values = record.get(family)
-        if isinstance(values, dict):
-            for key, v in values.items():
-                f = number(v)
-                if f is not None and not math.isfinite(f):
-                    found[f"{family}.{key}"] = f
-    holdout = record.get("holdout_logits")
-    if isinstance(holdout, dict):
-        for key in ("loss", "accuracy"):
-            f = number(holdout.get(key))
-            if f is not None and not math.isfinite(f):
-                found[f"holdout_logits.{key}"] = f
+    keys = [k for k in listed if isinstance(k, str)] if isinstance(listed, list) else []
+    found: dict[str, Any] = {}
+    for key in [*keys, *nonfinite_keys(record)]:
+        value = number(_value_at(record, key))
+        found[key] = value if value is not None else "non-finite"
     return found
 
 
@@ -970,6 +1041,348 @@ def _last_errors(summary: dict[str, Any]) -> dict[str, Any]:
     return {"last_errors": "; ".join(map(str, last))} if isinstance(last, list) and last else {}
 
 
+# --- silent bugs ---------------------------------------------------------------------------
+
+
+def _steadiness(values: Sequence[float]) -> float:
+    """Net rise of log(values) over its total variation: 1 = rises every time, ~0 = noise."""
+    logs = [math.log(v) for v in values]
+    total = sum(abs(b - a) for a, b in zip(logs, logs[1:], strict=False))
+    return (logs[-1] - logs[0]) / total if total > 0 else 0.0
+
+
+def detect_not_zeroed(run: Run) -> list[Diagnosis]:
+    """Gradients that are summed over steps (no zero_grad): norm growing steadily with the step."""
+    key = OVERALL if run.series("gradient_norm", OVERALL) else (run.groups or [OVERALL])[0]
+    series = run.series("gradient_norm", key)
+    if len(series) < NOT_ZEROED_MIN_RECORDS or any(
+        not math.isfinite(v) or v <= 0 for _, v in series
+    ):
+        return []
+    steps = [s for s, _ in series]
+    values = [v for _, v in series]
+    half = series[len(series) // 2 - 1 :] if len(series) % 2 == 0 else series[len(series) // 2 :]
+    (s_mid, g_mid), (s_last, g_last) = half[0], half[-1]
+    if s_mid <= 0 or s_last <= s_mid:
+        return []
+    step_ratio = s_last / s_mid
+    growth_half = g_last / g_mid
+    steady = _steadiness([v for _, v in half])
+    early, late = _growth(values)
+    growing = (
+        steady >= NOT_ZEROED_STEADINESS
+        and step_ratio**NOT_ZEROED_MIN_EXPONENT
+        <= growth_half
+        <= NOT_ZEROED_MAX_SLACK * step_ratio**NOT_ZEROED_MAX_EXPONENT
+        and early > 0
+        and late / early >= NOT_ZEROED_GROWTH
+    )
+    losses = [v for _, v in run.series("train", "loss", finite=True)]
+    loss_early, loss_late = _growth(losses) if len(losses) >= MIN_TREND_RECORDS else (0.0, 0.0)
+    if loss_early > 0 and loss_late / loss_early >= LOSS_SURGE_GROWTH:
+        return []
+    # Once the loss is ~0 the batches add ~nothing and the sum stays where it got to.
+    jitter = statistics.median(
+        abs(math.log(b / a)) for (_, a), (_, b) in zip(half, half[1:], strict=False)
+    )
+    stuck = (
+        jitter <= NOT_ZEROED_PLATEAU_JITTER
+        and late / values[0] >= NOT_ZEROED_GROWTH
+        and loss_early > 0
+        and loss_late <= loss_early * NOT_ZEROED_PLATEAU_LOSS_DROP
+    )
+    if not (growing or stuck):
+        return []
+    how = (
+        f"rising steadily in the second half ({growth_half:.3g}x over {step_ratio:.3g}x the steps)"
+        if growing
+        else f"then holding within {jitter:.1%} between collections while the train loss fell "
+        f"{format_number(loss_early)} -> {format_number(loss_late)}"
+    )
+    loss_by_step = dict(run.series("train", "loss"))
+    evidence = [
+        Evidence(
+            s,
+            {"gradient_norm": v, "gradient_norm_per_step": v / s if s else None}
+            | ({"train_loss": loss_by_step[s]} if s in loss_by_step else {}),
+        )
+        for s, v in _pick(series)
+    ]
+    return [
+        Diagnosis(
+            code="gradients_not_zeroed",
+            severity="serious",
+            title=f"the gradient norm behaves as a sum of every batch's gradients: "
+            f"{format_number(values[0])} at step {steps[0]} -> {format_number(g_last)} at step {s_last}, "
+            + how,
+            evidence=evidence,
+            hint="gradients accumulate across steps: call optimizer.zero_grad() (or "
+            "model.zero_grad()) once per step before backward(); with gradient accumulation, "
+            "zero after each optimizer.step()",
+        )
+    ]
+
+
+def _activation_series(
+    run: Run, kinds: tuple[str, ...], field_name: str
+) -> dict[str, list[tuple[int, float]]]:
+    """{module: [(step, value of ``field_name``)]} for the activation modules of ``kinds``, in model order."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for i, record in enumerate(run.records):
+        acts = record.get("activations")
+        if not isinstance(acts, dict):
+            continue
+        for module, stats in acts.items():
+            if not isinstance(stats, dict) or stats.get("kind") not in kinds:
+                continue
+            v = number(stats.get(field_name))
+            if v is not None and math.isfinite(v):
+                out.setdefault(str(module), []).append((run.step(i), v))
+    return out
+
+
+def _stuck_layers(
+    series: dict[str, list[tuple[int, float]]], bound: float, strict: bool
+) -> list[tuple[str, int, float]]:
+    """(module, step it began, late value) for modules whose last third (median) is past ``bound``.
+
+    The step it began is the first record from which the value stays past the bound.
+    """
+    found = []
+    for module, points in series.items():
+        if len(points) < MIN_ACTIVATION_RECORDS:
+            continue
+        _, late_vals = _thirds([v for _, v in points])
+        late = statistics.median(late_vals)
+        past = (lambda v: v > bound) if strict else (lambda v: v >= bound)
+        if not past(late):
+            continue
+        began = points[-1][0]
+        for s, v in reversed(points):
+            if not past(v):
+                break
+            began = s
+        found.append((module, began, late))
+    # The layer that went first leads; ties keep model order.
+    return sorted(found, key=lambda item: item[1])
+
+
+def detect_activations(run: Run) -> list[Diagnosis]:
+    """Dead ReLU layers (units that never fire) and saturated tanh/sigmoid layers."""
+    out: list[Diagnosis] = []
+    checks = (
+        ("dying_relu", ("relu",), "dead_fraction", DEAD_RELU_FRACTION, False, "dead",
+         "ReLU units never fire on the holdout, so no gradient flows through them: lower the "
+         "LR (or warm it up), check the init (a large negative bias), use LeakyReLU/GELU or "
+         "normalisation before the ReLU"),
+        ("saturated_activations", ("tanh", "sigmoid"), "saturated_fraction", SATURATED_FRACTION, True,
+         "saturated", "saturated tanh/sigmoid units pass ~0 gradient: normalise their inputs "
+         "(BatchNorm/LayerNorm), use a smaller init (Xavier) or LR, or a ReLU-family activation"),
+    )  # fmt: skip
+    for code, kinds, field_name, bound, strict, word, hint in checks:
+        series = _activation_series(run, kinds, field_name)
+        stuck = _stuck_layers(series, bound, strict)
+        if not stuck:
+            continue
+        module, began, late = stuck[0]
+        others = [m for m, _, _ in stuck[1:]]
+        title = (
+            f"layer '{module}': {late:.0%} of its units {word} (median of the last records; "
+            f"bound {bound:.0%}) since step {began}"
+            + (
+                f"; also {', '.join(repr(m) for m in others[:4])}{', ...' if len(others) > 4 else ''}"
+                if others
+                else ""
+            )
+        )
+        out.append(
+            Diagnosis(
+                code=code,
+                severity="serious",
+                subject=module,
+                title=title,
+                evidence=[
+                    Evidence(s, {f"{field_name}": v, "layer": module})
+                    for s, v in _pick(series[module])
+                ],
+                hint=hint,
+            )
+        )
+    return out
+
+
+def _mode_series(run: Run) -> list[tuple[int, dict[str, Any]]]:
+    return [
+        (run.step(i), mode)
+        for i, record in enumerate(run.records)
+        if isinstance(mode := record.get("model_mode"), dict)
+    ]
+
+
+def detect_model_mode(run: Run) -> list[Diagnosis]:
+    """Training in eval mode, and BatchNorm running statistics that never move in train mode."""
+    modes = _mode_series(run)
+    out: list[Diagnosis] = []
+    evals = [(s, m) for s, m in modes if number(m.get("training")) == 0]
+    if (
+        len(evals) >= MIN_MODE_RECORDS
+        and len(evals) * 2 >= len(modes)
+        and evals[-1][0] == modes[-1][0]
+    ):
+        bn = max(int(number(m.get("batchnorm_layers")) or 0) for _, m in modes)
+        since = modes[-1][0]
+        for s, m in reversed(modes):
+            if number(m.get("training")) != 0:
+                break
+            since = s
+        out.append(
+            Diagnosis(
+                code="eval_mode_training",
+                severity="serious" if bn else "warning",
+                title=f"the model is in eval mode (model.training False) at {len(evals)} of "
+                f"{len(modes)} collections, since step {since}"
+                + (
+                    f": its {bn} BatchNorm layers normalise with stale running statistics and never update them"
+                    if bn
+                    else ": dropout is off"
+                ),
+                evidence=[
+                    Evidence(
+                        s,
+                        {
+                            "training": m.get("training"),
+                            "batchnorm_layers": m.get("batchnorm_layers"),
+                        },
+                    )
+                    for s, m in _pick(evals)
+                ],
+                hint="call model.train() before the training steps (and again after each "
+                "evaluation that called model.eval())",
+            )
+        )
+    changes = [
+        (s, v)
+        for s, m in modes
+        if number(m.get("training")) == 1
+        and (number(m.get("batchnorm_layers")) or 0) > 0
+        and (v := number(m.get("batchnorm_stat_change"))) is not None
+        and math.isfinite(v)
+    ]
+    if len(changes) >= MIN_MODE_RECORDS and all(v <= FROZEN_BN_CHANGE for _, v in changes):
+        out.append(
+            Diagnosis(
+                code="frozen_batchnorm_stats",
+                severity="warning",
+                title=f"BatchNorm running statistics did not change in {len(changes)} collections "
+                f"in train mode (largest relative change {format_number(max(v for _, v in changes))})",
+                evidence=[Evidence(s, {"batchnorm_stat_change": v}) for s, v in _pick(changes)],
+                hint="eval-mode outputs use the initial statistics: check BatchNorm momentum (0 "
+                "freezes them) and that no BN module is left in eval mode; if frozen BN is "
+                "intended (fine-tuning), ignore this",
+            )
+        )
+    return out
+
+
+def _swings(values: Sequence[float]) -> list[float]:
+    return [abs(b - a) for a, b in zip(values, values[1:], strict=False)]
+
+
+def detect_unstable(run: Run) -> list[Diagnosis]:
+    """Train loss or gradient norm oscillating with growing amplitude."""
+    # A converging classifier's per-batch gradient norm turns spiky (a few misclassified
+    # examples dominate it): the gradient norm counts only while the train loss is not improving.
+    sources = [("train", "loss", "train loss")]
+    if not _train_trend(run)["improving"]:
+        sources.append(("gradient_norm", OVERALL, "gradient norm"))
+    for family, key, what in sources:
+        series = run.series(family, key, finite=True)
+        if len(series) < UNSTABLE_MIN_RECORDS:
+            continue
+        values = [v for _, v in series]
+        swings = _swings(values)
+        early_sw, late_sw = _thirds(swings)
+        early, late = statistics.median(early_sw), statistics.median(late_sw)
+        start_level, level = (statistics.median(part) for part in _thirds(values))
+        half = values[len(values) // 2 :]
+        diffs = [b - a for a, b in zip(half, half[1:], strict=False)]
+        turns = sum(1 for a, b in zip(diffs, diffs[1:], strict=False) if a * b < 0)
+        turn_share = turns / max(len(diffs) - 1, 1)
+        if not (
+            late >= UNSTABLE_GROWTH * max(early, 1e-12)
+            and late >= UNSTABLE_SWING * max(abs(level), abs(start_level))
+            and turn_share >= UNSTABLE_TURNS
+        ):
+            continue
+        return [
+            Diagnosis(
+                code="unstable_training",
+                severity="serious",
+                title=f"the {what} oscillates with growing amplitude: swings between collections "
+                f"{format_number(early)} early -> {format_number(late)} late (level {format_number(level)}), "
+                f"changing direction in {turn_share:.0%} of the second half",
+                evidence=[
+                    Evidence(s, {what.replace(" ", "_"): v})
+                    for s, v in _pick(series, 2 * EVIDENCE_POINTS)
+                ],
+                hint="the optimiser overshoots: lower the LR (or add warm-up/decay), clip gradients, "
+                "check that gradients are zeroed each step and the batch size is not tiny",
+            )
+        ]
+    return []
+
+
+def detect_non_convergence(run: Run) -> list[Diagnosis]:
+    """Train loss that stopped improving far above what the holdout shows is reachable."""
+    losses = run.series("train", "loss", finite=True)
+    holdout = run.holdout()
+    if len(losses) < NONCONV_MIN_RECORDS or not holdout:
+        return []
+    values = [v for _, v in losses]
+    k = len(values) // 3
+    middle, late = statistics.fmean(values[k : len(values) - k]), statistics.fmean(values[-k:])
+    if late < middle * (1 - NONCONV_STALL):
+        return []  # still improving
+    chance, n = holdout_chance(holdout[-1][2])
+    accs = [a for _, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)]
+    if accs and statistics.fmean(_thirds(accs)[1]) <= chance + _chance_margin(chance, n):
+        return []  # the holdout stays at chance: that is no_learning
+    chance_loss = math.log(holdout_class_count(holdout[-1][2]))
+    best = [
+        (s, v)
+        for s, _, h in holdout
+        if (v := number(h.get("loss"))) is not None and math.isfinite(v)
+    ]
+    if not best:
+        return []
+    best_step, best_loss = min(best, key=lambda sv: sv[1])
+    if not (
+        late >= NONCONV_HOLDOUT_GAP * best_loss and late >= NONCONV_MIN_CHANCE_SHARE * chance_loss
+    ):
+        return []
+    gap = f"{late / best_loss:.3g}x" if best_loss > 0 else "far above"
+    holdout_loss = dict(best)
+    return [
+        Diagnosis(
+            code="non_convergence",
+            severity="serious",
+            title=f"train loss stopped improving at {format_number(late)} (last third; middle third "
+            f"{format_number(middle)}), {gap} the holdout's best loss "
+            f"{format_number(best_loss)} (step {best_step}); chance level {format_number(chance_loss)}",
+            evidence=[
+                Evidence(
+                    s,
+                    {"train_loss": v}
+                    | ({"holdout_loss": holdout_loss[s]} if s in holdout_loss else {}),
+                )
+                for s, v in _pick(losses)
+            ],
+            hint="training bounces above a loss it can reach: lower the LR or decay it, use a "
+            "larger batch, check the loss is computed on the right outputs and labels",
+        )
+    ]
+
+
 DETECTORS: tuple[Callable[[Run], list[Diagnosis]], ...] = (
     detect_nonfinite,
     detect_gradients,
@@ -979,6 +1392,11 @@ DETECTORS: tuple[Callable[[Run], list[Diagnosis]], ...] = (
     detect_learning,
     detect_collapse,
     detect_batches,
+    detect_not_zeroed,
+    detect_activations,
+    detect_model_mode,
+    detect_unstable,
+    detect_non_convergence,
 )
 
 
