@@ -517,6 +517,85 @@ def _vanishing(run: Run, group: str, converged: bool) -> Diagnosis | None:
     )
 
 
+# --- per-layer origin (the ``layers`` record key) ------------------------------------------
+
+
+def _layer_series(run: Run, family: str, group: str) -> dict[str, list[tuple[int, float | None]]]:
+    """{module: [(step, layers.<family>.<module>)]} in model order; the group's own modules
+    (named ``<group>`` or ``<group>.*``) when there are any, since layers are not tagged by group."""
+    out: dict[str, list[tuple[int, float | None]]] = {}
+    for i, record in enumerate(run.records):
+        layers = record.get("layers")
+        values = layers.get(family) if isinstance(layers, dict) else None
+        if isinstance(values, dict):
+            for module, v in values.items():
+                out.setdefault(str(module), []).append((run.step(i), number(v)))
+    own = {m: v for m, v in out.items() if m == group or m.startswith(group + ".")}
+    return own or out
+
+
+def _layer_origin(run: Run, kind: str, group: str) -> tuple[str, int | None, dict[str, Any]] | None:
+    """(module, step, values) of the layer where a group's gradient problem starts.
+
+    exploding: the layer whose gradient norm first becomes non-finite or 10x its early level
+    (EXPLODING_BEFORE_NAN_GROWTH), earliest step first, then model order; vanishing: the
+    layer nearest the output whose late gradient norm is 0, under VANISHING_NORM or
+    VANISHING_DECAY of its early level (backprop loses the signal there and in every layer
+    before it); frozen: the first layer, in model order, with no gradient or no update.
+    """
+    family = "update_ratio" if kind == "frozen" else "gradient_norm"
+    series = _layer_series(run, family, group)
+    if kind == "frozen":
+        grads = _layer_series(run, "gradient_norm", group)
+        for module, points in series.items():
+            moved = [v for _, v in points if v is not None]
+            no_grad = all(v is None or v == 0 for _, v in grads.get(module, []))
+            if (moved and all(v <= FROZEN_RELATIVE_DELTA for v in moved)) or (
+                not moved and grads.get(module) and no_grad
+            ):
+                return module, points[-1][0], {"layer": module, "layer_update_ratio": points[-1][1]}
+        return None
+    hits: list[tuple[int, int, str, dict[str, Any]]] = []
+    for order, (module, points) in enumerate(series.items()):
+        finite = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+        if kind == "exploding":
+            base = _growth([v for _, v in finite])[0] if finite else 0.0
+            for s, v in points:
+                if v is not None and (
+                    not math.isfinite(v) or (base > 0 and v >= EXPLODING_BEFORE_NAN_GROWTH * base)
+                ):
+                    hits.append((s, order, module, {"layer": module, "layer_gradient_norm": v}))
+                    break
+        elif len(finite) >= MIN_TREND_RECORDS:
+            early_vals, late_vals = _thirds([v for _, v in finite])
+            base, late = statistics.median(early_vals), statistics.median(late_vals)
+            if late < VANISHING_NORM or (base > 0 and late / base < VANISHING_DECAY):
+                hits.append(
+                    (finite[-1][0], -order, module, {"layer": module, "layer_gradient_norm": late})
+                )
+    if not hits:
+        return None
+    step, _, module, values = min(hits)
+    return module, step, values
+
+
+def _with_layer(run: Run, found: Diagnosis, kind: str) -> Diagnosis:
+    """``found`` naming the layer where it starts, when the records carry ``layers``."""
+    origin = _layer_origin(run, kind, found.subject or OVERALL)
+    if origin is None:
+        return found
+    module, step, values = origin
+    where = {
+        "exploding": f"starts in layer '{module}'"
+        + (f" at step {step}" if step is not None else ""),
+        "vanishing": f"lost at layer '{module}' (it and the layers before it)",
+        "frozen": f"first frozen layer '{module}'",
+    }[kind]
+    return dataclasses.replace(
+        found, title=f"{found.title}; {where}", evidence=[*found.evidence, Evidence(step, values)]
+    )
+
+
 def detect_gradients(run: Run) -> list[Diagnosis]:
     """Exploding (growth, Inf, NaN after growth, huge updates) or vanishing gradients, per group."""
     train = _train_trend(run)
@@ -528,9 +607,10 @@ def detect_gradients(run: Run) -> list[Diagnosis]:
     )
     out: list[Diagnosis] = []
     for group in run.groups or [OVERALL]:
-        found = _exploding(run, group) or _vanishing(run, group, converged)
+        exploding = _exploding(run, group)
+        found = exploding or _vanishing(run, group, converged)
         if found:
-            out.append(found)
+            out.append(_with_layer(run, found, "exploding" if exploding else "vanishing"))
     return out
 
 
@@ -598,7 +678,7 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
                 "the optimizer",
             )
         )
-    return out
+    return [_with_layer(run, d, "frozen") for d in out]
 
 
 def detect_lr_ratio(run: Run) -> list[Diagnosis]:
