@@ -207,18 +207,28 @@ class BatchFormatCache:
         self.label_key = label_key
         self.keys_are_default = keys_are_default
         self.need_inputs = need_inputs
-        self._formats: dict[Hashable, BatchFormat] = {}
+        self._formats: dict[Hashable, BatchFormat | str] = {}  # a str: the error of a structure that failed
 
     def get(self, batch: Any) -> BatchFormat:
-        """The format of ``batch``; raises TelemetryConfigError like :meth:`BatchFormat.resolve`."""
+        """The format of ``batch``; raises TelemetryConfigError like :meth:`BatchFormat.resolve`.
+
+        A structure that failed fails again from the cache: at every collection step of a
+        run whose batches cannot be read, the message is not rebuilt.
+        """
         key = structure_key(batch)
         fmt = self._formats.get(key)
         if fmt is None:
-            fmt = BatchFormat.resolve(batch, self.input_keys, self.label_key, self.keys_are_default,
-                                      need_inputs=self.need_inputs)
             if len(self._formats) >= self._MAX:
                 self._formats.clear()
+            try:
+                fmt = BatchFormat.resolve(batch, self.input_keys, self.label_key, self.keys_are_default,
+                                          need_inputs=self.need_inputs)
+            except TelemetryConfigError as exc:
+                self._formats[key] = str(exc)
+                raise
             self._formats[key] = fmt
+        if isinstance(fmt, str):
+            raise TelemetryConfigError(fmt)
         return fmt
 
 

@@ -268,3 +268,14 @@ def test_cache_resolves_each_structure_once() -> None:
     assert cache.get((torch.ones(5, 3), torch.ones(5))) is a
     assert cache.get((torch.zeros(2), torch.zeros(2), torch.zeros(2))).input_keys == (0, 1)
     assert structure([torch.zeros(2), "s"]) == "list of 2: (tensor [2], str)"
+
+
+def test_cache_fails_again_for_a_structure_that_failed() -> None:
+    """A batch structure that cannot be read raises the same error every time it comes back."""
+    cache = BatchFormatCache(DEFAULTS.input_keys, DEFAULTS.label_key, DEFAULTS.keys_are_default)
+    messages = []
+    for rows in (4, 6):
+        with pytest.raises(TelemetryConfigError) as err:
+            cache.get({"a": torch.zeros(rows, 3), "b": torch.zeros(rows)})
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "dict with keys ['a' (tensor [4, 3])" in messages[0]
