@@ -10,7 +10,7 @@ import pytest
 
 from train_telemetry.analysis import Diagnosis, diagnose, is_serious, load_run
 from train_telemetry.analysis.diagnose import EXPLODING_UPDATE_RATIO
-from train_telemetry.analysis.synthetic import (
+from train_telemetry.testing import (
     PATHOLOGIES,
     make_meta,
     make_records,
@@ -248,3 +248,189 @@ def test_gradient_surge_with_the_loss_is_a_warning_about_the_data(tmp_path: Path
     (found,) = [d for d in _run(tmp_path, records) if d.code == "exploding_gradients"]
     assert found.severity == "warning" and "a loss surge" in found.title
     assert "what changed in the data" in found.hint
+
+
+# --- silent bugs -------------------------------------------------------------------------
+
+
+def _not_zeroed(records: list[dict[str, Any]], *, plateau: bool = False) -> list[dict[str, Any]]:
+    """The records' gradient norms as a sum over steps: ~linear in the step, or stuck once the loss is ~0."""
+    for i, record in enumerate(records):
+        step = record["batch_idx"] or 1
+        level = 0.05 * min(step, 100) if plateau else 0.05 * step
+        for key in ("overall", "backbone", "head"):
+            record["gradient_norm"][key] = level * (1 + 0.01 * (i % 3))
+        if plateau:
+            record["train"]["loss"] = 0.7 * 0.5**i
+    return records
+
+
+def test_gradients_not_zeroed_growing_with_the_step_is_named(tmp_path: Path) -> None:
+    """Gradient norms growing in proportion to the step with a falling loss are gradients_not_zeroed."""
+    (found,) = [
+        d
+        for d in _run(tmp_path, _not_zeroed(make_records(n=12)))
+        if d.code == "gradients_not_zeroed"
+    ]
+    assert found.severity == "serious" and "zero_grad" in found.hint
+    assert "sum of every batch's gradients" in found.title
+    assert all(e.values["gradient_norm"] > 0 for e in found.evidence)
+
+
+def test_gradients_not_zeroed_stuck_after_the_loss_reached_zero_is_named(tmp_path: Path) -> None:
+    """A summed gradient that grows, then holds within 1% while the loss goes to ~0, is named."""
+    records = _not_zeroed(make_records(n=12, every=20), plateau=True)
+    codes = _codes(_run(tmp_path, records))
+    assert "gradients_not_zeroed" in codes
+
+
+def test_gradients_not_zeroed_works_collecting_every_step(tmp_path: Path) -> None:
+    """With collect_every_n 1 (steps 1, 2, 3, ...) the sum's growth is found too."""
+    records = make_records(n=30, every=1)
+    for record in records:
+        record["batch_idx"] += 1
+    codes = _codes(_run(tmp_path, _not_zeroed(records), collect_every_n=1))
+    assert "gradients_not_zeroed" in codes
+
+
+def test_exploding_gradients_are_not_gradients_not_zeroed(tmp_path: Path) -> None:
+    """Exponential growth ending in Inf, and growth the loss shares 10x, are not a missing zero_grad."""
+    run = load_run(write_pathology(tmp_path / "exploding", "exploding"))
+    assert "gradients_not_zeroed" not in _codes(diagnose(run))
+    records = _not_zeroed(make_records(n=12))
+    for i, record in enumerate(records):
+        record["train"]["loss"] = 0.5 * 2**i
+    assert "gradients_not_zeroed" not in _codes(_run(tmp_path, records))
+
+
+def _activations(records: list[dict[str, Any]], kind: str, field: str, values: list[float]) -> None:
+    for record, v in zip(records, values, strict=True):
+        record["activations"] = {
+            "backbone.1": {"kind": kind, "mean": 0.1, "std": 1.0, field: v},
+            "head.1": {"kind": kind, "mean": 0.1, "std": 1.0, field: 0.05},
+        }
+
+
+def test_dying_relu_names_the_layer_and_the_step_it_began(tmp_path: Path) -> None:
+    """A ReLU layer whose dead fraction rises from 5% to 90% at step 100 is named with that step."""
+    records = make_records(n=12)
+    _activations(records, "relu", "dead_fraction", [0.05] * 5 + [0.9] * 7)
+    (found,) = [d for d in _run(tmp_path, records) if d.code == "dying_relu"]
+    assert found.subject == "backbone.1" and "since step 100" in found.title
+    assert found.severity == "serious" and found.evidence[-1].values["dead_fraction"] == 0.9
+
+
+def test_saturated_tanh_is_named(tmp_path: Path) -> None:
+    """A tanh layer with 80% of its outputs saturated late in the run is saturated_activations."""
+    records = make_records(n=9)
+    _activations(records, "tanh", "saturated_fraction", [0.1, 0.3, 0.5] + [0.8] * 6)
+    (found,) = [d for d in _run(tmp_path, records) if d.code == "saturated_activations"]
+    assert found.subject == "backbone.1" and "80%" in found.title
+
+
+def test_healthy_activations_are_not_flagged(tmp_path: Path) -> None:
+    """ReLUs with 20% dead units and tanh layers 30% saturated get no diagnosis."""
+    records = make_records(n=9)
+    _activations(records, "relu", "dead_fraction", [0.2] * 9)
+    assert _run(tmp_path / "relu", records) == []
+    _activations(records, "tanh", "saturated_fraction", [0.3] * 9)
+    assert _run(tmp_path / "tanh", records) == []
+
+
+def _mode(
+    records: list[dict[str, Any]], training: list[int], change: list[float | None], bn: int = 2
+) -> None:
+    for record, t, c in zip(records, training, change, strict=True):
+        record["model_mode"] = {"training": t, "batchnorm_layers": bn, "batchnorm_stat_change": c}
+
+
+def test_training_in_eval_mode_is_named(tmp_path: Path) -> None:
+    """model.training 0 at every collection of a model with BatchNorm is a serious eval_mode_training."""
+    records = make_records(n=8)
+    _mode(records, [0] * 8, [None] + [0.0] * 7)
+    found = [
+        d
+        for d in _run(tmp_path, records)
+        if d.code in ("eval_mode_training", "frozen_batchnorm_stats")
+    ]
+    assert [(d.code, d.severity) for d in found] == [("eval_mode_training", "serious")]
+    assert "since step 0" in found[0].title
+
+
+def test_frozen_batchnorm_statistics_are_named(tmp_path: Path) -> None:
+    """BatchNorm stats that never change in train mode are frozen_batchnorm_stats."""
+    records = make_records(n=8)
+    _mode(records, [1] * 8, [None] + [0.0] * 7)
+    (found,) = [d for d in _run(tmp_path, records) if d.code == "frozen_batchnorm_stats"]
+    assert found.severity == "warning" and "momentum" in found.hint
+
+
+def test_healthy_model_mode_is_not_flagged(tmp_path: Path) -> None:
+    """Train mode with BN stats moving 1e-2 per collection, and one eval-mode record, are fine."""
+    records = make_records(n=8)
+    _mode(records, [1] * 7 + [0], [None] + [1e-2] * 7)
+    assert _run(tmp_path, records) == []
+
+
+def test_loss_oscillating_with_growing_amplitude_is_unstable(tmp_path: Path) -> None:
+    """A train loss swinging ever wider around its level is unstable_training."""
+    records = make_records(n=15)
+    for i, record in enumerate(records):
+        record["train"]["loss"] = 0.7 + (0.02 + 0.15 * i) * (-1) ** i
+    (found,) = [d for d in _run(tmp_path, records) if d.code == "unstable_training"]
+    assert found.severity == "serious" and "train loss" in found.title
+
+
+def test_noisy_converged_loss_is_not_unstable(tmp_path: Path) -> None:
+    """A loss at ~0.01 spiking to 0.2 on a hard batch is not unstable."""
+    records = make_records(n=15)
+    for i, record in enumerate(records):
+        record["train"]["loss"] = (0.7 - 0.05 * i) if i < 7 else (0.2 if i % 2 else 0.01)
+    assert "unstable_training" not in _codes(_run(tmp_path, records))
+
+
+def test_train_loss_stalled_above_the_holdout_best_is_non_convergence(tmp_path: Path) -> None:
+    """A train loss stuck at 0.6 while the holdout reached 0.2 is non_convergence."""
+    records = make_records(n=12)
+    for i, record in enumerate(records):
+        record["train"]["loss"] = 0.65 if i < 3 else 0.6 + 0.01 * (i % 2)
+        record["holdout_logits"]["loss"] = 0.2 + 0.01 * i
+    (found,) = [d for d in _run(tmp_path, records) if d.code == "non_convergence"]
+    assert found.severity == "serious" and "0.2" in found.title
+
+
+def test_non_convergence_leaves_a_holdout_at_chance_to_no_learning(tmp_path: Path) -> None:
+    """With the holdout at chance the stalled run is no_learning, not also non_convergence."""
+    codes = _codes(diagnose(load_run(write_pathology(tmp_path / "run", "no_learning"))))
+    assert "no_learning" in codes and "non_convergence" not in codes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_healthy_runs_with_layers_and_activations_get_no_diagnosis(
+    tmp_path: Path, seed: int
+) -> None:
+    """Healthy runs carrying layers, activations and model_mode keys get no diagnosis."""
+    records = make_records(n=12, seed=seed, layers=True)
+    _activations(records, "relu", "dead_fraction", [0.1] * 12)
+    _mode(records, [1] * 12, [None] + [2e-2] * 11)
+    assert _run(tmp_path, records) == []
+
+
+@pytest.mark.parametrize(
+    ("pathology", "code", "phrase"),
+    [
+        ("exploding", "exploding_gradients", "starts in layer 'backbone.0'"),
+        ("vanishing", "vanishing_gradients", "lost at layer 'backbone.2'"),
+        ("frozen_backbone", "frozen_group", "first frozen layer 'backbone.0'"),
+    ],
+)
+def test_gradient_diagnoses_name_the_layer_where_they_start(
+    tmp_path: Path, pathology: str, code: str, phrase: str
+) -> None:
+    """With per-layer records, exploding/vanishing/frozen name the layer and add it to the evidence."""
+    directory = write_pathology(tmp_path / pathology, pathology, layers=True)
+    found = next(
+        d for d in diagnose(load_run(directory)) if d.code == code and d.subject == "backbone"
+    )
+    assert phrase in found.title
+    assert found.evidence[-1].values["layer"] in ("backbone.0", "backbone.2")
