@@ -29,24 +29,32 @@ PRESETS = {
     "single_class_batches": "batches sorted by label, so every batch holds one class",
     "shuffled_labels": "training labels shuffled relative to the inputs: nothing to learn",
     "exploding_lr": "LR 300x too high: gradients explode",
+    "no_zero_grad": "the loop never calls optimizer.zero_grad(): gradients sum over steps",
+    "dead_relu": "the embedding layer's bias starts at -10: its ReLUs never fire",
+    "saturated_tanh": "tanh activations with 10x initial weights: most units saturate",
+    "eval_mode": "the loop calls model.eval() instead of model.train(): BatchNorm never updates",
+    "frozen_bn": "BatchNorm momentum 0: its running statistics never move",
+    "unstable": "SGD with momentum 0.99 at LR 0.05: the loss swings ever wider",
 }
 
 BASE_LR = 1e-3  # backbone LR (AdamW); the head gets 10x
 
 
 class Backbone(nn.Module):
-    def __init__(self, width: int = 16, embed: int = 32) -> None:
+    def __init__(
+        self, width: int = 16, embed: int = 32, activation: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1),
             nn.BatchNorm2d(width),
-            nn.ReLU(),
+            activation(),
             nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
+            activation(),
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
             nn.Linear(2 * width * 4, embed),
-            nn.ReLU(),
+            activation(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +64,12 @@ class Backbone(nn.Module):
 class SiameseNet(nn.Module):
     """Two images -> 2 logits: which one shows the larger digit."""
 
-    def __init__(self, width: int = 16, embed: int = 32) -> None:
+    def __init__(
+        self, width: int = 16, embed: int = 32, activation: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
-        self.backbone = Backbone(width, embed)
-        self.head = nn.Sequential(nn.Linear(3 * embed, 64), nn.ReLU(), nn.Linear(64, 2))
+        self.backbone = Backbone(width, embed, activation)
+        self.head = nn.Sequential(nn.Linear(3 * embed, 64), activation(), nn.Linear(64, 2))
 
     def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
         e1, e2 = self.backbone(img1), self.backbone(img2)
@@ -97,35 +107,54 @@ def load_digit_pairs(n_train: int = 4096, n_val: int = 512, seed: int = 0) -> De
     return DemoData(train=pairs(order[:cut], n_train), val=pairs(order[cut:], n_val))
 
 
-def make_optimizer(model: SiameseNet, head_lr_factor: float = 10.0, base_lr: float = BASE_LR) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: SiameseNet, head_lr_factor: float = 10.0, base_lr: float = BASE_LR
+) -> torch.optim.Optimizer:
     """AdamW with the seed's two named groups: backbone at 1x, head at ``head_lr_factor``x."""
     return torch.optim.AdamW(
         [
             {"params": list(model.backbone.parameters()), "lr": base_lr, "name": "backbone"},
-            {"params": list(model.head.parameters()), "lr": base_lr * head_lr_factor, "name": "head"},
+            {
+                "params": list(model.head.parameters()),
+                "lr": base_lr * head_lr_factor,
+                "name": "head",
+            },
         ],
         weight_decay=1e-4,
     )
 
 
 def iterate_batches(
-    data: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator, sort_by_label: bool = False
+    data: dict[str, torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+    sort_by_label: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     n = len(data["winner"])
-    order = torch.argsort(data["winner"], stable=True) if sort_by_label else torch.randperm(n, generator=generator)
+    order = (
+        torch.argsort(data["winner"], stable=True)
+        if sort_by_label
+        else torch.randperm(n, generator=generator)
+    )
     for start in range(0, n - batch_size + 1, batch_size):
         idx = order[start : start + batch_size]
         yield {k: v[idx] for k, v in data.items()}
 
 
-def build_run(preset: str, seed: int = 0) -> tuple[SiameseNet, torch.optim.Optimizer, DemoData, dict[str, Any]]:
+def build_run(
+    preset: str, seed: int = 0
+) -> tuple[SiameseNet, torch.optim.Optimizer, DemoData, dict[str, Any]]:
     """Model, optimizer, data and loop options for a preset (see :data:`PRESETS`)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     torch.manual_seed(seed)
     data = load_digit_pairs(seed=seed)
-    model = SiameseNet()
-    options: dict[str, Any] = {"sort_by_label": False}
+    model = SiameseNet(activation=nn.Tanh if preset == "saturated_tanh" else nn.ReLU)
+    options: dict[str, Any] = {
+        "sort_by_label": False,
+        "zero_grad": preset != "no_zero_grad",
+        "train_mode": preset != "eval_mode",
+    }
     head_factor = 10.0
     base_lr = BASE_LR
     if preset == "frozen_backbone":
@@ -137,9 +166,40 @@ def build_run(preset: str, seed: int = 0) -> tuple[SiameseNet, torch.optim.Optim
         options["sort_by_label"] = True
     elif preset == "shuffled_labels":
         g = torch.Generator().manual_seed(seed + 1)
-        data.train["winner"] = data.train["winner"][torch.randperm(len(data.train["winner"]), generator=g)]
+        data.train["winner"] = data.train["winner"][
+            torch.randperm(len(data.train["winner"]), generator=g)
+        ]
     elif preset == "exploding_lr":
         base_lr = BASE_LR * 300
+    elif preset == "dead_relu":
+        embed = model.backbone.features[7]
+        assert isinstance(embed, nn.Linear)
+        with torch.no_grad():
+            embed.bias.fill_(-10.0)  # pre-activations ~N(-10, <1): the ReLU after it never fires
+    elif preset == "saturated_tanh":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(10.0)  # pre-activations 10x wider than the default init's: |x| >> 2.6
+    elif preset == "frozen_bn":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0  # running stats = (1 - 0) * running + 0 * batch: never move
+    if preset == "unstable":
+        # Plain SGD over both groups at the seed's ratio: the momentum and LR are what is wrong.
+        lr, momentum = 0.05, 0.99
+        sgd = torch.optim.SGD(
+            [
+                {
+                    "params": list(model.backbone.parameters()),
+                    "lr": lr / head_factor,
+                    "name": "backbone",
+                },
+                {"params": list(model.head.parameters()), "lr": lr, "name": "head"},
+            ],
+            momentum=momentum,
+        )
+        return model, sgd, data, options
     return model, make_optimizer(model, head_factor, base_lr), data, options
 
 
@@ -156,7 +216,9 @@ def train(
     holdout = [{k: v[i : i + 25] for k, v in data.val.items()} for i in range(0, 50, 25)]
     telemetry.set_holdout_data(holdout)
     steps_per_epoch = len(data.train["winner"]) // batch_size
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    total = (
+        steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     telemetry.start(model, optimizer)
     loss_fn = nn.CrossEntropyLoss()
@@ -165,15 +227,20 @@ def train(
     device = torch.device("cpu")
     try:
         for epoch in range(epochs):
-            model.train()
-            for batch_idx, batch in enumerate(iterate_batches(data.train, batch_size, g, options["sort_by_label"]), 1):
+            model.train(options["train_mode"])
+            for batch_idx, batch in enumerate(
+                iterate_batches(data.train, batch_size, g, options["sort_by_label"]), 1
+            ):
                 outputs = model(batch["img1"], batch["img2"])
                 loss = loss_fn(outputs, batch["winner"])
-                optimizer.zero_grad()
+                if options["zero_grad"]:
+                    optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                telemetry.on_batch_end(model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs)
+                telemetry.on_batch_end(
+                    model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs
+                )
                 step += 1
                 if step >= total:
                     break
@@ -183,5 +250,9 @@ def train(
         summary = telemetry.stop()
     model.eval()
     with torch.no_grad():
-        val_acc = float((model(data.val["img1"], data.val["img2"]).argmax(1) == data.val["winner"]).float().mean())
+        val_acc = float(
+            (model(data.val["img1"], data.val["img2"]).argmax(1) == data.val["winner"])
+            .float()
+            .mean()
+        )
     return {"steps": step, "val_accuracy": val_acc, "records": summary.records_written}
