@@ -150,18 +150,20 @@ def _worker_can_import(obj: Any) -> bool:
     """A ``__main__`` class/function is importable in the worker: module level, outside any block."""
     if "<locals>" in obj.__qualname__ or not _main_rerun_by_spawn():
         return False
-    found: Any = sys.modules["__main__"]
-    for part in obj.__qualname__.split("."):
+    parts = obj.__qualname__.split(".")
+    top: Any = getattr(sys.modules["__main__"], parts[0], None)
+    found = top
+    for part in parts[1:]:
         found = getattr(found, part, None)
     if found is not obj:
         return False
     try:
-        first_line = inspect.getsourcelines(obj)[0][0]
+        first_line = inspect.getsourcelines(top)[0][0]  # of the outermost name: a method's class
     except (OSError, TypeError, IndexError):
         return True  # no source to look at: trust the name, as plain pickle would
     # Indented: defined inside a block, typically `if __name__ == "__main__":`, which the
     # worker's re-run of the script (as __mp_main__) skips.
-    return not first_line[:1].isspace() or obj.__qualname__.count(".") > 0
+    return not first_line[:1].isspace()
 
 
 # -- what exactly cannot be pickled --------------------------------------------------------

@@ -206,3 +206,56 @@ def test_submodule_attribute_path_with_a_name_prefix() -> None:
     model[1].guard = threading.Lock()
     with pytest.raises(UnpicklableError, match=r"^model\.1\.guard: cannot pickle '_thread\.lock' object$"):
         dumps_for_worker(model, name="model")
+
+
+@pytest.mark.timeout(180)
+def test_script_class_under_the_main_guard_goes_by_value_and_module_level_ones_by_name(tmp_path: Path) -> None:
+    """In a script, a class defined under `if __name__ == "__main__":` is not in the worker's re-run: by value."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, pickle, sys
+        sys.path[:0] = [{str(HERE)!r}, {str(SRC)!r}]
+        import torch
+        import torch.multiprocessing as mp
+        from multiprocessing.reduction import ForkingPickler
+        from torch import nn
+        from test_sending import Payload, _forward_in_child
+        from train_telemetry.sending import dumps_for_worker
+
+        def double(model, x):  # module level: the worker re-runs this file and finds it by name
+            return model(x) * 2
+
+        if __name__ == "__main__":
+            class GuardedNet(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.fc = nn.Linear(4, 2)
+
+                def forward(self, x):
+                    return self.fc(x)
+
+            torch.manual_seed(0)
+            payload = Payload(GuardedNet(), double)
+            x = torch.randn(3, 4)
+            with torch.no_grad():
+                want = double(payload.model, x)
+            ours = dumps_for_worker(payload)
+            ctx = mp.get_context("spawn")
+            # a second pickling, loaded here (the handles in `ours` are for one loader only): by value
+            # double would come back as a copy
+            results = {{"double_by_name": pickle.loads(dumps_for_worker(payload)).forward_fn is double}}
+            for how, data in (("plain", bytes(ForkingPickler.dumps(payload))), ("ours", ours)):
+                out = ctx.Queue()
+                proc = ctx.Process(target=_forward_in_child, args=(data, x, out), daemon=True)
+                proc.start()
+                status, got = out.get(timeout=60)
+                proc.join(30)
+                results[how] = [status, got if status == "error" else got == want.tolist()]
+            print(json.dumps(results))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["plain"][0] == "error" and "GuardedNet" in results["plain"][1]
+    assert results["ours"] == ["ok", True], results
+    assert results["double_by_name"] is True
