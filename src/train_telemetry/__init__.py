@@ -19,6 +19,10 @@ __all__ = [
     "TelemetryConfigError",
     "TelemetryStartError",
     "TelemetrySummary",
+    "Metric",
+    "SnapshotData",
+    "RunInfo",
+    "metric",
     "read_records",
     "__version__",
 ]
@@ -26,8 +30,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {"Telemetry", "TrainingTelemetry", "TelemetryStartError", "TelemetrySummary"}
+_LAZY_METRICS = {"Metric", "SnapshotData", "RunInfo", "metric"}
 
 if TYPE_CHECKING:
+    from .metrics import Metric, RunInfo, SnapshotData, metric
     from .telemetry import Telemetry, TelemetryStartError, TelemetrySummary, TrainingTelemetry
 
 
@@ -36,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from . import telemetry
 
         return getattr(telemetry, name)
+    if name in _LAZY_METRICS:
+        from . import metrics
+
+        return getattr(metrics, name)
     raise AttributeError(f"module 'train_telemetry' has no attribute {name!r}")

@@ -25,6 +25,12 @@ class TelemetryConfigError(ValueError):
     """A setting, a config file or a start-up condition is wrong; the message says the fix."""
 
 
+DEFAULT_INPUT_KEYS = ("img1", "img2")
+DEFAULT_LABEL_KEY = "winner"
+# The built-in metrics that ``metrics:`` may name (train_telemetry.metrics registers each).
+BUILTIN_METRICS = ("layers", "activations", "model_mode")
+DEFAULT_METRICS = ("layers", "activations", "model_mode")
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -49,8 +55,14 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     holdout_size: PositiveInt = 50
 
     # --- what the batches look like --------------------------------------------------
-    input_keys: list[str] = msgspec.field(default_factory=lambda: ["img1", "img2"])
-    label_key: str = "winner"
+    # Keys of a dict batch or positions (ints) in a tuple batch. Left at the seed's
+    # defaults, a batch without these keys is recognised by its shape (batches.py).
+    input_keys: list[str | int] = msgspec.field(default_factory=lambda: list(DEFAULT_INPUT_KEYS))
+    label_key: str | int = DEFAULT_LABEL_KEY
+
+    # --- metrics beyond the seed's five (by name; see train_telemetry.metrics) -------
+    metrics: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_METRICS))
+    layer_depth: Annotated[int, msgspec.Meta(ge=0)] = 0  # layers: module-name components kept (0: whole name)
 
     # --- how collection runs ---------------------------------------------------------
     mode: Literal["async", "sync"] = "async"
@@ -89,6 +101,19 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise TelemetryConfigError(
                 "input_keys: [] is not valid: name at least one batch key to feed the model"
             )
+        for i, name in enumerate(self.metrics):
+            if name not in BUILTIN_METRICS:
+                close = difflib.get_close_matches(name, BUILTIN_METRICS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TelemetryConfigError(
+                    f"metrics[{i}]: {name!r} is not a built-in metric{hint} (built-ins: "
+                    f"{', '.join(BUILTIN_METRICS)}; pass your own with Telemetry(config, metrics=[...]))"
+                )
+
+    @property
+    def keys_are_default(self) -> bool:
+        """Whether input_keys/label_key are the seed's defaults (then other batch shapes are recognised)."""
+        return tuple(self.input_keys) == DEFAULT_INPUT_KEYS and self.label_key == DEFAULT_LABEL_KEY
 
     # --- loading ---------------------------------------------------------------------
     @classmethod
@@ -161,8 +186,10 @@ _ALLOWED: dict[str, str] = {
     "on_full": "one of 'drop', 'block'",
     "start_method": "one of 'spawn', 'forkserver', 'fork'",
     "output_dir": "a directory path (string) or null",
-    "input_keys": "a list of batch keys (strings)",
-    "label_key": "a batch key (string)",
+    "input_keys": "a list of batch keys (strings) or tuple positions (integers)",
+    "label_key": "a batch key (string) or a tuple position (integer)",
+    "metrics": f"a list of built-in metric names ({', '.join(BUILTIN_METRICS)})",
+    "layer_depth": "an integer >= 0 (0: the whole module name)",
     "expected_lr_ratios": "a mapping of group name to a number > 0, or null",
 }
 

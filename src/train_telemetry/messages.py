@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pickle
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, TypeAlias, get_type_hints
 
-from .records import CHECKPOINT_FILE
+from .records import CHECKPOINT_FILE, error_entry
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,18 @@ class Setup:
     specs: list[TensorSpec]
     num_params: int  # specs[:num_params] are parameters, the rest buffers
     slots: list[list[Any]]  # slots[i][j]: shared CPU tensor for specs[j] in slot i
-    meta: list[Any]  # meta[i]: slot i's shared byte buffer (snapshot.SlotPool)
-    meta_offsets: dict[str, int]
+    meta: list[Any]  # meta[i]: slot i's shared byte buffer (snapshot.META_FIELDS)
     model: Any  # the model for holdout eval, its tensors the slot's (snapshot.model_on_slot), or None
-    forward_fn: Any  # picklable forward_fn(model, batch) -> logits, or None
-    holdout: dict[str, Any] | None  # the fixed holdout batch (CPU tensors)
+    forward: Any  # forward(model, batch) -> logits for the holdout (forward_fn, or the batch format's call)
+    holdout: Any  # the fixed holdout batch (CPU tensors), or None
+    holdout_labels: Any  # its label tensor, or None
+    slice_batch: Any  # slice_batch(batch, start, stop), for evaluating the holdout in chunks
     init_slot: int | None  # slot holding the weights at start(): the first delta reference
     groups: Groups
+    metrics: list[Any]  # the run's Metric objects (metrics.resolve_metrics)
+    needs: frozenset[str]  # what they need (metrics.all_needs)
+    module_types: dict[str, str]  # module name -> class name, for metrics' setup
+    label_name: str = "label"
     rank: int = 0
     world_size: int = 1
     # The delta reference's file name in the run directory; with per_rank each rank has its
@@ -65,58 +70,72 @@ HEADER_BYTES = 64 * 1024  # per slot: a snapshot's header (write_header)
 # What a snapshot's header says about each value (the kinds below).
 NONE, IN_HEADER, IN_SLOT, IN_AUX, IN_EXTRA, ALL_MISSING = 0, 1, 2, 3, 4, 5
 
-# seq, batch_idx, epoch, time, hook_ms, dropped_before, dropped_total, batch_size (-1: unknown),
-# groups version, grads kind, loss kind, accuracy kind, counts kind, loss, #LRs (-1: none),
-# bytes of the pickled extra that follows the LRs.
-_HEAD = struct.Struct("<qqqddqqqqbbbbdiI")
-_WITH_LRS: dict[int, struct.Struct] = {}
+# struct codes of the header's plain numbers; the Snapshot fields below carry them.
+_I64: TypeAlias = Annotated[int, "q"]
+_F64: TypeAlias = Annotated[float, "d"]
+_I8: TypeAlias = Annotated[int, "b"]
 
 
 @dataclass
 class Snapshot:
-    """One collection as the worker reads it from a slot's header (see write_header).
+    """One collection's plain numbers, as the hook packs them into a slot's header.
 
+    Declared once: the header's struct format, ``write_header`` and ``read_header`` derive
+    from the annotated fields (``Annotated[int, "q"]`` is one int64 of the header), in
+    order; the fields after them travel as the LRs and a pickled ``extra`` that follow.
     The tensors (weights, gradient norms, loss, labels, outputs) stay in the slot; the
     kinds say where each value is: NONE, IN_HEADER, IN_SLOT (the slot's meta buffer),
     IN_AUX (labels/outputs copied into the aux bytes, described in ``extra``), IN_EXTRA
     (computed in the hook and pickled into ``extra``), ALL_MISSING (no parameter had a gradient).
     """
 
-    seq: int
-    slot: int
-    batch_idx: int
-    epoch: int
-    time: float  # time.time() at the hook
-    hook_ms: float
-    dropped_before: int  # snapshots dropped since the previous one taken
-    dropped_total: int
-    batch_size: int | None
-    groups_version: int
-    grads: int
-    loss_kind: int
-    accuracy_kind: int
-    counts_kind: int
-    loss: float | None  # when loss_kind == IN_HEADER
-    learning_rates: list[float] | None  # per optimizer param group
+    seq: _I64
+    batch_idx: _I64
+    epoch: _I64
+    time: _F64  # time.time() at the hook
+    hook_ms: _F64
+    dropped_before: _I64  # snapshots dropped since the previous one taken
+    dropped_total: _I64
+    batch_size: _I64  # -1: unknown (see .rows)
+    groups_version: _I64
+    grads: _I8
+    loss_kind: _I8
+    accuracy_kind: _I8
+    counts_kind: _I8
+    training: _I8  # model.training at the hook: 1, 0, or -1 when not read
+    loss: _F64  # when loss_kind == IN_HEADER
+    learning_rates: list[float] | None = None  # per optimizer param group
     extra: dict[str, Any] = field(default_factory=dict)  # aux layout, hook-side errors, ...
+    slot: int = -1  # set by read_header
+
+    @property
+    def rows(self) -> int | None:
+        return None if self.batch_size < 0 else self.batch_size
+
+    @property
+    def header_loss(self) -> float | None:
+        return self.loss if self.loss_kind == IN_HEADER else None
 
 
-def write_header(
-    buf: Any, slot: int, seq: int, batch_idx: int, epoch: int, time: float, hook_ms: float,
-    dropped_before: int, dropped_total: int, batch_size: int, groups_version: int, grads: int,
-    loss_kind: int, accuracy_kind: int, counts_kind: int, loss: float, lrs: list[float] | None, extra: bytes,
-) -> None:
-    """Pack one snapshot's plain numbers into slot ``slot``'s header in ``buf`` (a shared byte array)."""
+_PACKED = [f.name for f in fields(Snapshot) if get_type_hints(Snapshot, include_extras=True)[f.name] in (_I64, _F64, _I8)]
+# The packed fields, then the number of LRs (-1: none) and the bytes of the pickled extra.
+_HEAD = struct.Struct("<" + "".join(get_type_hints(Snapshot, include_extras=True)[n].__metadata__[0] for n in _PACKED) + "iI")
+_WITH_LRS: dict[int, struct.Struct] = {}
+
+
+def write_header(buf: Any, slot: int, snap: Snapshot, extra: bytes) -> None:
+    """Pack ``snap`` (its numbers, LRs and the pickled ``extra``) into slot ``slot``'s header in ``buf``."""
     off = slot * HEADER_BYTES
+    lrs = snap.learning_rates
     n_lrs = -1 if lrs is None else len(lrs)
     fmt = _WITH_LRS.get(n_lrs)
     if fmt is None:  # the header and the LRs in one struct: one pack call per snapshot
         fmt = _WITH_LRS[n_lrs] = struct.Struct(_HEAD.format + f"{max(n_lrs, 0)}d")
     if fmt.size + len(extra) > HEADER_BYTES:
-        extra = pickle.dumps({"errors": [{"where": "header", "type": "OverflowError",
-                                          "message": f"{len(extra)} bytes of hook-side values do not fit a slot header"}]})
-    fmt.pack_into(buf, off, seq, batch_idx, epoch, time, hook_ms, dropped_before, dropped_total, batch_size,
-                  groups_version, grads, loss_kind, accuracy_kind, counts_kind, loss, n_lrs, len(extra), *(lrs or ()))
+        extra = pickle.dumps({"errors": [error_entry("header", OverflowError(
+            f"{len(extra)} bytes of hook-side values do not fit a slot header"))]})
+    values = [getattr(snap, name) for name in _PACKED]
+    fmt.pack_into(buf, off, *values, n_lrs, len(extra), *(lrs or ()))
     if extra:
         off += fmt.size
         buf[off : off + len(extra)] = extra
@@ -125,21 +144,14 @@ def write_header(
 def read_header(buf: Any, slot: int) -> Snapshot:
     """The :class:`Snapshot` whose header write_header put in slot ``slot``."""
     off = slot * HEADER_BYTES
-    (seq, batch_idx, epoch, time, hook_ms, dropped_before, dropped_total, batch_size, groups_version, grads,
-     loss_kind, accuracy_kind, counts_kind, loss, n_lrs, n_extra) = _HEAD.unpack_from(buf, off)
+    *values, n_lrs, n_extra = _HEAD.unpack_from(buf, off)
     off += _HEAD.size
     lrs = None
     if n_lrs >= 0:
         lrs = list(struct.unpack_from(f"<{n_lrs}d", buf, off))
         off += 8 * n_lrs
     extra = pickle.loads(bytes(buf[off : off + n_extra])) if n_extra else {}
-    return Snapshot(
-        seq=seq, slot=slot, batch_idx=batch_idx, epoch=epoch, time=time, hook_ms=hook_ms,
-        dropped_before=dropped_before, dropped_total=dropped_total,
-        batch_size=None if batch_size < 0 else batch_size, groups_version=groups_version, grads=grads,
-        loss_kind=loss_kind, accuracy_kind=accuracy_kind, counts_kind=counts_kind,
-        loss=loss if loss_kind == IN_HEADER else None, learning_rates=lrs, extra=extra,
-    )
+    return Snapshot(**dict(zip(_PACKED, values, strict=True)), learning_rates=lrs, extra=extra, slot=slot)
 
 
 @dataclass

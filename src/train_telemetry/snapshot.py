@@ -40,7 +40,7 @@ import torch
 
 from .config import TelemetryConfigError
 from .messages import HEADER_BYTES, TensorSpec
-from .metrics import COUNT_VECTOR_LEN
+from .metrics.batch import COUNT_VECTOR_LEN
 
 __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
            "grad_norms", "pin_in_place", "unwrap_model"]
@@ -169,6 +169,7 @@ class Channel:
             self.ring = ctx.RawArray("i", num_slots)
             self._sem = ctx.Semaphore(0)
         self._state_view: memoryview | None = None  # per process (a memoryview does not pickle)
+        self._headers_view: memoryview | None = None
         self._published = 0  # trainer side: slots published so far
         self._consumed = 0  # worker side: published slots taken so far
 
@@ -192,7 +193,14 @@ class Channel:
 
     # -- worker side
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_state_view": None}
+        return {**self.__dict__, "_state_view": None, "_headers_view": None}
+
+    @property
+    def headers_view(self) -> memoryview:
+        """The header bytes as a flat byte view (made once per process)."""
+        if self._headers_view is None:
+            self._headers_view = memoryview(self.headers).cast("B")
+        return self._headers_view
 
     def take_published(self) -> list[int]:
         """Slots published since the last call, in the order they were published."""
@@ -220,13 +228,7 @@ class SlotPool:
         self.channel = channel
         num_slots = channel.num_slots
         n_params = max(len(layout.params), 1)
-        meta_fields = {"norms": (torch.float64, n_params), "scalars": (torch.float64, 2),
-                       "counts": (torch.int64, COUNT_VECTOR_LEN), "aux": (torch.uint8, AUX_BYTES)}
-        offsets: dict[str, int] = {}
-        meta_bytes = 0
-        for name, (dtype, numel) in meta_fields.items():
-            offsets[name] = meta_bytes
-            meta_bytes += _align(numel * _itemsize(dtype))
+        meta_bytes = meta_size(n_params)
         need = (layout.nbytes + meta_bytes) * num_slots
         if shared:
             free = _shm_free_bytes()
@@ -255,8 +257,7 @@ class SlotPool:
                 tensors.append(flats[src.dtype][start : start + src.numel()].view(src.shape))
             self.slots.append(tensors)
             self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
-        self.meta_offsets = offsets
-        self.norms, self.scalars, self.counts, self.aux = meta_views(self.meta, offsets, n_params)
+        self.norms, self.scalars, self.counts, self.aux = meta_views(self.meta, n_params)
         self.norm_views = [list(norms[: len(layout.params)].unbind()) for norms in self.norms]  # 0-d each
         self.nbytes = need
         self._views: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -272,21 +273,40 @@ class SlotPool:
         return view
 
 
+# A slot's meta buffer, declared once (the hook's SlotPool and the worker's views read it):
+# name, dtype, number of elements (None: one per parameter, -1 = no gradient).
+META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
+    ("norms", torch.float64, None),  # each parameter's gradient norm
+    ("scalars", torch.float64, 2),  # the loss, the batch accuracy (when reduced in the hook)
+    ("counts", torch.int64, COUNT_VECTOR_LEN),  # DDP: the all_reduced label-count vector
+    ("aux", torch.uint8, AUX_BYTES),  # the batch's labels and the model's outputs, when they fit
+)
+
+
+def _meta_layout(n_params: int) -> list[tuple[str, torch.dtype, int, int]]:
+    """(name, dtype, numel, byte offset) of each meta field, each 64-byte aligned."""
+    out, offset = [], 0
+    for name, dtype, numel in META_FIELDS:
+        count = n_params if numel is None else numel
+        out.append((name, dtype, count, offset))
+        offset += _align(count * _itemsize(dtype))
+    return out
+
+
+def meta_size(n_params: int) -> int:
+    """Bytes of one slot's meta buffer."""
+    name, dtype, numel, offset = _meta_layout(n_params)[-1]
+    return offset + _align(numel * _itemsize(dtype))
+
+
 def meta_views(
-    meta: Sequence[torch.Tensor], offsets: dict[str, int], n_params: int
+    meta: Sequence[torch.Tensor], n_params: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(norms, scalars, counts, aux) of each slot's meta buffer (the worker rebuilds them too)."""
-
-    def view(buf: torch.Tensor, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        start = offsets[name]
-        return buf[start : start + numel * _itemsize(dtype)].view(dtype)
-
-    return (
-        [view(m, "norms", torch.float64, n_params) for m in meta],
-        [view(m, "scalars", torch.float64, 2) for m in meta],
-        [view(m, "counts", torch.int64, COUNT_VECTOR_LEN) for m in meta],
-        [view(m, "aux", torch.uint8, AUX_BYTES) for m in meta],
-    )
+    views: dict[str, list[torch.Tensor]] = {}
+    for name, dtype, numel, offset in _meta_layout(n_params):
+        views[name] = [m[offset : offset + numel * _itemsize(dtype)].view(dtype) for m in meta]
+    return views["norms"], views["scalars"], views["counts"], views["aux"]
 
 
 def aux_view(aux: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

@@ -173,7 +173,7 @@ def assert_batch_stats(records: list[dict[str, Any]], rank: int | None) -> None:
 def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: list[dict[str, Any]]) -> None:
     """By default rank 0 alone writes, rank 1 starts no worker, and the records equal a single-process run's."""
     out, results = run_example(tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint.pt", "run.json", "summary.json", "telemetry.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint.pt", "last_checkpoint.pt.ok", "run.json", "summary.json", "telemetry.jsonl"]
     assert results[1]["worker_pid"] is None
     assert results[1]["summary"]["records_written"] == 0 and results[1]["summary"]["clean"]
     assert results[0]["worker_pid"] is not None
@@ -195,7 +195,8 @@ def test_per_rank_every_rank_writes_its_own_files(tmp_path: Path, reference: lis
     """With per_rank each rank writes telemetry.rank<r>.jsonl: identical gradient records, its own batch stats."""
     out, results = run_example(tmp_path, "--per-rank")
     assert sorted(p.name for p in out.iterdir()) == [
-        "last_checkpoint.rank0.pt", "last_checkpoint.rank1.pt", "run.rank0.json", "run.rank1.json",
+        "last_checkpoint.rank0.pt", "last_checkpoint.rank0.pt.ok", "last_checkpoint.rank1.pt",
+        "last_checkpoint.rank1.pt.ok", "run.rank0.json", "run.rank1.json",
         "summary.rank0.json", "summary.rank1.json", "telemetry.rank0.jsonl", "telemetry.rank1.jsonl",
     ]
     per_rank = [read_records(out / f"telemetry.rank{r}.jsonl") for r in (0, 1)]

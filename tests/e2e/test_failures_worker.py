@@ -261,7 +261,7 @@ class OptimizerWithoutLR(torch.optim.SGD):
 @pytest.mark.timeout(60)
 def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A metric failing in the hook is recorded in that record's errors; a failed collection frees its slot, so later ones work."""
-    import train_telemetry.telemetry as telemetry_module
+    import train_telemetry.collect as telemetry_module
 
     telemetry = Telemetry(config(tmp_path, mode="sync"))
     run = Run(telemetry)
@@ -269,9 +269,10 @@ def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Pat
     batch = make_batch(run.g)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # 1) fields that cannot be computed: no LR in the groups, a tuple instead of a dict batch
+        # 1) fields that cannot be computed: no LR in the groups, a batch that is no batch
+        #    (a tuple is one now: batches.py recognises (x1, x2, y))
         telemetry.on_batch_end(run.model, OptimizerWithoutLR(run.model.parameters()), 0, 0, None, batch)
-        telemetry.on_batch_end(run.model, run.opt, 1, 0, None, tuple(batch.values()))  # type: ignore[arg-type]
+        telemetry.on_batch_end(run.model, run.opt, 1, 0, None, "not a batch")
         # 2) a collection that fails after taking its slot (sync mode has a single slot)
         real = telemetry_module.grad_norms
         monkeypatch.setattr(telemetry_module, "grad_norms", lambda params, stack: 1 / 0)
@@ -287,7 +288,8 @@ def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Pat
     lr_error = records[0]["errors"][0]
     assert (lr_error["where"], lr_error["type"]) == ("learning_rates", "KeyError")
     assert "learning_rates" not in records[0] and records[0]["weight_norm"]["overall"] > 0
-    assert [e["where"] for e in records[1]["errors"]] == ["batch_size"]
+    assert [e["where"] for e in records[1]["errors"]] == ["batch_stats"]
+    assert "cannot read a batch that is a str" in records[1]["errors"][0]["message"]
     assert records[1]["weight_delta"]["overall"] is not None
     assert all("errors" not in r for r in records[2:])
     failed = [str(w.message) for w in caught if "collection failed" in str(w.message)]
@@ -464,23 +466,32 @@ def test_torn_last_line_is_skipped_by_the_reader_and_repaired_on_restart(tmp_pat
 # ---------------------------------------------------------------------------- start-up problems
 
 
-def _local_model() -> nn.Module:
-    class LocalNet(SiameseNet):  # defined in a function: spawn cannot pickle it
-        pass
+class _Logger:
+    """Holds an open file: what no pickler can send, by reference or by value."""
 
-    return LocalNet(width=4, embed=8)
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("what", ["model", "forward_fn"])
 def test_unpicklable_model_or_forward_fn_fails_at_start_with_the_fix(tmp_path: Path, what: str) -> None:
-    """Under spawn, a model class or forward_fn that cannot be pickled fails start() with the fix, and no worker is left."""
-    forward_fn = (lambda m, b: m(b["img1"], b["img2"])) if what == "forward_fn" else None
+    """Under spawn, a model or forward_fn holding what cannot be pickled fails start() naming the attribute, and no worker is left."""
+    lock = threading.Lock()
+
+    def forward_with_lock(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        with lock:
+            return m(b["img1"], b["img2"])
+
+    forward_fn = forward_with_lock if what == "forward_fn" else None
     telemetry = Telemetry(config(tmp_path), forward_fn=forward_fn)
     g = torch.Generator().manual_seed(0)
     telemetry.set_holdout_data(make_batch(g, 16))
-    model = _local_model() if what == "model" else SiameseNet(width=4, embed=8)
-    with pytest.raises(TelemetryStartError, match="define the model class and forward_fn at module level"):
+    model = SiameseNet(width=4, embed=8)
+    if what == "model":
+        model.logger = _Logger(open(tmp_path / "log.txt", "w"))  # type: ignore[assignment]  # noqa: SIM115
+    pattern = r"model\.logger\.stream: cannot pickle '_io\.TextIOWrapper'" if what == "model" else r"cannot pickle '_thread\.lock'"
+    with pytest.raises(TelemetryStartError, match=pattern):
         telemetry.start(model, torch.optim.SGD(model.parameters(), lr=0.1))
     pid = telemetry.worker_pid
     assert pid is None or not pid_alive(pid)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import train_telemetry.telemetry as telemetry_module
+import train_telemetry.collect as telemetry_module
 from train_telemetry import Telemetry, TelemetryConfig, read_records
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_telemetry import worker
-from train_telemetry.worker import reference_norms
+from train_telemetry import reference as worker
+from train_telemetry.reference import reference_norms
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], batch_idx: int = 7) -> None:

@@ -1,0 +1,70 @@
+"""Snapshot in, record out: runs the enabled metrics on one :class:`SnapshotData`.
+
+Runs in: the worker process (or the training process in sync mode). Pure: no I/O; the
+slot reading and the reference checkpoint are the processor's (processor.py), the
+writing is the writer's (writer.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from .messages import Snapshot
+from .metrics.api import InputFailed, Metric, SnapshotData
+from .records import SCHEMA_VERSION, error_entry, nonfinite_keys
+
+OnError = Callable[[str, BaseException], None]
+
+
+def build_record(
+    data: SnapshotData,
+    metrics: Sequence[Metric],
+    header: Snapshot,
+    errors: list[dict[str, str]],
+    on_error: OnError,
+) -> dict[str, Any]:
+    """The record of one snapshot: its core keys, one key per metric that returned numbers.
+
+    ``errors`` holds what already failed (in the hook, reading the slot); a metric that
+    raises adds its entry and costs only its own key. ``on_error(where, exc)`` counts it.
+    """
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "batch_idx": data.batch_idx,
+        "epoch": data.epoch,
+        "seq": data.seq,
+        "timestamp": datetime.fromtimestamp(data.time, timezone.utc).astimezone().isoformat(),
+        "time": data.time,
+        "rank": data.rank,
+        "world_size": data.world_size,
+    }
+    for m in metrics:
+        try:
+            value = m.compute(data)
+        except InputFailed:
+            continue  # reported once, under the metric that first needed that input
+        except Exception as exc:
+            errors.append(error_entry(m.key, exc))
+            on_error(m.key, exc)
+            continue
+        if value is not None:
+            record[m.key] = dict(value)
+    if "weight_delta" in record:
+        found = data.weight_deltas if data._deltas is not None and data._deltas.error is None else None
+        record["reference_batch_idx"] = found.reference_batch_idx if found is not None else None
+    record.update(header.extra.get("values", {}))  # the hook's ``extra=`` keys, as given
+    record["telemetry"] = {
+        "hook_ms": header.hook_ms,
+        "dropped_before": header.dropped_before,
+        "dropped_total": header.dropped_total,
+        "worker_lag_ms": (time.time() - header.time) * 1000.0,
+    }
+    nonfinite = nonfinite_keys(record)
+    if nonfinite:
+        record["nonfinite"] = nonfinite
+    if errors:
+        record["errors"] = errors
+    return record

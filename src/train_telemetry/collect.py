@@ -1,0 +1,282 @@
+"""The hook's work at a collection step: fill a slot, hand it to the sink.
+
+Runs in: the training process, inside ``Telemetry.on_batch_end`` (the hot path).
+
+Every line here runs on the training thread at each collection, with caches cold from
+the step before it: a cheap torch op costs 10-30 us here, not the 1-2 us of a
+microbenchmark. So a collection runs two fused torch calls (the gradient norms, then one
+``_foreach_copy_`` of everything the enabled metrics need into the slot), packs plain
+numbers into the slot's header and hands the slot to the sink (sinks.py). Label counts
+and accuracy are the worker's work (processor.py). What is copied follows the metrics'
+``needs`` (metrics/api.py): a run without weight metrics copies no weights.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batches import BatchFormatCache, logits_of
+from .config import TelemetryConfig
+from .messages import (
+    ALL_MISSING,
+    IN_AUX,
+    IN_EXTRA,
+    IN_HEADER,
+    IN_SLOT,
+    NONE,
+    Snapshot,
+    write_header,
+)
+from .metrics.batch import batch_accuracy, count_vector, label_counts
+from .records import error_entry
+from .snapshot import AUX_BYTES, Layout, SlotPool, aux_view, grad_norms
+
+__all__ = ["Collector", "Fill"]
+
+
+@dataclass
+class _AuxPlan:
+    """How one shape of (labels, outputs) is copied into the slots' aux bytes (Collector._plan_aux)."""
+
+    batch_size: int
+    labels_fit: bool  # labels are copied; else counted in the hook
+    outputs: bool  # outputs are copied too (the worker computes accuracy from both)
+    accuracy_kind: int
+    views: list[list[torch.Tensor]]  # per slot: the aux views labels (and outputs) are copied into
+    same_device: bool  # copied in the hook's one fused copy; else in a second one
+    extra: dict[str, Any]  # the aux layout, for the header
+    extra_bytes: bytes  # ... pickled once
+
+
+class Fill:
+    """One collection in progress: what goes into the fused copy, and the header's numbers."""
+
+    __slots__ = ("src", "dst", "errors", "extra", "grads", "loss_kind", "loss", "acc_kind", "counts_kind",
+                 "batch_size", "plan", "aux_src")
+
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        self.src, self.dst = src, dst
+        self.errors: list[dict[str, str]] | None = None
+        self.extra: dict[str, Any] | None = None  # hook-side values for the header's pickled extra
+        self.grads = self.loss_kind = self.acc_kind = self.counts_kind = NONE
+        self.loss = 0.0
+        self.batch_size = -1
+        self.plan: _AuxPlan | None = None
+        self.aux_src: list[torch.Tensor] = []
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        self.errors = (self.errors or []) + [error_entry(where, exc)]
+
+
+class Collector:
+    """Fills slots of ``pool`` with what the enabled metrics need, one collection at a time."""
+
+    def __init__(self, config: TelemetryConfig, needs: frozenset[str], layout: Layout, pool: SlotPool) -> None:
+        self.config = config
+        self.layout = layout
+        self.pool = pool
+        self.copy_weights = "weights" in needs
+        self.want_grads = "grad_norms" in needs
+        self.want_batch = "batch" in needs
+        self.want_loss = "loss" in needs
+        self.want_lrs = "learning_rates" in needs
+        self.want_mode = "mode" in needs
+        self.srcs: list[torch.Tensor] = list(layout.sources) if self.copy_weights else []
+        self.dsts = [list(t) if self.copy_weights else [] for t in pool.slots]
+        self.on_cuda = layout.on_cuda
+        self.formats = BatchFormatCache(config.input_keys, config.label_key, config.keys_are_default, need_inputs=False)
+        self._aux_plans: dict[tuple[Any, ...], _AuxPlan] = {}
+
+    def fill(self, slot: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], batch: Any,
+             loss: Any, outputs: Any, counts: torch.Tensor | None) -> Fill:
+        """Copy this step's data into ``slot`` (one fused copy; asynchronous on CUDA)."""
+        fill = Fill(list(self.srcs), list(self.dsts[slot]))
+        if self.want_grads:
+            self._add_grad_norms(fill, slot)
+        if self.want_loss and loss is not None:
+            self._add_loss(fill, slot, loss)
+        if batch is not None and (self.want_batch or counts is not None):
+            self._add_batch(fill, slot, batch, outputs, counts)
+        torch._foreach_copy_(fill.dst, fill.src, non_blocking=self.on_cuda)
+        if fill.plan is not None and fill.aux_src and not fill.plan.same_device:
+            torch._foreach_copy_(fill.plan.views[slot], fill.aux_src, non_blocking=True)
+        return fill
+
+    def publish_header(self, slot: int, fill: Fill, *, seq: int, batch_idx: int, epoch: int, t0: float,
+                       dropped_before: int, dropped_total: int, groups_version: int,
+                       optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module,
+                       values: dict[str, Any] | None) -> None:
+        """Pack the step's plain numbers (and the LRs, read now) into ``slot``'s header."""
+        lrs = None
+        if self.want_lrs and optimizers:
+            try:
+                lrs = [float(g["lr"]) for opt in optimizers for g in opt.param_groups]
+            except Exception as exc:
+                fill.fail("learning_rates", exc)
+        if values:
+            fill.extra = {**(fill.extra or {}), "values": values}
+        plan = fill.plan
+        if fill.errors or fill.extra:
+            extra_dict = dict(plan.extra) if plan is not None else {}
+            extra_dict.update(fill.extra or {})
+            if fill.errors:
+                extra_dict["errors"] = fill.errors
+            extra = pickle.dumps(extra_dict, pickle.HIGHEST_PROTOCOL)
+        else:
+            extra = plan.extra_bytes if plan is not None else b""
+        header = Snapshot(
+            seq=seq, batch_idx=batch_idx, epoch=epoch, time=time.time(), hook_ms=(time.perf_counter() - t0) * 1000.0,
+            dropped_before=dropped_before, dropped_total=dropped_total, batch_size=fill.batch_size,
+            groups_version=groups_version, grads=fill.grads, loss_kind=fill.loss_kind, accuracy_kind=fill.acc_kind,
+            counts_kind=fill.counts_kind, training=int(model.training) if self.want_mode else -1, loss=fill.loss,
+            learning_rates=lrs,
+        )
+        write_header(self.pool.channel.headers_view, slot, header, extra)
+
+    # -- the parts of a fill --------------------------------------------------------
+    def _add_grad_norms(self, fill: Fill, slot: int) -> None:
+        norms = grad_norms(self.layout.params, stack=self.on_cuda)
+        if norms is None:
+            fill.grads = ALL_MISSING
+        elif isinstance(norms, list):
+            fill.src += norms
+            fill.dst += self.pool.norm_views[slot]
+            fill.grads = IN_SLOT
+        else:
+            fill.src.append(norms)
+            fill.dst.append(self.pool.norms[slot][: norms.shape[0]])
+            fill.grads = IN_SLOT
+
+    def _add_loss(self, fill: Fill, slot: int, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() == 1:
+                fill.src.append(loss)
+                fill.dst.append(self.pool.scalar(slot, 0, loss.shape))
+                fill.loss_kind = IN_SLOT
+            else:
+                fill.fail("train_loss", ValueError(
+                    f"loss has shape {tuple(loss.shape)}: pass the scalar loss the optimizer steps on"))
+            return
+        try:
+            fill.loss, fill.loss_kind = float(loss), IN_HEADER
+        except (TypeError, ValueError) as exc:
+            fill.fail("train_loss", exc)
+
+    def _add_batch(self, fill: Fill, slot: int, batch: Any, outputs: Any, counts: torch.Tensor | None) -> None:
+        """Labels (and outputs) into the aux bytes, or counted here when too big or not a tensor."""
+        try:
+            fmt = self.formats.get(batch)
+        except Exception as exc:
+            fill.fail("batch_stats", exc)
+            return
+        labels = fmt.labels(batch)
+        track = self.config.track_batch_stats and counts is None
+        if counts is not None:  # DDP: the all_reduced vector holds counts and size
+            fill.src.append(counts)
+            fill.dst.append(self.pool.counts[slot])
+            fill.counts_kind = IN_SLOT
+        if isinstance(labels, torch.Tensor):
+            self._add_labels(fill, slot, labels, outputs, track)
+        elif track and labels is not None:
+            try:  # a list of class ids, say: counted here (rare, and not a tensor op we can defer)
+                fill.extra = {"label_counts": label_counts(torch.as_tensor(labels))}
+                fill.counts_kind = IN_EXTRA
+            except Exception as exc:
+                fill.fail("batch_stats", exc)
+        if fill.batch_size < 0 and counts is None:
+            try:
+                size = fmt.batch_size(batch)
+                fill.batch_size = -1 if size is None else size
+            except Exception as exc:
+                fill.fail("batch_size", exc)
+
+    def _add_labels(self, fill: Fill, slot: int, labels: torch.Tensor, outputs: Any, track: bool) -> None:
+        out = None
+        if outputs is not None:
+            try:
+                out = logits_of(outputs)
+            except TypeError as exc:
+                fill.fail("train_accuracy", exc)
+        # is_cuda, not .device (which builds a new object each time): a plan is per device type
+        key = (labels.shape, labels.dtype, labels.is_cuda, None if out is None else out.shape,
+               None if out is None else out.dtype, out is not None and out.is_cuda)
+        plan = self._aux_plans.get(key)
+        if plan is None:
+            plan = self._plan_aux(key, labels, out)
+        fill.plan = plan
+        fill.batch_size = plan.batch_size
+        if plan.labels_fit:
+            fill.aux_src = [labels, out] if plan.outputs and out is not None else [labels]
+        if plan.same_device:
+            fill.src += fill.aux_src
+            fill.dst += plan.views[slot]
+        fill.acc_kind = plan.accuracy_kind
+        if fill.acc_kind == IN_SLOT and out is not None:
+            try:
+                fill.src.append(batch_accuracy(out, labels))
+                fill.dst.append(self.pool.scalars[slot][1])
+            except Exception as exc:
+                fill.acc_kind = NONE
+                fill.fail("train_accuracy", exc)
+        if track:
+            fill.counts_kind = IN_AUX
+            if not plan.labels_fit:
+                fill.counts_kind = IN_EXTRA
+                try:
+                    fill.extra = {"label_counts": label_counts(labels.detach().cpu())}
+                except Exception as exc:
+                    fill.fail("batch_stats", exc)
+                    fill.counts_kind = NONE
+
+    def _plan_aux(self, key: tuple[Any, ...], labels: torch.Tensor, outputs: torch.Tensor | None) -> _AuxPlan:
+        """Where this shape of labels/outputs goes in each slot's aux bytes (once per shape)."""
+        pool = self.pool
+        if len(self._aux_plans) > 64:  # shapes that never repeat (e.g. variable sequence lengths)
+            self._aux_plans.clear()
+        batch_size = int(labels.shape[0]) if labels.dim() > 0 else -1
+        lab_bytes = labels.numel() * labels.element_size()
+        out_bytes = outputs.numel() * outputs.element_size() if outputs is not None else 0
+        out_at = (lab_bytes + 63) // 64 * 64
+        labels_fit = lab_bytes <= AUX_BYTES
+        outputs_fit = outputs is not None and labels_fit and out_at + out_bytes <= AUX_BYTES
+        extra: dict[str, Any] = {}
+        views: list[list[torch.Tensor]] = [[] for _ in pool.aux]
+        if labels_fit:
+            specs: list[tuple[str, int, torch.Tensor]] = [("labels", 0, labels)]
+            if outputs_fit and outputs is not None:
+                specs.append(("outputs", out_at, outputs))
+            for name, offset, t in specs:
+                extra[name] = (offset, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            views = [[aux_view(pool.aux[i], offset, t.dtype, t.shape) for _, offset, t in specs]
+                     for i in range(len(pool.aux))]
+        if outputs_fit:
+            accuracy_kind = IN_AUX
+        elif outputs is not None:
+            accuracy_kind = IN_SLOT  # too big to copy: accuracy as a 0-d tensor, copied into scalars[1]
+        else:
+            accuracy_kind = NONE
+        device = self.layout.sources[0].device if self.layout.sources else torch.device("cpu")
+        same_device = labels.device == device and (not outputs_fit or outputs.device == device)  # type: ignore[union-attr]
+        plan = _AuxPlan(batch_size=batch_size, labels_fit=labels_fit, outputs=outputs_fit, accuracy_kind=accuracy_kind,
+                        views=views, same_device=same_device,
+                        extra=extra, extra_bytes=pickle.dumps(extra, pickle.HIGHEST_PROTOCOL) if extra else b"")
+        self._aux_plans[key] = plan
+        return plan
+
+
+def global_counts(formats: BatchFormatCache | None, batch: Any, device: torch.device) -> torch.Tensor:
+    """DDP: this rank's label-count vector for the all_reduce; never raises."""
+    labels, size = None, None
+    try:
+        fmt = formats.get(batch) if batch is not None and formats is not None else None
+        if fmt is not None:
+            labels, size = fmt.labels(batch), fmt.batch_size(batch)
+    except Exception:
+        pass
+    return count_vector(labels, size, device)

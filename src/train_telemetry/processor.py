@@ -1,0 +1,205 @@
+"""From a published slot to a written line: read the slot, build the record, move the reference.
+
+Runs in: the worker process (``worker_loop``), and in the training process for
+``mode: sync`` (called inline by sinks.InlineSink): same code, same records.
+
+One snapshot: ``read_slot`` turns the slot's header and tensors into a
+:class:`~train_telemetry.metrics.SnapshotData` (weight deltas and the holdout forward
+computed on first use), ``build.build_record`` runs the metrics, the snapshot becomes the
+new delta reference (reference.py), the slot is released, and the record is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_record
+from .config import TelemetryConfig
+from .messages import ALL_MISSING, IN_AUX, IN_EXTRA, IN_SLOT, Groups, Setup, Snapshot
+from .metrics.api import RunInfo, SnapshotData, _Lazy
+from .metrics.batch import batch_accuracy, label_counts, unpack_count_vector
+from .metrics.holdout import evaluate_holdout
+from .records import encode_record, error_entry
+from .reference import ReferenceCheckpoint
+from .snapshot import aux_view, bind_model, meta_views
+from .writer import OnceLog, RecordWriter
+
+_MAX_LOGGED_ERRORS = 20
+
+
+class SnapshotProcessor:
+    """Builds and writes the record of each snapshot: the work of the worker."""
+
+    def __init__(self, config: TelemetryConfig, run_dir: Path, setup: Setup, writer: RecordWriter, log: OnceLog) -> None:
+        self.config = config
+        self.setup = setup
+        self.writer = writer
+        self.log = log
+        self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
+        self.norms, self.scalars, self.counts, self.aux = meta_views(setup.meta, max(setup.num_params, 1))
+        self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+        self.errors: dict[str, int] = {}
+        self.last_errors: list[str] = []
+        self.param_names = [spec.name for spec in setup.specs[: setup.num_params]]
+        self.buffer_names = [spec.name for spec in setup.specs[setup.num_params :]]
+        self.reference: ReferenceCheckpoint | None = None
+        if "weight_deltas" in setup.needs and setup.slots:
+            self.reference = ReferenceCheckpoint(
+                run_dir / setup.checkpoint_name, [s.name for s in setup.specs], setup.num_params)
+        self.model = setup.model
+        self.model_targets: list[torch.Tensor] = []
+        if self.model is not None:
+            # The model's own tensors (not detached copies): bind_model re-points them per snapshot.
+            self.model_targets = [*self.model.parameters(), *self.model.buffers()]
+            if len(self.model_targets) != len(setup.specs):
+                raise RuntimeError("the worker's model copy does not match the snapshot layout")
+        num_classes = 0
+        if isinstance(setup.holdout_labels, torch.Tensor):
+            counts = label_counts(setup.holdout_labels)
+            num_classes = max(counts) + 1 if counts else 0
+        info = RunInfo(config=config, param_names=self.param_names, buffer_names=self.buffer_names,
+                       module_types=setup.module_types, rank=setup.rank, world_size=setup.world_size,
+                       num_classes=num_classes, label_name=setup.label_name)
+        for m in setup.metrics:
+            m.setup(info)
+        if setup.init_slot is not None and self.reference is not None:
+            self.reference.save(setup.slots[setup.init_slot], None, None)
+
+    def check_holdout(self) -> str | None:
+        """Run the holdout forward once at setup, so a bad forward fails start(), not the run;
+        then let the metrics instrument the eval model (after: this forward is no snapshot's)."""
+        if self.model is not None and self.setup.holdout is not None:
+            try:
+                self.evaluate(self.setup.slots[0])
+            except Exception as exc:
+                return (f"the holdout forward failed in the telemetry worker: {type(exc).__name__}: {exc}. "
+                        "Check input_keys/label_key, or pass forward_fn=(model, batch) -> logits")
+            for m in self.setup.metrics:
+                m.instrument(self.model)
+        return None
+
+    def add_groups(self, groups: Groups) -> None:
+        self.groups[groups.version] = groups
+        for old in sorted(self.groups)[:-8]:  # snapshots in flight name recent versions only
+            del self.groups[old]
+
+    # -- one snapshot -> one record ------------------------------------------------
+    def process(self, snap: Snapshot, release: Callable[[int], None]) -> dict[str, Any]:
+        """The record of ``snap``; reads everything it needs from the slot, then releases it."""
+        errors: list[dict[str, str]] = list(snap.extra.get("errors", ()))
+        try:
+            data = self.read_slot(snap, errors)
+            record = build_record(data, self.setup.metrics, snap, errors, self.count_error)
+            if self.reference is not None and data.params is not None:
+                try:  # the next delta's reference; a failure makes it null, never wrong
+                    self.reference.save(self.setup.slots[snap.slot], snap.batch_idx, snap.epoch, data.weight_norms)
+                except Exception as exc:
+                    errors.append(error_entry("weight_delta", exc))
+                    record["errors"] = errors
+                    self.count_error("weight_delta", exc)
+        finally:
+            release(snap.slot)  # the slot's data is no longer needed: give it back
+        return record
+
+    def read_slot(self, snap: Snapshot, errors: list[dict[str, str]]) -> SnapshotData:
+        """What the metrics see of ``snap``: numbers from the header, views of the slot."""
+        setup, i = self.setup, snap.slot
+        groups = self.groups.get(snap.groups_version) or self.groups[max(self.groups)]
+        slot = setup.slots[i] if setup.slots else None
+        n = setup.num_params
+        data = SnapshotData(
+            batch_idx=snap.batch_idx, epoch=snap.epoch, seq=snap.seq, time=snap.time, config=self.config,
+            param_names=self.param_names, group_names=groups.names, group_of=groups.group_of,
+            learning_rates=snap.learning_rates, loss=snap.header_loss, batch_size=snap.rows,
+            training=None if snap.training < 0 else bool(snap.training), rank=setup.rank, world_size=setup.world_size,
+        )
+        if slot is not None:
+            data.params = slot[:n]
+            data.buffers = dict(zip(self.buffer_names, slot[n:], strict=True))
+            if self.reference is not None:
+                reference, params = self.reference, data.params
+                data._deltas = _Lazy(lambda: reference.distances(params))
+            if self.model is not None and setup.holdout is not None:
+                data._holdout = _Lazy(lambda: self.evaluate(slot))
+        if snap.grads == IN_SLOT:
+            data.grad_norms = [None if v < 0 else v for v in self.norms[i][:n].tolist()]  # NaN stays NaN
+        elif snap.grads == ALL_MISSING:
+            data.grad_norms = [None] * n
+        if snap.loss_kind == IN_SLOT:
+            data.loss = float(self.scalars[i][0])
+        views = self._views(i, snap.extra) if "labels" in snap.extra else {}
+        data.labels, data.outputs = views.get("labels"), views.get("outputs")
+        if snap.accuracy_kind == IN_AUX:
+            with self._guard("train_accuracy", errors):
+                data.train_accuracy = float(batch_accuracy(views["outputs"], views["labels"]))
+        elif snap.accuracy_kind == IN_SLOT:
+            data.train_accuracy = float(self.scalars[i][1])
+        if snap.counts_kind == IN_SLOT:  # DDP: the all_reduced count vector
+            data.label_counts, data.batch_size = unpack_count_vector(self.counts[i].tolist())
+        elif snap.counts_kind == IN_AUX:
+            with self._guard("batch_stats", errors):
+                data.label_counts = label_counts(views["labels"])
+        elif snap.counts_kind == IN_EXTRA:
+            data.label_counts = snap.extra.get("label_counts")
+        return data
+
+    def evaluate(self, slot: list[torch.Tensor]) -> dict[str, Any]:
+        """The holdout forward at ``slot``'s weights (the eval model reads them, no copy)."""
+        setup = self.setup
+        assert self.model is not None
+        bind_model(self.model_targets, slot)
+        return evaluate_holdout(self.model, setup.holdout, setup.holdout_labels, setup.forward, setup.slice_batch,
+                                self.config.eval_batch_size)
+
+    def _views(self, slot: int, extra: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The labels/outputs the hook copied into ``slot``'s aux bytes, as tensors."""
+        key = (slot, extra.get("labels"), extra.get("outputs"))  # (offset, dtype, shape) tuples
+        views = self._aux_views.get(key)
+        if views is None:
+            if len(self._aux_views) > 64:
+                self._aux_views.clear()
+            views = {}
+            for name in ("labels", "outputs"):
+                if name in extra:
+                    offset, dtype, shape = extra[name]
+                    views[name] = aux_view(self.aux[slot], offset, getattr(torch, dtype), shape)
+            self._aux_views[key] = views
+        return views
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            line = encode_record(record)
+        except Exception as exc:  # never let one odd value cost the run: write what we can
+            self.count_error("encode", exc)
+            line = encode_record(
+                {k: record[k] for k in ("schema", "batch_idx", "epoch", "seq", "timestamp", "time")}
+                | {"errors": [error_entry("encode", exc)]}
+            )
+        self.writer.write(line)
+
+    # -- errors -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(self, where: str, errors: list[dict[str, str]]) -> Any:
+        try:
+            yield
+        except Exception as exc:
+            errors.append(error_entry(where, exc))
+            self.count_error(where, exc)
+
+    def count_error(self, where: str, exc: BaseException) -> None:
+        key = f"{where}: {type(exc).__name__}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if len(self.last_errors) < _MAX_LOGGED_ERRORS and self.errors[key] == 1:
+            self.last_errors.append(f"{key}: {exc}")
+        self.log.once(key, f"{where} failed ({type(exc).__name__}: {exc}); recorded in the "
+                      "record's errors, further identical failures are counted silently")
+
+
+def now_ms(since: float) -> float:
+    return (time.time() - since) * 1000.0

@@ -1,0 +1,163 @@
+"""The training process's handle on the worker process: start, watch, stop, terminate, reap.
+
+Runs in: the training process. The protocol is NOTE [worker lifecycle] in worker.py.
+Every wait here has a deadline; none runs in the hook (the hook reads one flag,
+``exited``, set by a watcher thread that sleeps until the worker ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.connection
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+from .config import TelemetryConfig, TelemetryConfigError
+from .messages import Done, Ready, Stop
+from .snapshot import Channel
+from .worker import worker_loop
+
+TERM_GRACE_S = 2.0  # after the stop deadline: SIGTERM, this long, then SIGKILL
+
+
+class TelemetryStartError(RuntimeError):
+    """``start()`` could not get the collector running; the message says why and the fix."""
+
+
+class WorkerHandle:
+    """One worker process and its two queues; ``channel`` is the slots' shared state."""
+
+    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path) -> None:
+        if config.start_method == "fork" and torch.cuda.is_initialized():
+            raise TelemetryConfigError(
+                "start_method: fork after CUDA was initialised would crash the worker; use spawn (the default)"
+            )
+        ctx: Any = tmp.get_context(config.start_method)
+        self.to_worker = ctx.Queue()
+        # If the worker dies, our exit must not hang flushing this queue (DataLoader does the same).
+        self.to_worker.cancel_join_thread()
+        self.from_worker = ctx.Queue()
+        self.channel = Channel(ctx, config.num_slots)
+        self.exited = False  # set by the watcher thread when the process ends
+        self.proc = ctx.Process(
+            target=worker_loop,
+            args=(config, str(run_dir), str(records_file), self.to_worker, self.from_worker, self.channel,
+                  os.getpid(),
+                  # PDEATHSIG follows the starting thread: from any other, rely on polling.
+                  threading.current_thread() is threading.main_thread()),
+            name="train-telemetry-worker",
+            daemon=True,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.exitcode
+
+    def start(self, timeout: float) -> None:
+        """Start the process and wait for its Ready (raises TelemetryStartError)."""
+        try:
+            self.proc.start()
+        except Exception as exc:
+            raise TelemetryStartError(f"could not start the telemetry worker: {type(exc).__name__}: {exc}") from exc
+        self.await_reply(Ready, timeout, "start")
+        sentinel = self.proc.sentinel
+
+        def watch() -> None:
+            # The hook tests this flag instead of asking the OS (Process.is_alive is a
+            # waitpid system call: ~25 us of a collection step).
+            with contextlib.suppress(Exception):
+                multiprocessing.connection.wait([sentinel])
+            self.exited = True
+
+        threading.Thread(target=watch, name="train-telemetry-watch", daemon=True).start()
+
+    def await_reply(self, kind: type, timeout: float, what: str) -> Any:
+        """The next message of type ``kind`` from the worker, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.from_worker.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            if isinstance(msg, kind):
+                return msg
+            if msg is None and not self.proc.is_alive():
+                raise TelemetryStartError(
+                    f"the telemetry worker (pid {self.proc.pid}) exited during {what} "
+                    f"with {describe_exit(self.proc.exitcode)}; see its output above"
+                )
+            if time.monotonic() > deadline:
+                raise TelemetryStartError(
+                    f"the telemetry worker did not answer within start_timeout_s={timeout:g}s during {what}: "
+                    "raise start_timeout_s on a slow or loaded machine"
+                )
+
+    def send(self, message: Any) -> None:
+        self.to_worker.put(message)
+
+    def stop(self, deadline: float) -> tuple[Done | None, bool]:
+        """Ask the worker to drain and exit; (its Done or None, whether it had to be killed)."""
+        with contextlib.suppress(Exception):
+            if self.proc.is_alive():
+                self.to_worker.put(Stop())
+        done: Done | None = None
+        seen_dead = False
+        while time.monotonic() < deadline and done is None:
+            try:
+                msg = self.from_worker.get(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    # Done may have reached the pipe between our timeout and its exit:
+                    # read once more before concluding it ended without reporting.
+                    if seen_dead:
+                        break
+                    seen_dead = True
+                continue
+            except Exception:
+                break
+            if isinstance(msg, Done):
+                done = msg
+        self.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        terminated = self.proc.is_alive()
+        if terminated:
+            self.terminate()
+        return done, terminated
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGKILL, each with a short grace; reaps the process."""
+        if self.proc.pid is None or not self.proc.is_alive():
+            return
+        self.proc.terminate()
+        self.proc.join(TERM_GRACE_S)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(TERM_GRACE_S)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code yet"
+    if code < 0:
+        return f"signal {signal_name(code)}"
+    return f"exit code {code}"
+
+
+def signal_name(code: int | None) -> str | None:
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"

@@ -1,0 +1,79 @@
+"""Appending records: whole JSON lines to ``telemetry.jsonl``, and the once-per-kind log.
+
+Runs in: the worker process (or the training process in sync mode). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from .records import repair_torn_tail
+
+
+class OnceLog:
+    """Prints a warning to stderr once per key, so a repeated failure cannot flood the log."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.seen: set[str] = set()
+
+    def once(self, key: str, message: str) -> None:
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        print(f"train-telemetry {self.who} (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+
+
+class RecordWriter:
+    """Appends whole lines to the records file; an I/O error costs records, never a crash.
+
+    After a failed write the file is truncated back to its last whole line, so a reader
+    never sees half a record, and the next record tries again (ENOSPC may clear).
+    """
+
+    def __init__(self, path: Path, fsync: bool, log: OnceLog) -> None:
+        self.path = path
+        self.log = log
+        self.fsync_enabled = fsync
+        self.records_written = 0
+        self.io_errors = 0
+        self.records_lost = 0
+        self.problems: dict[str, str] = {}  # "write"/"fsync" -> the latest such I/O error, for the summary
+        self.repaired_bytes = repair_torn_tail(path)
+        if self.repaired_bytes:
+            self.log.once("repair", f"removed a torn last line ({self.repaired_bytes} bytes) from {path}, "
+                      "left by a crash mid-write; appending after the last whole record")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.good_offset = os.fstat(self.fd).st_size
+
+    def write(self, line: bytes) -> bool:
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.io_errors += 1
+            self.records_lost += 1
+            self.problems["write"] = f"{self.records_lost} record(s) could not be written to {self.path}: {exc}"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.good_offset)
+            self.log.once(f"io:{exc.errno}", f"could not write a record to {self.path}: {exc}; "
+                      "records are counted as lost until writes succeed again")
+            return False
+        self.good_offset += len(line)
+        self.records_written += 1
+        return True
+
+    def close(self) -> None:
+        if self.fsync_enabled:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                self.io_errors += 1
+                self.problems["fsync"] = f"fsync of {self.path} failed: {exc}"
+                self.log.once("fsync", self.problems["fsync"])
+        os.close(self.fd)
