@@ -41,7 +41,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "shuffled_labels": ({"no_learning", "overfitting"}, {"prediction_collapse"}),
     "exploding_lr": (
         {"exploding_gradients"},
-        {"nonfinite", "no_learning", "prediction_collapse", "vanishing_gradients"},
+        {"nonfinite", "no_learning", "prediction_collapse", "vanishing_gradients", "dying_relu"},
     ),
 }
 

@@ -207,6 +207,9 @@ NOT_ZEROED_PLATEAU_LOSS_DROP = 0.5
 # that never fire over the whole holdout, stricter than a share of activations, so a layer at
 # 70% has lost most of its units for every input (healthy layers stay under ~20%).
 DEAD_RELU_FRACTION = 0.7
+# At 70% the layer still passes signal through the rest (a warning; the demo's runs that learn
+# nothing end with their head's ReLUs 70-77% dead as a symptom); at 90% it is cut: serious.
+DEAD_RELU_SERIOUS_FRACTION = 0.9
 # DeepDiagnosis flags tanh/sigmoid saturation at > 50% of pre-activations beyond +-5;
 # saturated_fraction (|tanh| > 0.99, sigmoid < 0.01 or > 0.99) is the same idea at +-2.6 / +-4.6.
 SATURATED_FRACTION = 0.5
@@ -1278,7 +1281,9 @@ def detect_activations(run: Run) -> list[Diagnosis]:
         out.append(
             Diagnosis(
                 code=code,
-                severity="serious",
+                severity="serious"
+                if code != "dying_relu" or late >= DEAD_RELU_SERIOUS_FRACTION
+                else "warning",
                 subject=module,
                 title=title,
                 evidence=[
