@@ -78,6 +78,10 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     eval_batch_size: PositiveInt = 256
     fsync: bool = True
 
+    # --- surviving faults ------------------------------------------------------------
+    max_worker_restarts: NonNegativeInt = 3  # a dead worker is replaced (and replays) this often per run
+    sigterm_drain_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # on SIGTERM, write what is queued for at most this long (0: leave SIGTERM alone)
+
     # --- distributed (torch.distributed) ---------------------------------------------
     per_rank: bool = False
 
@@ -178,6 +182,8 @@ _ALLOWED: dict[str, str] = {
     "num_slots": "an integer >= 1",
     "worker_threads": "an integer >= 1",
     "eval_batch_size": "an integer >= 1",
+    "max_worker_restarts": "an integer >= 0",
+    "sigterm_drain_s": "a number of seconds >= 0 (0: telemetry leaves SIGTERM alone)",
     "worker_nice": "an integer from 0 to 19",
     "block_timeout_s": "a number of seconds > 0",
     "start_timeout_s": "a number of seconds > 0",

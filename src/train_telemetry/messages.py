@@ -49,6 +49,11 @@ class Setup:
     needs: frozenset[str]  # what they need (metrics.all_needs)
     module_types: dict[str, str]  # module name -> class name, for metrics' setup
     label_name: str = "label"
+    # After a worker died (sinks.WorkerSink): which restart this is, snapshots to record as
+    # crashes instead of processing (seq -> reason), and the last seq already on disk.
+    restart: int = 0
+    skip: dict[int, str] = field(default_factory=dict)
+    written_through_seq: int | None = None
     rank: int = 0
     world_size: int = 1
     # The delta reference's file name in the run directory; with per_rank each rank has its

@@ -12,7 +12,6 @@ new delta reference (reference.py), the slot is released, and the record is writ
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,8 @@ class SnapshotProcessor:
             m.setup(info)
         if setup.init_slot is not None and self.reference is not None:
             self.reference.save(setup.slots[setup.init_slot], None, None)
+        elif self.reference is not None and not setup.restart:
+            self.reference.discard()  # a start without weights: no stale reference from an earlier run
 
     def check_holdout(self) -> str | None:
         """Run the holdout forward once at setup, so a bad forward fails start(), not the run;
@@ -90,21 +91,49 @@ class SnapshotProcessor:
             del self.groups[old]
 
     # -- one snapshot -> one record ------------------------------------------------
-    def process(self, snap: Snapshot, release: Callable[[int], None]) -> dict[str, Any]:
-        """The record of ``snap``; reads everything it needs from the slot, then releases it."""
-        errors: list[dict[str, str]] = list(snap.extra.get("errors", ()))
+    def handle(self, snap: Snapshot, release: Callable[[int], None]) -> None:
+        """Build and write the record of ``snap``, then release its slot.
+
+        Released only after the write: a worker that dies before it wrote the line leaves
+        the slot taken, and its successor replays it (sinks.WorkerSink); one that dies
+        between the write and the release is caught by ``Setup.written_through_seq``.
+        """
         try:
-            data = self.read_slot(snap, errors)
-            record = build_record(data, self.setup.metrics, snap, errors, self.count_error)
-            if self.reference is not None and data.params is not None:
-                try:  # the next delta's reference; a failure makes it null, never wrong
-                    self.reference.save(self.setup.slots[snap.slot], snap.batch_idx, snap.epoch, data.weight_norms)
-                except Exception as exc:
-                    errors.append(error_entry("weight_delta", exc))
-                    record["errors"] = errors
-                    self.count_error("weight_delta", exc)
+            setup = self.setup
+            if setup.written_through_seq is not None and snap.seq <= setup.written_through_seq:
+                return  # on disk already: written by the worker that died
+            reason = setup.skip.get(snap.seq)
+            if reason is not None:  # this snapshot killed two workers: record that, not it
+                record = self._core(snap)
+                record["errors"] = [{"where": "worker", "type": "WorkerCrash", "message": reason}]
+                self.count_error("worker", RuntimeError(reason))
+            else:
+                record = self.process(snap)
+            self.write(record)
         finally:
-            release(snap.slot)  # the slot's data is no longer needed: give it back
+            release(snap.slot)
+
+    def _core(self, snap: Snapshot) -> dict[str, Any]:
+        return build_record(self.read_slot(snap, []), [], snap, [], self.count_error)
+
+    def process(self, snap: Snapshot) -> dict[str, Any]:
+        """The record of ``snap``, read from its slot (which stays taken)."""
+        errors: list[dict[str, str]] = list(snap.extra.get("errors", ()))
+        data = self.read_slot(snap, errors)
+        if self.reference is not None and data.params is not None and self.reference.torn():
+            errors.append({"where": "weight_delta", "type": "ReferenceTorn", "message":
+                           "the reference checkpoint was being rewritten when a worker died: no delta "
+                           "for this collection (the next one measures from this snapshot)"})
+        record = build_record(data, self.setup.metrics, snap, errors, self.count_error)
+        if self.setup.restart:
+            record["restarts"] = self.setup.restart
+        if self.reference is not None and data.params is not None:
+            try:  # the next delta's reference; a failure makes it null, never wrong
+                self.reference.save(self.setup.slots[snap.slot], snap.batch_idx, snap.epoch, data.weight_norms)
+            except Exception as exc:
+                errors.append(error_entry("weight_delta", exc))
+                record["errors"] = errors
+                self.count_error("weight_delta", exc)
         return record
 
     def read_slot(self, snap: Snapshot, errors: list[dict[str, str]]) -> SnapshotData:
@@ -200,6 +229,3 @@ class SnapshotProcessor:
         self.log.once(key, f"{where} failed ({type(exc).__name__}: {exc}); recorded in the "
                       "record's errors, further identical failures are counted silently")
 
-
-def now_ms(since: float) -> float:
-    return (time.time() - since) * 1000.0

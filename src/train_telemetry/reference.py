@@ -47,6 +47,10 @@ class ReferenceCheckpoint:
     def is_valid(self) -> bool:
         return self.marker.exists() and self.path.exists()
 
+    def torn(self) -> bool:
+        """The file is there but its marker is not: a rewrite was cut short."""
+        return self.path.exists() and not self.marker.exists()
+
     def distances(self, current: Sequence[torch.Tensor]) -> WeightDeltas | None:
         """Per-parameter distances of ``current`` from the reference; None without a valid one."""
         if not self.is_valid():

@@ -12,6 +12,7 @@ single-process / multi-process iterator split), so the facade has no ``if mode``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -25,10 +26,11 @@ import torch
 from .config import TelemetryConfig
 from .messages import Done, Groups, Setup, SetupDone, read_header
 from .processor import SnapshotProcessor
+from .records import repair_torn_tail
 from .sending import dumps_for_worker
 from .snapshot import Channel
-from .worker_handle import TelemetryStartError, WorkerHandle
-from .writer import OnceLog, RecordWriter
+from .worker_handle import TelemetryStartError, WorkerHandle, describe_exit
+from .writer import OnceLog, RecordWriter, count_records, last_seq
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Finished:
     exitcode: int | None = None
     pid: int | None = None
     notes: list[str] = field(default_factory=list)
+    restarts: int = 0
 
 
 class InlineSink:
@@ -54,6 +57,7 @@ class InlineSink:
         self.processor: SnapshotProcessor | None = None
         self.on_cuda = False
         self.exited = False  # there is no worker to die
+        self.restarts = 0
 
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.on_cuda = on_cuda
@@ -64,11 +68,14 @@ class InlineSink:
         if error:
             raise TelemetryStartError(error)
 
-    def submit(self, slot: int) -> None:
+    def acquire(self) -> int | None:
+        return self.channel.acquire()
+
+    def submit(self, slot: int, seq: int) -> None:
         assert self.processor is not None
         if self.on_cuda:  # the copies into the slot are asynchronous: wait for them here
             torch.cuda.current_stream().synchronize()
-        self.processor.write(self.processor.process(read_header(self.channel.headers_view, slot), self.channel.release))
+        self.processor.handle(read_header(self.channel.headers_view, slot), self.channel.release)
 
     def send_groups(self, groups: Groups) -> None:
         if self.processor is not None:
@@ -89,21 +96,52 @@ class InlineSink:
 
 
 class WorkerSink:
-    """``mode: async``: slots are published to the worker process through shared memory."""
+    """``mode: async``: slots are published to the worker process through shared memory.
+
+    A worker that dies (a signal, the OOM killer, an exception in its loop) is replaced
+    off the training thread, at most ``max_worker_restarts`` times, after a growing delay.
+    The new worker first replays every slot that was published and not released (a slot
+    is released only after its line is written, processor.py), skipping what is on disk
+    already; snapshots the hook takes meanwhile wait in their slots. A snapshot that was
+    being processed when two workers died is written as a record with a ``WorkerCrash``
+    error instead of being replayed a third time.
+    """
+
+    RESTART_DELAY_S = 0.5  # then doubled for each restart
 
     def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path) -> None:
         self.config = config
+        self.run_dir = run_dir
+        self.records_file = records_file
         self.worker = WorkerHandle(config, run_dir, records_file)
         self.channel = self.worker.channel
         self.handoff: _HandOff | None = None
-        self.setup_sent = False
-        self.worker.start(config.start_timeout_s)
+        self.setup_obj: Setup | None = None
+        self.restarts = 0
+        self.gave_up = False  # restarts exhausted (or impossible): the run goes on without telemetry
+        self._lock = threading.Lock()
+        self._restarting = False
+        self._backlog: list[int] = []  # slots filled while a new worker starts
+        self._seq_of: list[int | None] = [None] * config.num_slots  # the seq each slot was published with
+        self._records_before = count_records(records_file)
+        self._crashes: dict[int, int] = {}  # seq -> workers that died while it was the oldest unreleased
+        self._finished: list[Finished] = []  # what the dead workers said (their Done, if any)
+        self._closing = False
+        self._restart_thread: threading.Thread | None = None
+        self.worker.start(config.start_timeout_s, on_exit=self._on_worker_exit)
 
     @property
     def exited(self) -> bool:
-        return self.worker.exited
+        """True once there is no worker and none will come (the hook then counts drops)."""
+        return self.gave_up
 
     def setup(self, setup: Setup, on_cuda: bool) -> None:
+        self.setup_obj = setup
+        self._send_setup(self.worker, setup)
+        if on_cuda:
+            self.handoff = _HandOff(self)
+
+    def _send_setup(self, worker: WorkerHandle, setup: Setup) -> None:
         try:
             payload = dumps_for_worker(setup)
         except Exception as exc:
@@ -112,35 +150,136 @@ class WorkerSink:
                 "Remove what cannot be pickled from the model (open files, locks, sockets), "
                 "or set track_holdout_logits: false, or mode: sync"
             ) from exc
-        self.worker.send(payload)
-        self.setup_sent = True
-        done = self.worker.await_reply(SetupDone, self.config.start_timeout_s, "setup")
+        worker.send(payload)
+        done = worker.await_reply(SetupDone, self.config.start_timeout_s, "setup")
         if done.error:
             raise TelemetryStartError(done.error)
-        if on_cuda:
-            self.handoff = _HandOff(self.channel)
 
-    def submit(self, slot: int) -> None:
+    def submit(self, slot: int, seq: int) -> None:
         if self.handoff is not None:
             # CUDA: the copies are still in flight; the hand-off thread waits on this event
             # (off the training thread) before it publishes the slot.
             event = torch.cuda.Event()
             event.record()
-            self.handoff.submit(event, slot)
+            self.handoff.submit(event, slot, seq)
         else:
+            self.publish(slot, seq)
+
+    def acquire(self) -> int | None:
+        """A free slot for the hook (see Channel.acquire), no longer holding a published snapshot."""
+        with self._lock:  # uncontended except while a restart reads what is pending
+            slot = self.channel.acquire()
+            if slot is not None:
+                self._seq_of[slot] = None
+            return slot
+
+    def publish(self, slot: int, seq: int) -> None:
+        """Hand ``slot`` to the worker, or keep it for the next one while it starts."""
+        with self._lock:  # uncontended except while a restart swaps the ring
+            self._seq_of[slot] = seq
+            if self._restarting:
+                self._backlog.append(slot)
+                return
             self.channel.publish(slot)
 
     def send_groups(self, groups: Groups) -> None:
-        if self.setup_sent:
-            self.worker.send(groups)  # before the snapshot that names this version is published
+        if self.setup_obj is not None:
+            self.setup_obj.groups = groups  # a new worker starts with the current map
+            with contextlib.suppress(Exception):
+                self.worker.send(groups)  # before the snapshot that names this version is published
 
+    # -- a worker died ---------------------------------------------------------------
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        """Called by the watcher thread when ``worker`` ended (not on the training thread)."""
+        if self._closing or worker is not self.worker:
+            return
+        with contextlib.suppress(Exception):
+            worker.proc.join(1.0)  # its exit code, for the messages
+        if self.restarts >= self.config.max_worker_restarts or self.setup_obj is None:
+            self._finished.append(Finished(None, False, worker.exitcode, worker.pid))
+            self._give_up(f"the telemetry worker (pid {worker.pid}) died with {describe_exit(worker.exitcode)}; "
+                          f"{self.restarts} restart(s) allowed and made: the run goes on without telemetry")
+            return
+        with self._lock:
+            self._restarting = True
+        self._restart_thread = threading.Thread(target=self._restart, name="train-telemetry-restart", daemon=True)
+        self._restart_thread.start()
+
+    def _restart(self) -> None:
+        dead = self.worker
+        with contextlib.suppress(Exception):
+            dead.proc.join(1.0)
+        self._finished.append(Finished(None, False, dead.exitcode, dead.pid))
+        pending = self._pending()
+        if pending:
+            self._crashes[pending[0][0]] = self._crashes.get(pending[0][0], 0) + 1
+        if self.restarts >= self.config.max_worker_restarts or self.setup_obj is None or self._closing:
+            self._give_up(f"the telemetry worker (pid {dead.pid}) died with {describe_exit(dead.exitcode)}; "
+                          f"{self.restarts} restart(s) already: the run goes on without telemetry")
+            return
+        time.sleep(self.RESTART_DELAY_S * 2**self.restarts)
+        self.restarts += 1
+        repair_torn_tail(self.records_file)  # the dead worker may have been cut off mid-line
+        setup = dataclasses.replace(
+            self.setup_obj, init_slot=None, restart=self.restarts, written_through_seq=last_seq(self.records_file),
+            skip={seq: f"this snapshot was being processed when {n} workers died (last: "
+                       f"{describe_exit(dead.exitcode)}); skipped so it cannot kill more"
+                  for seq, n in self._crashes.items() if n >= 2})
+        try:
+            worker = WorkerHandle(self.config, self.run_dir, self.records_file, channel=self.channel)
+            worker.start(self.config.start_timeout_s, on_exit=self._on_worker_exit)
+            self.worker = worker
+            self._send_setup(worker, setup)
+        except Exception as exc:
+            self._give_up(f"could not restart the telemetry worker: {type(exc).__name__}: {exc}")
+            return
+        warnings.warn(f"train-telemetry: the telemetry worker (pid {dead.pid}) died with "
+                      f"{describe_exit(dead.exitcode)}; restarted it (pid {worker.pid}, restart "
+                      f"{self.restarts} of {self.config.max_worker_restarts}), replaying {len(pending)} "
+                      "snapshot(s) it held", RuntimeWarning, stacklevel=1)
+        with self._lock:
+            for _, slot in pending:
+                self.channel.publish(slot)
+            for slot in self._backlog:
+                self.channel.publish(slot)
+            self._backlog.clear()
+            self._restarting = False
+
+    def _pending(self) -> list[tuple[int, int]]:
+        """(seq, slot) published but not released, oldest first: the dead worker's unfinished work."""
+        with self._lock:
+            state, backlog = self.channel.state, set(self._backlog)
+            return sorted((seq, slot) for slot, seq in enumerate(self._seq_of)
+                          if seq is not None and state[slot] and slot not in backlog)
+
+    def _give_up(self, message: str) -> None:
+        with self._lock:
+            self.gave_up = True
+            self._restarting = False
+            self._backlog.clear()
+        if not self._closing:
+            warnings.warn(f"train-telemetry: {message}; later collections are counted as dropped",
+                          RuntimeWarning, stacklevel=1)
+
+    # -- stop ---------------------------------------------------------------------
     def close(self, deadline: float) -> Finished:
+        if self._restart_thread is not None:  # a replacement on its way finishes first
+            self._restart_thread.join(max(0.0, deadline - time.monotonic()))
+        self._closing = True
         if self.handoff is not None:
             self.handoff.close(deadline)
         done, terminated = self.worker.stop(deadline)
-        return Finished(done, terminated, self.worker.exitcode, self.worker.pid)
+        if done is None or terminated:
+            repair_torn_tail(self.records_file)  # the writer did not finish: leave whole lines only
+        finished = Finished(done, terminated, self.worker.exitcode, self.worker.pid)
+        finished.restarts = self.restarts
+        if done is not None and self._finished:
+            # Records the dead workers wrote are on disk too: count them from the file.
+            done.records_written = count_records(self.records_file) - self._records_before
+        return finished
 
     def abort(self) -> None:
+        self._closing = True
         self.worker.terminate()
 
 
@@ -160,24 +299,24 @@ class _HandOff:
     device syncs; the hook itself only records the event.
     """
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
-        self._pending: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
+    def __init__(self, sink: WorkerSink) -> None:
+        self._sink = sink
+        self._pending: queue.SimpleQueue[tuple[Any, int, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="train-telemetry-handoff", daemon=True)
         self._thread.start()
 
-    def submit(self, event: Any, slot: int) -> None:
-        self._pending.put((event, slot))
+    def submit(self, event: Any, slot: int, seq: int) -> None:
+        self._pending.put((event, slot, seq))
 
     def _run(self) -> None:
         while True:
             item = self._pending.get()
             if item is None:
                 return
-            event, slot = item
+            event, slot, seq = item
             try:
                 event.synchronize()
-                self._channel.publish(slot)
+                self._sink.publish(slot, seq)
             except Exception as exc:  # keep the thread alive: one failed snapshot is one record lost
                 warnings.warn(f"train-telemetry: hand-off failed: {exc}", RuntimeWarning, stacklevel=1)
 

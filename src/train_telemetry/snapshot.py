@@ -166,14 +166,19 @@ class Channel:
         else:
             self.state = ctx.RawArray("b", num_slots)
             self.headers = ctx.RawArray("B", num_slots * HEADER_BYTES)
-            self.ring = ctx.RawArray("i", num_slots)
-            self._sem = ctx.Semaphore(0)
+            self.renew(ctx)
         self._state_view: memoryview | None = None  # per process (a memoryview does not pickle)
         self._headers_view: memoryview | None = None
         self._published = 0  # trainer side: slots published so far
         self._consumed = 0  # worker side: published slots taken so far
 
     # -- trainer side
+    def renew(self, ctx: Any) -> None:
+        """A fresh ring and semaphore (for a new worker: a dead one may have held permits)."""
+        self.ring = ctx.RawArray("i", self.num_slots)
+        self._sem = ctx.Semaphore(0)
+        self._published = 0
+
     def acquire(self) -> int | None:
         """A free slot, now TAKEN, or None when all are in use."""
         state = self._state_view

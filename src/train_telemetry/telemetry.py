@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import threading
 import time
 import warnings
@@ -60,6 +61,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     clean: bool  # every snapshot taken was written and the worker exited normally
     stop_seconds: float
     mode: str
+    worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -81,6 +83,40 @@ def _disable_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disable_after_fork)
+
+
+# SIGTERM (preemption: SLURM, Kubernetes, spot instances). Its default action kills the
+# process without atexit, losing what is queued. A signal handler is one per process, so
+# this state is the module's, not an instance's: the handler drains every live Telemetry.
+_previous_sigterm: Any = None
+
+
+def _install_sigterm_handler() -> None:
+    """Drain on SIGTERM, then let it act as before (default: die by it; the user's: chain)."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; the at-exit hook still covers normal exits
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm or current == signal.SIG_IGN:
+        return  # installed already, or the user ignores SIGTERM: nothing to drain for
+    _previous_sigterm = current
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    live = [t for t in list(_live) if t._state == _RUNNING]
+    bound = max([t.config.sigterm_drain_s for t in live], default=0.0)
+    deadline = time.monotonic() + bound  # the user's handler runs no later than this (plus kill grace)
+    for t in live:
+        with contextlib.suppress(Exception):
+            t._stop_for_signal(deadline)
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+        return
+    # The default action, exactly as without us: die by SIGTERM (exit status -15 / 143).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def as_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
@@ -194,6 +230,8 @@ class Telemetry:
             self._collecting = True
             _live.add(self)
             atexit.register(self._atexit_stop)
+            if self.config.sigterm_drain_s > 0:
+                _install_sigterm_handler()
         return self
 
     def on_batch_end(
@@ -484,7 +522,7 @@ class Telemetry:
                                  groups_version=self._groups_version, optimizers=optimizers, model=model,
                                  values=dict(extra) if extra else None)
         self._unsent_slot = None  # the sink releases it from here on, even when it fails
-        sink.submit(slot)
+        sink.submit(slot, seq)
         if fill.errors:
             for e in fill.errors:
                 self._warn_once(f"fill:{e['where']}", f"{e['where']} could not be collected ({e['type']}: "
@@ -522,7 +560,7 @@ class Telemetry:
     def _acquire_slot(self) -> int | None:
         sink = self._sink
         assert sink is not None
-        slot = sink.channel.acquire()
+        slot = sink.acquire()
         if slot is not None or self.config.on_full == "drop":
             return slot
         deadline = time.monotonic() + self.config.block_timeout_s
@@ -530,7 +568,7 @@ class Telemetry:
             if sink.exited:
                 return None
             time.sleep(0.0005)
-            slot = sink.channel.acquire()
+            slot = sink.acquire()
         return slot
 
     def _drop(self) -> None:
@@ -587,7 +625,17 @@ class Telemetry:
             clean=clean,
             stop_seconds=time.monotonic() - t0,
             mode=self.config.mode,
+            worker_restarts=finished.restarts,
         )
+
+    def _stop_for_signal(self, deadline: float) -> None:
+        """stop() from the SIGTERM handler: never waits for the lock the interrupted code may hold."""
+        if self._forked_child or os.getpid() != self._owner_pid or self.config.sigterm_drain_s <= 0:
+            return
+        if not self._lock.acquire(timeout=0.05):
+            return  # interrupted inside start()/stop(): stop() is already running
+        self._lock.release()
+        self.stop(timeout=max(0.0, deadline - time.monotonic()))
 
     def _atexit_stop(self) -> None:
         # The interpreter is exiting without stop(): flush what is queued, bounded in time.

@@ -55,8 +55,12 @@ Protocol per role:
   slot before it answers ``Done``; the trainer waits for ``Done`` and the exit until the
   deadline; then SIGTERM, then SIGKILL; never waits without a timeout.
 * trainer death (SIGKILL, OOM): the worker notices within POLL_S (or at once through
-  PDEATHSIG), writes nothing more from slots (the trainer may have died mid-copy) and
-  exits; the records already written are whole lines.
+  PDEATHSIG), writes every slot already published (a slot is published only once
+  filled; one the trainer died filling is not), and exits; its shared memory goes with
+  the last process that maps it.
+* worker death: the trainer's watcher thread starts a replacement (sinks.WorkerSink),
+  which replays every slot published and not yet released (released only after the
+  line is written), skipping seqs already on disk.
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def worker_loop(
                 while snap.groups_version not in processor.groups and time.monotonic() < deadline:
                     with contextlib.suppress(queue.Empty):
                         handle(_unpickle(to_worker.get(timeout=0.1)))
-                processor.write(processor.process(snap, channel.release))
+                processor.handle(snap, channel.release)
             except Exception as exc:
                 channel.release(slot)
                 processor.count_error("record", exc)
@@ -194,11 +198,16 @@ def worker_loop(
                 now = time.monotonic()
                 if now > next_parent_check:
                     next_parent_check = now + POLL_S
-                    if not _parent_alive(parent_pid):  # the trainer died: stop reading its slots
+                    if not _parent_alive(parent_pid):
+                        # The trainer died: what it published is whole (it publishes a slot
+                        # only after filling it), so write that, then exit.
                         clean = False
+                        process_published()
                         break
                 continue
             handle(msg)
+        if termination.requested:  # SIGTERM (the trainer's death signal, or stop()'s): write what is published
+            process_published()
     except BaseException as exc:  # a bug of ours: say why we die instead of vanishing
         clean = False
         fatal.append("".join(traceback.format_exception(exc)))

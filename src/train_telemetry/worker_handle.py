@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ class TelemetryStartError(RuntimeError):
 class WorkerHandle:
     """One worker process and its two queues; ``channel`` is the slots' shared state."""
 
-    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path) -> None:
+    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path, channel: Channel | None = None) -> None:
         if config.start_method == "fork" and torch.cuda.is_initialized():
             raise TelemetryConfigError(
                 "start_method: fork after CUDA was initialised would crash the worker; use spawn (the default)"
@@ -45,7 +46,11 @@ class WorkerHandle:
         # If the worker dies, our exit must not hang flushing this queue (DataLoader does the same).
         self.to_worker.cancel_join_thread()
         self.from_worker = ctx.Queue()
-        self.channel = Channel(ctx, config.num_slots)
+        if channel is None:
+            channel = Channel(ctx, config.num_slots)
+        else:
+            channel.renew(ctx)  # the slots stay; the ring and semaphore are the new worker's
+        self.channel = channel
         self.exited = False  # set by the watcher thread when the process ends
         self.proc = ctx.Process(
             target=worker_loop,
@@ -65,8 +70,11 @@ class WorkerHandle:
     def exitcode(self) -> int | None:
         return self.proc.exitcode
 
-    def start(self, timeout: float) -> None:
-        """Start the process and wait for its Ready (raises TelemetryStartError)."""
+    def start(self, timeout: float, on_exit: Callable[[WorkerHandle], None] | None = None) -> None:
+        """Start the process and wait for its Ready (raises TelemetryStartError).
+
+        ``on_exit(self)`` is called from the watcher thread when the process ends.
+        """
         try:
             self.proc.start()
         except Exception as exc:
@@ -80,6 +88,9 @@ class WorkerHandle:
             with contextlib.suppress(Exception):
                 multiprocessing.connection.wait([sentinel])
             self.exited = True
+            if on_exit is not None:
+                with contextlib.suppress(Exception):
+                    on_exit(self)
 
         threading.Thread(target=watch, name="train-telemetry-watch", daemon=True).start()
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .records import repair_torn_tail
+from .records import decode_record, repair_torn_tail
 
 
 class OnceLog:
@@ -77,3 +77,28 @@ class RecordWriter:
                 self.problems["fsync"] = f"fsync of {self.path} failed: {exc}"
                 self.log.once("fsync", self.problems["fsync"])
         os.close(self.fd)
+
+
+def last_seq(path: Path) -> int | None:
+    """The ``seq`` of the last whole record in ``path`` (None: no file or no record)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (1 << 20)))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    for line in reversed(lines[:-1]):  # whole lines only: the last element follows the final newline
+        with contextlib.suppress(Exception):
+            seq = decode_record(line).get("seq")
+            if isinstance(seq, int):
+                return seq
+    return None
+
+
+def count_records(path: Path) -> int:
+    """Whole lines in ``path`` (0 if it does not exist)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -86,7 +87,10 @@ def child_exited(pid: int) -> bool:
 
     Not /proc's Z state: a thread-group leader shows Z while its other threads still exit.
     """
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already (the collector joins a dead worker for its exit code)
+        return True
 
 
 @contextlib.contextmanager
@@ -147,7 +151,7 @@ def slow_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
 def test_worker_killed_mid_run_training_goes_on_and_stop_reports_it(tmp_path: Path, sig: signal.Signals) -> None:
     """A worker killed mid-run costs later records only: no hook blocks, one warning names pid and signal, stop() reports it."""
     with no_core_dumps():
-        run = Run(Telemetry(config(tmp_path, stop_timeout_s=5.0))).start()
+        run = Run(Telemetry(config(tmp_path, stop_timeout_s=5.0, max_worker_restarts=0))).start()
     pid = run.telemetry.worker_pid
     assert pid is not None
     records = tmp_path / "run" / "telemetry.jsonl"
@@ -521,3 +525,142 @@ def test_too_little_shared_memory_fails_at_start_with_the_fix(tmp_path: Path, mo
         telemetry.start(SiameseNet(width=4, embed=8))
     pid = telemetry.worker_pid
     assert pid is None or not pid_alive(pid)
+
+
+# ---------------------------------------------------------------------------- nothing lost
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_worker_is_replaced_and_replays_what_it_held(tmp_path: Path) -> None:
+    """SIGKILL mid-run with on_full block: a new worker replays; records == snapshots taken, no gap, no duplicate."""
+    with no_core_dumps():
+        run = Run(Telemetry(config(tmp_path))).start()
+    records = tmp_path / "run" / "telemetry.jsonl"
+    for kill in range(2):
+        run.step(6)
+        wait_for(lambda k=kill: line_count(records) >= 3 + 6 * k, 30, "records before the kill")
+        pid = run.telemetry.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run.step(2)  # snapshots taken while the new worker starts wait in their slots
+    run.step(4)
+    summary = run.telemetry.stop()
+    lines = strict_lines(records)  # json.loads of every line
+    assert summary.worker_restarts == 2 and summary.snapshots_dropped == 0
+    assert summary.records_written == summary.snapshots_taken == len(lines) == 20
+    assert [r["seq"] for r in lines] == list(range(20))
+    assert max(r.get("restarts", 0) for r in lines) == 2
+
+
+@pytest.mark.timeout(120)
+def test_restarts_stop_at_the_bound_and_the_run_goes_on(tmp_path: Path) -> None:
+    """After max_worker_restarts replacements the next death ends telemetry; training and stop() still work."""
+    with no_core_dumps():
+        run = Run(Telemetry(config(tmp_path, max_worker_restarts=1, stop_timeout_s=5.0))).start()
+    records = tmp_path / "run" / "telemetry.jsonl"
+    run.step(3)
+    wait_for(lambda: line_count(records) >= 3, 30, "the first records")
+    first = run.telemetry.worker_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: run.telemetry.worker_pid not in (None, first), 60, "the replacement")
+    run.step(3)
+    wait_for(lambda: line_count(records) >= 6, 30, "records from the replacement")
+    second = run.telemetry.worker_pid
+    assert second is not None
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: child_exited(second), 10, "the second worker to die")
+    time.sleep(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.step(5)
+    assert max(run.hook_seconds[6:]) < 1.0
+    summary = run.telemetry.stop()
+    assert summary.worker_restarts == 1 and summary.snapshots_dropped == 5 and not summary.clean
+    assert len(strict_lines(records)) == summary.records_written == 6
+
+
+@pytest.mark.timeout(180)
+def test_a_snapshot_that_kills_workers_is_recorded_as_a_crash_after_two(tmp_path: Path) -> None:
+    """A metric that kills the worker on one snapshot: after two deaths that snapshot becomes an error record; the rest go on."""
+    with no_core_dumps():
+        telemetry = Telemetry(config(tmp_path, stop_timeout_s=30.0), metrics=[_module_crash_metric(3)])
+        run = Run(telemetry).start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.step(6)
+        summary = telemetry.stop()
+    lines = strict_lines(tmp_path / "run" / "telemetry.jsonl")
+    assert [r["seq"] for r in lines] == list(range(6))
+    crash = lines[3]
+    assert [e["type"] for e in crash["errors"]] == ["WorkerCrash"] and "2 workers died" in crash["errors"][0]["message"]
+    assert "crash_loop" not in crash and all(r["crash_loop"]["seen"] == r["seq"] for r in lines if r["seq"] != 3)
+    assert summary.worker_restarts == 2 and summary.records_written == 6
+
+
+def _module_crash_metric(seq: int) -> Any:
+    from train_telemetry import metric
+
+    return metric(key="crash_loop", needs={"loss"})(_CrashAt(seq))
+
+
+class _CrashAt:
+    """Module level (picklable by reference): SIGKILLs its own process at snapshot ``seq``."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def __call__(self, snap: Any) -> dict[str, float]:
+        if snap.seq == self.seq:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"seen": float(snap.seq)}
+
+
+@pytest.mark.timeout(120)
+def test_a_reference_torn_by_a_kill_is_never_measured_against(tmp_path: Path) -> None:
+    """A worker killed in the middle of rewriting last_checkpoint.pt: the next delta is null with the reason, then exact again."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = SiameseNet(width=4, embed=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    telemetry = Telemetry(config(tmp_path))
+    telemetry.start(model, opt)
+    weights = []
+    ckpt = tmp_path / "run" / "last_checkpoint.pt"
+
+    def step(i: int) -> None:
+        b = make_batch(g)
+        loss = nn.functional.cross_entropy(model(b["img1"], b["img2"]), b["winner"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        telemetry.on_batch_end(model, opt, i, 0, None, b)
+        weights.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+
+    for i in range(3):
+        step(i)
+    wait_for(lambda: line_count(tmp_path / "run" / "telemetry.jsonl") >= 3, 30, "the first records")
+    pid = telemetry.worker_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    # What a kill halfway through the in-place rewrite leaves: no marker, half the bytes new.
+    (tmp_path / "run" / "last_checkpoint.pt.ok").unlink()
+    with open(ckpt, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 3)
+        f.write(bytes(size // 3))
+    os.kill(pid, signal.SIGKILL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(3, 6):
+            step(i)
+    telemetry.stop()
+    lines = strict_lines(tmp_path / "run" / "telemetry.jsonl")
+    assert [r["seq"] for r in lines] == list(range(6))
+    assert lines[3]["weight_delta"]["overall"] is None
+    assert [e["type"] for e in lines[3]["errors"]] == ["ReferenceTorn"]
+    for i in (4, 5):
+        want = float(torch.linalg.vector_norm(weights[i] - weights[i - 1]))
+        assert math.isclose(lines[i]["weight_delta"]["overall"], want, rel_tol=1e-5), i

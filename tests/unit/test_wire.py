@@ -9,7 +9,16 @@ import pickle
 import pytest
 import torch
 
-from train_telemetry.messages import HEADER_BYTES, IN_AUX, IN_HEADER, IN_SLOT, NONE, Snapshot, read_header, write_header
+from train_telemetry.messages import (
+    HEADER_BYTES,
+    IN_AUX,
+    IN_HEADER,
+    IN_SLOT,
+    NONE,
+    Snapshot,
+    read_header,
+    write_header,
+)
 from train_telemetry.metrics.batch import COUNT_VECTOR_LEN, count_vector, unpack_count_vector
 from train_telemetry.snapshot import Channel, meta_size, meta_views
 
