@@ -80,6 +80,7 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # --- surviving faults ------------------------------------------------------------
     max_worker_restarts: NonNegativeInt = 3  # a dead worker is replaced (and replays) this often per run
+    io_buffer_bytes: NonNegativeInt = 4 << 20  # records kept in memory while the disk refuses writes (ENOSPC)
     sigterm_drain_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # on SIGTERM, write what is queued for at most this long (0: leave SIGTERM alone)
 
     # --- distributed (torch.distributed) ---------------------------------------------
@@ -183,6 +184,7 @@ _ALLOWED: dict[str, str] = {
     "worker_threads": "an integer >= 1",
     "eval_batch_size": "an integer >= 1",
     "max_worker_restarts": "an integer >= 0",
+    "io_buffer_bytes": "an integer >= 0 (bytes)",
     "sigterm_drain_s": "a number of seconds >= 0 (0: telemetry leaves SIGTERM alone)",
     "worker_nice": "an integer from 0 to 19",
     "block_timeout_s": "a number of seconds > 0",

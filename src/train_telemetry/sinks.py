@@ -53,7 +53,7 @@ class InlineSink:
         self.run_dir = run_dir
         self.channel = Channel(None, 1)
         self.log = OnceLog("telemetry")
-        self.writer = RecordWriter(records_file, config.fsync, self.log)
+        self.writer = RecordWriter(records_file, config.fsync, self.log, config.io_buffer_bytes)
         self.processor: SnapshotProcessor | None = None
         self.on_cuda = False
         self.exited = False  # there is no worker to die

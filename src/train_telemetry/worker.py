@@ -143,7 +143,7 @@ def worker_loop(
     # No cancel_join_thread() here: the final join_thread() must flush Done to the trainer
     # before we exit. Our few messages are tiny, so the pipe can never fill and block us.
     log = OnceLog("worker")
-    writer = RecordWriter(Path(records_file), config.fsync, log)
+    writer = RecordWriter(Path(records_file), config.fsync, log, config.io_buffer_bytes)
     from_worker.put(Ready(os.getpid()))
     processor: SnapshotProcessor | None = None
     clean = True

@@ -446,6 +446,38 @@ def test_disk_filling_up_mid_run_leaves_only_whole_lines(tmp_path: Path) -> None
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_disk_full_for_a_while_loses_nothing(tmp_path: Path, mode: str) -> None:
+    """ENOSPC for a few seconds mid-run: records wait in memory and are written, in order, once space returns."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        cfg = config(mnt, mode=mode, track_weight_delta=False, track_holdout_logits=False, fsync=False)
+        run = Run(Telemetry(cfg)).start()
+        records = mnt / "run" / "telemetry.jsonl"
+        run.step(3)
+        wait_for(lambda: line_count(records) >= 3, 30, "the first records")
+        ballast = mnt / "run" / "ballast"
+        with open(ballast, "wb", buffering=0) as f, contextlib.suppress(OSError):  # fill the disk to the last byte
+            while True:
+                f.write(b"x" * 4096)
+        run.step(10, pause=0.2)  # two seconds of a full disk
+        assert line_count(records) < 13
+        ballast.unlink()  # space returns
+        run.step(3)
+        summary = run.telemetry.stop()
+        lines = strict_lines(records)
+        assert [r["seq"] for r in lines] == list(range(16))
+        assert summary.records_written == summary.snapshots_taken == 16 and summary.io_errors > 0
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.mark.timeout(60)
 def test_torn_last_line_is_skipped_by_the_reader_and_repaired_on_restart(tmp_path: Path) -> None:
     """A crash mid-write leaves a torn last line: read_records skips it and the next run truncates it before appending."""
