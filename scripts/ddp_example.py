@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train_telemetry import Telemetry, TelemetryConfig
+from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, TelemetryStartError
 
 GLOBAL_BATCH = 16  # rows per optimizer step, summed over ranks and micro-batches
 NUM_FEATURES = 6
@@ -106,9 +106,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         on_full=args.on_full,
     )
     telemetry = Telemetry(config)
-    telemetry.set_holdout_data(holdout_batch())
+    holdout = holdout_batch()
+    if args.fail_start_rank == rank:  # for the tests: this rank alone cannot start telemetry
+        holdout = {"x": holdout["x"], "label": holdout["y"]}
+    telemetry.set_holdout_data(holdout)
     # After init_process_group, so every rank knows its rank; only rank 0 starts a worker.
-    telemetry.start(ddp, optimizer)
+    # start() succeeds on every rank or fails on every rank: a script may catch its error
+    # and train on without telemetry, and no rank is left waiting in a collective.
+    start_error = None
+    try:
+        telemetry.start(ddp, optimizer)
+    except (TelemetryConfigError, TelemetryStartError) as exc:
+        if args.fail_start_rank is None:
+            raise
+        start_error = str(exc)
 
     for step in range(args.steps):
         share = rank_share(global_batch(step), rank, world_size)
@@ -136,7 +147,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = telemetry.stop()
     result = {"rank": rank, "world_size": world_size, "worker_pid": telemetry.worker_pid,
-              "steps": args.steps, "summary": summary.to_dict()}
+              "steps": args.steps, "summary": summary.to_dict(), "start_error": start_error}
     if args.result_dir:
         Path(args.result_dir, f"result.rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:
@@ -184,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="block: wait for the worker instead of dropping, so runs compare record by record")
     tests.add_argument("--result-dir", default=None, help="write result.rank<r>.json (summary, worker pid) here")
     tests.add_argument("--kill-worker-at", type=int, default=None, help="rank 0 SIGKILLs its worker at this step")
+    tests.add_argument("--fail-start-rank", type=int, default=None,
+                       help="this rank's holdout lacks the label key: start() fails there (and so on every rank)")
     tests.add_argument("--bad-labels-rank", type=int, default=None, help="this rank passes labels it cannot count")
     return parser.parse_args(argv)
 

@@ -81,6 +81,7 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # --- surviving faults ------------------------------------------------------------
     max_worker_restarts: NonNegativeInt = 3  # a dead worker is replaced (and replays) this often per run
     io_buffer_bytes: NonNegativeInt = 4 << 20  # records kept in memory while the disk refuses writes (ENOSPC)
+    overwrite: bool = False  # output_dir holds an earlier run: replace it (default: append a new segment, same model only)
     sigterm_drain_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # on SIGTERM, write what is queued for at most this long (0: leave SIGTERM alone)
 
     # --- distributed (torch.distributed) ---------------------------------------------
@@ -224,7 +225,7 @@ def _locate(name: str, value: Any, type_: Any, exc: msgspec.ValidationError) -> 
 
 def _allowed(name: str, exc: msgspec.ValidationError) -> str:
     allowed = _ALLOWED.get(name)
-    if allowed is None and name.startswith(("enabled", "track_", "fsync", "per_rank", "worker_sched_idle")):
+    if allowed is None and name.startswith(("enabled", "track_", "fsync", "per_rank", "worker_sched_idle", "overwrite")):
         allowed = "true or false"
     detail = str(exc).split(" - at ")[0]
     return f"expected {allowed} ({detail})" if allowed else detail

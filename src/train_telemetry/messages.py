@@ -52,6 +52,7 @@ class Setup:
     # After a worker died (sinks.WorkerSink): which restart this is, snapshots to record as
     # crashes instead of processing (seq -> reason), and the last seq already on disk.
     restart: int = 0
+    segment: int = 0  # resumed runs: which start() in this output_dir (records carry it)
     skip: dict[int, str] = field(default_factory=dict)
     written_through_seq: int | None = None
     rank: int = 0

@@ -127,6 +127,8 @@ class SnapshotProcessor:
         record = build_record(data, self.setup.metrics, snap, errors, self.count_error)
         if self.setup.restart:
             record["restarts"] = self.setup.restart
+        if self.setup.segment:
+            record["segment"] = self.setup.segment
         if self.reference is not None and data.params is not None:
             try:  # the next delta's reference; a failure makes it null, never wrong
                 self.reference.save(self.setup.slots[snap.slot], snap.batch_idx, snap.epoch, data.weight_norms)

@@ -29,6 +29,10 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``model_mode``      {training, batchnorm_layers, batchnorm_stat_change}
 ``nonfinite``       list of "family.key[.sub]" whose value is NaN or +-Inf (absent when none)
 ``errors``          list of {where, type, message} for metrics that failed (absent when none)
+``segment``         which start() of the run wrote it: 0 (absent) for the first, 1.. for each
+                    resume into the same directory; ``seq`` counts on across segments
+``restarts``        how many times the worker had been restarted when it wrote this (absent: 0)
+``built_by``        what built the record, when not the worker's ordinary path (a string)
 ``<any other>``     a metric's own key: a dict whose leaves are numbers or null, possibly nested
 ==================  ==========================================================================
 

@@ -5,9 +5,11 @@ Runs in: the training process (at ``start()`` and ``stop()``, never in the hook)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,25 @@ from .records import (
     RUN_FILE,
     SCHEMA_VERSION,
     SUMMARY_FILE,
+    read_json,
     to_strict_json_value,
 )
+from .writer import last_seq
+
+# The config keys that decide what a record holds: a resumed run must agree on them, or its
+# records would not read as one run. (Speed and fault settings may change between segments.)
+RECORDED_KEYS = ("track_gradients", "track_weight_delta", "track_learning_rates", "track_holdout_logits",
+                 "track_batch_stats", "holdout_size", "input_keys", "label_key", "metrics", "layer_depth")
+
+
+@dataclass
+class Resume:
+    """What an output_dir already holds: the next segment, the first seq, the segments so far."""
+
+    segment: int = 0
+    first_seq: int = 0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    previous: dict[str, Any] | None = None  # the earlier run.json
 
 
 class RunDir:
@@ -64,6 +83,43 @@ class RunDir:
             raise TelemetryConfigError(
                 f"output_dir {str(out)!r} is not writable ({exc.strerror}): choose a directory you can write to"
             ) from None
+
+    def resume(self, overwrite: bool) -> Resume:
+        """The segment this start() begins: 0 in a fresh directory, else one more than the last.
+
+        ``overwrite``: remove what an earlier run left (records, run.json, summary.json) first.
+        """
+        records = self.records
+        if overwrite:
+            for name in (RECORDS_FILE, RUN_FILE, SUMMARY_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    self.file(name).unlink()
+            return Resume()
+        seq = last_seq(records)
+        if seq is None:
+            return Resume()
+        previous = read_json(self.file(RUN_FILE)) or {}
+        segment = int(previous.get("segment", 0)) + 1
+        segments = list(previous.get("segments") or [{"segment": 0, "started": previous.get("started"), "first_seq": 0}])
+        return Resume(segment=segment, first_seq=seq + 1, segments=segments, previous=previous)
+
+    def check_same_run(self, resume: Resume, config: Mapping[str, Any], model: Sequence[Any] | None) -> None:
+        """Refuse to append records of another model or another kind of record to this run."""
+        previous = resume.previous
+        if not previous:
+            return
+        fix = (f"output_dir {str(self.path)!r} holds records of another run: start this one in a fresh "
+               "directory (a new output_dir), or set overwrite: true to replace them")
+        before_model = previous.get("model")
+        if model is not None and before_model is not None and [list(m) for m in before_model] != [list(m) for m in model]:
+            changed = next((f"{a[0]} {a[2]}{a[1]} -> {b[0]} {b[2]}{b[1]}"
+                            for a, b in zip(before_model, model, strict=False) if list(a) != list(b)),
+                           f"{len(before_model)} -> {len(model)} tensors")
+            raise TelemetryConfigError(f"{fix} (the model differs: {changed})")
+        before = previous.get("config") or {}
+        for key in RECORDED_KEYS:
+            if key in before and before[key] != config.get(key):
+                raise TelemetryConfigError(f"{fix} ({key} was {before[key]!r}, now {config.get(key)!r})")
 
     def write_run_info(self, info: Mapping[str, Any]) -> None:
         base = {

@@ -19,6 +19,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .distributed import DistInfo, detect_distributed
 from .messages import Groups, Setup
 from .metrics import Metric, all_needs, resolve_metrics
 from .metrics.holdout import HoldoutForward
-from .rundir import RunDir, count_lines
+from .rundir import Resume, RunDir, count_lines
 from .sending import locate_unpicklable
 from .sinks import Sink, open_sink
 from .snapshot import Layout, SlotPool, build_layout, model_on_slot, unwrap_model
@@ -62,6 +63,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     stop_seconds: float
     mode: str
     worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
+    segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -169,6 +171,7 @@ class Telemetry:
         self.records_file: Path | None = None
         self._dist = DistInfo()
         self._rundir: RunDir | None = None
+        self._resume = Resume()
         self._sink: Sink | None = None
         self._collector: Collector | None = None  # set once the model is set up
         self._setup_thread: threading.Thread | None = None
@@ -219,13 +222,18 @@ class Telemetry:
             if not self.config.enabled:
                 self._state = _DISABLED
                 return self
+            error: Exception | None = None
             try:
                 self._start(model, as_list(optimizer))
+            except Exception as exc:
+                error = exc
             except BaseException:
-                self._collecting = False
-                if self._sink is not None:
-                    self._sink.abort()
+                self._abort_start()
                 raise
+            error = _agree_across_ranks(error)
+            if error is not None:
+                self._abort_start()
+                raise error
             self._state = _RUNNING
             self._collecting = True
             _live.add(self)
@@ -233,6 +241,11 @@ class Telemetry:
             if self.config.sigterm_drain_s > 0:
                 _install_sigterm_handler()
         return self
+
+    def _abort_start(self) -> None:
+        self._collecting = False
+        if self._sink is not None:
+            self._sink.abort()
 
     def on_batch_end(
         self,
@@ -327,6 +340,11 @@ class Telemetry:
         self._rundir = RunDir(self.output_dir, self._dist.rank, self._dist.world_size, cfg.per_rank)
         self._rundir.check_writable()
         self.records_file = self._rundir.records
+        self._resume = self._rundir.resume(cfg.overwrite)
+        signature = [[spec.name, list(spec.shape), spec.dtype] for spec in build_layout(unwrap_model(model)).specs] \
+            if model is not None else None
+        self._rundir.check_same_run(self._resume, cfg.to_dict(), signature)
+        self._seq = self._resume.first_seq  # seq counts on across the segments of a resumed run
         for stale in (self._rundir.checkpoint, self._rundir.checkpoint.with_name(self._rundir.checkpoint.name + ".ok")):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()  # a stale reference would fake a delta
@@ -402,6 +420,7 @@ class Telemetry:
             groups=Groups(self._groups_version, list(self._group_of) or [-1] * layout.num_params, list(self._group_names)),
             metrics=self.metrics,
             needs=self.needs,
+            segment=self._resume.segment,
             module_types={name: type(m).__name__ for name, m in inner.named_modules()},
             label_name=self._label_name(),
             rank=self._dist.rank,
@@ -456,8 +475,14 @@ class Telemetry:
                 members = [p for p, g in zip(layout.params, self._group_of, strict=True) if g == gi]
                 groups[name] = {"num_tensors": len(members), "num_params": sum(p.numel() for p in members)}
         collector = self._collector
+        resume = self._resume
+        segments = [*resume.segments, {"segment": resume.segment, "started": datetime.now(timezone.utc).astimezone().isoformat(),
+                                       "first_seq": resume.first_seq}]
         self._rundir.write_run_info({
             "config": self.config.to_dict(),
+            "segment": resume.segment,
+            "segments": segments,
+            "model": [[spec.name, list(spec.shape), spec.dtype] for spec in layout.specs] if layout else None,
             "metrics": [m.key for m in self.metrics],
             "groups": groups,
             "num_params": sum(p.numel() for p in layout.params) if layout else None,
@@ -626,6 +651,7 @@ class Telemetry:
             stop_seconds=time.monotonic() - t0,
             mode=self.config.mode,
             worker_restarts=finished.restarts,
+            segment=self._resume.segment,
         )
 
     def _stop_for_signal(self, deadline: float) -> None:
@@ -654,3 +680,26 @@ class Telemetry:
 
 
 TrainingTelemetry = Telemetry  # the seed's name for the same class
+
+
+def _agree_across_ranks(error: Exception | None) -> Exception | None:
+    """Under torch.distributed, start() succeeds on every rank or fails on every rank.
+
+    One small collective (every rank calls start()): a failure on one rank alone would
+    leave the others waiting in the label-count all_reduce, or in the user's own
+    collectives, for good. The failing rank keeps its own error; the others get one that
+    names it.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return error
+    mine = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+    said: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, mine)
+    failed = [m for m in said if m]
+    if error is None and failed:
+        return TelemetryStartError(
+            f"telemetry start() failed on another rank ({failed[0]}); it fails on every rank, so that no rank "
+            "is left alone in a collective: fix that rank's problem, or catch this error on every rank"
+        )
+    return error

@@ -9,7 +9,9 @@ and all). ``layers=True`` adds the per-module ``layers`` breakdown, consistent w
 per-group numbers (the modules of a group combine to its L2 norm), so a pathology shows in
 its layers too. :func:`add_metric` adds any metric key of your own to each record.
 :func:`write_run` puts records, ``run.json`` and ``summary.json`` into a directory the way
-the collector does, optionally crashed (no summary, torn last line)::
+the collector does, optionally crashed (no summary, torn last line).
+:func:`make_resumed_records` / :func:`write_resumed_run` make a run resumed into its own
+directory from an older checkpoint: two segments whose steps overlap::
 
     from train_telemetry.testing import add_metric, make_records, write_run
     records = add_metric(make_records("exploding"), "my_metric", lambda r: {"overall": 1.0})
@@ -23,6 +25,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +48,10 @@ __all__ = [
     "add_metric",
     "make_meta",
     "make_records",
+    "make_resumed_records",
     "make_summary",
     "write_pathology",
+    "write_resumed_run",
     "write_run",
 ]
 
@@ -84,10 +89,17 @@ LAYERS: dict[str, dict[str, float]] = {
 
 
 def make_meta(
-    *, expected_lr_ratios: dict[str, float] | None = None, collect_every_n: int = 20
+    *,
+    expected_lr_ratios: dict[str, float] | None = None,
+    collect_every_n: int = 20,
+    segments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A ``run.json`` as the collector writes it, for the two demo groups."""
-    return {
+    """A ``run.json`` as the collector writes it, for the two demo groups.
+
+    ``segments`` (``[{"segment", "started", "first_seq"}, ...]``) makes it a resumed run's.
+    """
+    resumed = {"segment": segments[-1]["segment"], "segments": segments} if segments else {}
+    return resumed | {
         "schema": 1,
         "config": {
             "collect_every_n": collect_every_n,
@@ -106,7 +118,12 @@ def make_meta(
 
 
 def make_summary(
-    records: int, *, dropped: int = 0, errors: dict[str, int] | None = None
+    records: int,
+    *,
+    dropped: int = 0,
+    errors: dict[str, int] | None = None,
+    worker_restarts: int = 0,
+    segment: int = 0,
 ) -> dict[str, Any]:
     """A ``summary.json`` as ``stop()`` writes it."""
     return {
@@ -116,6 +133,8 @@ def make_summary(
         "errors": errors or {},
         "worker_exitcode": 0,
         "clean": True,
+        "worker_restarts": worker_restarts,
+        "segment": segment,
     }
 
 
@@ -345,4 +364,77 @@ def write_pathology(directory: str | os.PathLike[str], pathology: str, **kwargs:
         records,
         meta=make_meta(expected_lr_ratios={"backbone": 1.0, "head": 10.0}),
         summary=make_summary(len(records), dropped=dropped, errors=errors),
+    )
+
+
+def _stamp(record: dict[str, Any], seconds: float) -> None:
+    record["time"] = 1735689600.0 + seconds
+    record["timestamp"] = datetime.fromtimestamp(record["time"], timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S"
+    )
+
+
+def make_resumed_records(
+    pathology: str = "healthy",
+    *,
+    n: int = 10,
+    resume_at: int = 7,
+    n_after: int = 6,
+    every: int = 20,
+    restart_at: int | None = None,
+    seed: int = 0,
+    layers: bool = False,
+) -> list[dict[str, Any]]:
+    """The records file of a run that stopped and was resumed from an older checkpoint.
+
+    Segment 0 holds ``n`` records (steps ``0, every, ...``); the run was then resumed into
+    the same directory from the checkpoint of record ``resume_at``'s step, so segment 1's
+    ``n_after`` records start at step ``resume_at * every`` and the last ``n - resume_at``
+    records of segment 0 are repeated (with other values: they are what the later segment
+    supersedes). ``seq`` counts on across segments. ``restart_at`` marks segment 1's
+    records from that index on as written after one worker restart (``restarts: 1``).
+    The kept records are ``make_records(pathology, n=resume_at + n_after, ...)``.
+    """
+    if not 0 <= resume_at <= n:
+        raise ValueError(f"resume_at={resume_at}: must be between 0 and n={n}")
+    total = max(n, resume_at + n_after)
+    timeline = make_records(pathology, n=total, every=every, seed=seed, layers=layers)
+    repeated = make_records(pathology, n=total, every=every, seed=seed + 1, layers=layers)
+    first = [dict(r) for r in timeline[:resume_at]] + [dict(r) for r in repeated[resume_at:n]]
+    for i, record in enumerate(first):
+        record["segment"] = 0
+        _stamp(record, i)
+    second = [dict(r) for r in timeline[resume_at : resume_at + n_after]]
+    if second:
+        shift = (first[-1]["seq"] + 1 if first else 0) - second[0]["seq"]
+    for j, record in enumerate(second):
+        record["segment"] = 1
+        record["seq"] += shift
+        if restart_at is not None and j >= restart_at:
+            record["restarts"] = 1
+        _stamp(record, n + 60 + j)  # resumed a minute after segment 0's last record
+    records = first + second
+    for record in records:
+        validate_record(record)
+    return records
+
+
+def write_resumed_run(directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """A complete resumed run directory: :func:`make_resumed_records` (``kwargs``), a
+    run.json listing both segments and the last segment's summary.json."""
+    records = make_resumed_records(**kwargs)
+    second = [r for r in records if r["segment"] == 1]
+    segments: list[dict[str, Any]] = [
+        {"segment": 0, "started": "2025-01-01T00:00:00", "first_seq": 0}
+    ]
+    if second:
+        segments.append(
+            {"segment": 1, "started": second[0]["timestamp"], "first_seq": second[0]["seq"]}
+        )
+    restarts = max((r.get("restarts", 0) for r in records), default=0)
+    return write_run(
+        directory,
+        records,
+        meta=make_meta(expected_lr_ratios={"backbone": 1.0, "head": 10.0}, segments=segments),
+        summary=make_summary(len(second), worker_restarts=restarts, segment=len(segments) - 1),
     )

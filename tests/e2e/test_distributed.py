@@ -272,3 +272,19 @@ def test_start_before_init_process_group_takes_the_rank_from_env(
     summary = telemetry.stop()
     assert telemetry.worker_pid is None and summary.clean and summary.records_written == 0
     assert not out.exists()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_start_that_fails_on_one_rank_fails_on_every_rank(tmp_path: Path, failing: int) -> None:
+    """start() failing on one rank only raises on every rank; a script that catches it trains on and finishes."""
+    out, results = run_example(tmp_path, "--fail-start-rank", str(failing))
+    for rank in (0, 1):
+        error = results[rank]["start_error"]
+        assert error is not None, rank
+        if rank == failing:
+            assert "lacks the configured key(s) ['y']" in error
+        else:
+            assert f"failed on another rank (rank {failing}:" in error
+        pid = results[rank]["worker_pid"]  # rank 0 may have started one: it is gone
+        assert pid is None or not Path(f"/proc/{pid}").exists()

@@ -35,9 +35,9 @@ TableFormat = Literal["csv", "parquet"]
 # The per-example holdout lists would be one column per example; they get their own long
 # table (holdout_dataframe) instead.
 _PER_EXAMPLE = ("holdout_logits.logits", "holdout_logits.labels", "holdout_logits.predictions")
-_LEADING = ("batch_idx", "epoch", "seq", "timestamp")
+_LEADING = ("batch_idx", "epoch", "seq", "timestamp", "segment", "superseded")
 # Bookkeeping that is not a training signal: left out of TensorBoard scalars.
-_NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size"}
+_NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size", "segment", "restarts"}
 
 
 def flatten_record(record: Record, *, per_example: bool = False) -> dict[str, Any]:
@@ -72,17 +72,30 @@ def _as_run(run: Run | str | os.PathLike[str]) -> Run:
     return run if isinstance(run, Run) else load_run(run)
 
 
-def to_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
+def to_dataframe(
+    run: Run | str | os.PathLike[str], *, include_superseded: bool = False
+) -> pd.DataFrame:
     """One row per record, one column per flattened key (``gradient_norm.head``, ``train.loss``...).
 
     ``timestamp`` is parsed to a datetime; NaN/Inf stay floats. The per-example holdout
-    lists are in :func:`holdout_dataframe`.
+    lists are in :func:`holdout_dataframe`. A resumed run has a ``segment`` column (0 for
+    the first run); the records its resumes recorded again (:attr:`Run.superseded`) are left
+    out unless ``include_superseded``: then every record is a row, in ``seq`` order, and a
+    ``superseded`` column tells them apart.
     """
     pd_ = require("pandas", extra="export", purpose="to_dataframe()")
-    rows = [flatten_record(r) for r in _as_run(run).records]
+    run = _as_run(run)
+    if include_superseded:
+        marked = [(r, False) for r in run.records] + [(r, True) for r in run.superseded]
+        marked.sort(key=lambda item: number(item[0].get("seq")) or 0.0)  # stable: file order
+        rows = [flatten_record(r) | {"superseded": gone} for r, gone in marked]
+    else:
+        rows = [flatten_record(r) for r in run.records]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     ordered = [c for c in _LEADING if c in columns] + [c for c in columns if c not in _LEADING]
     frame = pd_.DataFrame(rows, columns=ordered)
+    if "segment" in frame.columns:  # records from before a run was first resumed may lack it
+        frame["segment"] = frame["segment"].fillna(0).astype(int)
     if "timestamp" in frame.columns:
         frame["timestamp"] = pd_.to_datetime(frame["timestamp"], errors="coerce", format="ISO8601")
     return frame

@@ -6,6 +6,13 @@ Runs in: any process that reads a run, finished, crashed or still training (no t
 A run directory holds ``telemetry.jsonl`` (or ``telemetry.rank<r>.jsonl`` per rank), and
 usually ``run.json`` (written at start) and ``summary.json`` (written by ``stop()``); either
 JSON file may be missing after a crash, so everything here treats them as optional.
+
+A run resumed into its own directory (a script that restarts from its checkpoint and calls
+``start()`` again) appends a new *segment* to the same records file: each record carries
+``segment`` (absent = 0) and ``seq`` counts on. A resume usually goes back to a checkpoint
+older than the last record, so the new segment repeats steps the previous one already
+recorded; :class:`Run` reads all segments as one run in which the later segment wins (see
+:attr:`Run.superseded`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from train_telemetry.records import (
     BOOKKEEPING_KEYS,
@@ -37,6 +44,7 @@ __all__ = [
     "Record",
     "Run",
     "RunNotFoundError",
+    "Segment",
     "class_sort_key",
     "find_record_files",
     "format_number",
@@ -47,6 +55,8 @@ __all__ = [
     "load_runs",
     "number",
     "numeric_leaves",
+    "record_position",
+    "record_segment",
     "record_step",
 ]
 
@@ -114,9 +124,46 @@ def record_step(record: Record, index: int) -> int:
     return index
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _count(value: Any) -> int:
+    return _int(value) or 0
+
+
+def record_segment(record: Record) -> int:
+    """The run segment a record belongs to: its ``segment`` key, 0 when absent (older runs)."""
+    return _count(record.get("segment"))
+
+
+def record_position(record: Record, index: int) -> tuple[int, int]:
+    """Where a record sits in training: (``epoch``, step counter); ordered as training ran.
+
+    Compared across segments to find what a resume repeated: the epoch comes first so that
+    a ``batch_idx`` that restarts each epoch still orders correctly.
+    """
+    epoch = record.get("epoch")
+    epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
+    return epoch, record_step(record, index)
+
+
+class Segment(NamedTuple):
+    """One start of the run in its directory: its number, first step and first record index."""
+
+    segment: int
+    first_step: int
+    first_index: int
+
+
 @dataclass
 class Run:
-    """One run (one rank of it) as read from disk: records plus the optional JSON files."""
+    """One run (one rank of it) as read from disk: records plus the optional JSON files.
+
+    ``records`` are the records of the run as trained: where a resumed segment repeats steps
+    of an earlier one, the earlier segment's records from the resume's position on are moved
+    to ``superseded`` (see :meth:`extend`). A run of one segment keeps the list it was given.
+    """
 
     path: Path
     records: list[Record]
@@ -124,12 +171,88 @@ class Run:
     summary: dict[str, Any] | None = None
     rank: int | None = None
     records_file: Path | None = None
+    superseded: list[Record] = field(default_factory=list)
     # groups is derived from meta and records, which grow while a run is watched: cache it
     # against their identity and length.
     _groups: tuple[tuple[int, int], list[str]] | None = field(default=None, init=False, repr=False)
     # steps are extended, not recomputed, as records are appended (watch).
     _steps: list[int] | None = field(default=None, init=False, repr=False)
     _step_state: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        records = self.records
+        if records and any(record_segment(r) != record_segment(records[0]) for r in records):
+            self.records = []
+            self.extend(records)
+
+    def extend(self, records: Iterable[Record]) -> int:
+        """Append records in file order, resolving resumes; returns where the new ones start.
+
+        A record whose segment differs from the last record's starts a segment: the records
+        before it at the same or a later position (:func:`record_position`) were recorded
+        again by the resumed run and move to :attr:`superseded`. ``self.records[start:]``
+        (``start`` the returned index) are then exactly the new records still kept.
+        """
+        start = len(self.records)
+        for record in records:
+            kept = self.records
+            if kept and record_segment(record) != record_segment(kept[-1]):
+                here = record_position(record, len(kept))
+                cut = len(kept)
+                # From the end back: a batch_idx that restarts each epoch without an epoch
+                # key must not cut at an earlier epoch's equal batch_idx.
+                while cut and record_position(kept[cut - 1], cut - 1) >= here:
+                    cut -= 1
+                if cut < len(kept):
+                    self.superseded.extend(kept[cut:])
+                    del kept[cut:]
+                    start = min(start, cut)
+                    self._steps, self._groups = None, None
+            self.records.append(record)
+        return start
+
+    @property
+    def segments(self) -> list[Segment]:
+        """(segment, first step, first index) of each segment with records, in run order.
+
+        One entry for a run that was never resumed (or an older run without ``segment``).
+        """
+        out: list[Segment] = []
+        steps = self.steps
+        for i, record in enumerate(self.records):
+            segment = record_segment(record)
+            if not out or out[-1].segment != segment:
+                out.append(Segment(segment, steps[i], i))
+        return out
+
+    @property
+    def resumes(self) -> list[int]:
+        """The steps at which the run was resumed (the first step of each later segment)."""
+        return [s.first_step for s in self.segments[1:]]
+
+    def seq_gaps(self) -> int:
+        """Snapshots missing from the ``seq`` numbering (dropped ones).
+
+        Superseded records count as present: a resume leaves a gap in the kept records'
+        ``seq`` that is not a loss.
+        """
+        seqs = sorted(
+            seq for r in (*self.records, *self.superseded) if (seq := _int(r.get("seq"))) is not None
+        )
+        return sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1)
+
+    @property
+    def worker_restarts(self) -> int:
+        """How often the collector's worker was restarted: summary.json's count, else the
+        largest ``restarts`` a record carries (a run that has not stopped has no summary)."""
+        counted = (self.summary or {}).get("worker_restarts")
+        if isinstance(counted, int) and not isinstance(counted, bool):
+            return counted
+        return max((_count(r.get("restarts")) for r in self.records), default=0)
+
+    def records_after_restart(self) -> int:
+        """How many records were written by a restarted worker (``restarts`` > 0)."""
+        return sum(1 for r in self.records if _count(r.get("restarts")) > 0)
 
     @property
     def name(self) -> str:

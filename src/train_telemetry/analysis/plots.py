@@ -3,7 +3,8 @@
 Runs in: any process that reads a run (no torch). Needs matplotlib (the ``plot`` extra),
 imported when a plot is made, never at import time. Figures are drawn on the Agg canvas
 directly, not through pyplot, so making a plot leaves the caller's pyplot state and
-backend alone (safe from notebooks and from threads).
+backend alone (safe from notebooks and from threads). A resumed run gets a dashed line at
+each resume step on every panel drawn against the step.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class PlotInfo:
     width: int
     height: int
     panels: dict[str, bool]
+    # The steps where the run (or any overlaid run) was resumed: a dashed line on every
+    # time-series panel.
+    resumes: tuple[int, ...] = ()
 
     @property
     def empty_panels(self) -> list[str]:
@@ -64,7 +68,11 @@ def _new_figure(size: tuple[float, float], dpi: int) -> Figure:
 
 
 def _save(
-    figure: Figure, path: str | os.PathLike[str], dpi: int, panels: dict[str, bool]
+    figure: Figure,
+    path: str | os.PathLike[str],
+    dpi: int,
+    panels: dict[str, bool],
+    resumes: Sequence[int] = (),
 ) -> PlotInfo:
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -72,7 +80,18 @@ def _save(
     # No bbox_inches="tight": the image keeps the figure's exact size (tests and layouts rely on it).
     figure.savefig(path, dpi=dpi)
     width, height = (round(v * dpi) for v in figure.get_size_inches())
-    return PlotInfo(path=path, width=width, height=height, panels=panels)
+    return PlotInfo(path=path, width=width, height=height, panels=panels, resumes=tuple(resumes))
+
+
+def _mark_resumes(
+    ax: Axes, resumes: Sequence[int], colour: Any = "0.25", label: str = "resume"
+) -> None:
+    """A dashed vertical line at each step where the run was resumed, in the legend once."""
+    for i, step in enumerate(resumes):
+        ax.axvline(
+            step, color=colour, linestyle="--", linewidth=1.0, alpha=0.8,
+            label=label if i == 0 else None,
+        )
 
 
 def _empty(ax: Axes, message: str) -> bool:
@@ -148,6 +167,7 @@ def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
     ax.set_xlabel("step")
     if missing:
         ax.plot([], [], " ", label="no data: " + ", ".join(missing))
+    _mark_resumes(ax, run.resumes)
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, which="major", alpha=0.3)
     return True
@@ -179,7 +199,9 @@ def _metric_panels(run: Run) -> list[tuple[str, dict[str, list[tuple[int, float]
     return panels[:MAX_METRIC_PANELS]
 
 
-def _metric_panel(ax: Axes, title: str, lines: dict[str, list[tuple[int, float]]]) -> bool:
+def _metric_panel(
+    ax: Axes, title: str, lines: dict[str, list[tuple[int, float]]], resumes: Sequence[int] = ()
+) -> bool:
     """Up to :data:`MAX_LINES_PER_PANEL` lines, the largest last values; log scale when all positive."""
     ax.set_title(title)
     ranked = sorted(lines, key=lambda k: -abs(lines[k][-1][1]) if math.isfinite(lines[k][-1][1]) else -math.inf)
@@ -202,6 +224,7 @@ def _metric_panel(ax: Axes, title: str, lines: dict[str, list[tuple[int, float]]
         ax.set_yscale("log")
     if len(ranked) > len(shown):
         ax.plot([], [], " ", label=f"+{len(ranked) - len(shown)} more (see the report)")
+    _mark_resumes(ax, resumes)
     ax.set_xlabel("step")
     ax.legend(fontsize="x-small", loc="best")
     ax.grid(True, alpha=0.3)
@@ -234,6 +257,7 @@ def _accuracy_panel(ax: Axes, run: Run) -> bool:
     if not drawn:
         return _empty(ax, "no accuracy recorded (holdout or train outputs)")
     ax.set_ylim(-0.02, 1.02)
+    _mark_resumes(ax, run.resumes)
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
@@ -258,6 +282,7 @@ def _loss_panel(ax: Axes, run: Run) -> bool:
             drawn = True
     if not drawn:
         return _empty(ax, "no loss recorded")
+    _mark_resumes(ax, run.resumes)
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
@@ -284,6 +309,7 @@ def _balance_panel(ax: Axes, run: Run) -> bool:
             steps, stacks, colors=colours, labels=[f"class {c}" for c in classes], step="mid"
         )
     ax.set_ylim(0, 100)
+    _mark_resumes(ax, run.resumes)
     ax.set_ylabel("% of batch")
     ax.set_xlabel("step")
     ax.legend(fontsize="x-small", ncol=min(len(classes), 5), loc="upper right")
@@ -333,6 +359,7 @@ def _heatmap_panel(ax: Axes, run: Run) -> bool:
     )
     strip.set_xticks([])
     strip.set_yticks([])
+    _mark_resumes(ax, run.resumes, colour="white")
     ax.set_xlabel("step")
     ax.set_ylabel("example")
     ax.set_yticks([])
@@ -358,6 +385,7 @@ def _telemetry_panel(ax: Axes, run: Run) -> bool:
         )
     if not drawn:
         return _empty(ax, "no telemetry timings recorded")
+    _mark_resumes(ax, run.resumes)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
@@ -443,10 +471,10 @@ def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT
         "diagnoses": _diagnoses_panel(axes[4][1], diagnoses),
     }
     for i, (title, lines) in enumerate(extra):
-        panels[title] = _metric_panel(axes[5 + i // 2][i % 2], title, lines)
+        panels[title] = _metric_panel(axes[5 + i // 2][i % 2], title, lines, run.resumes)
     if len(extra) % 2:
         axes[-1][1].set_axis_off()
-    return _save(figure, path, dpi, panels)
+    return _save(figure, path, dpi, panels, run.resumes)
 
 
 def save_overlay(
@@ -484,6 +512,8 @@ def save_overlay(
                 if series:
                     drawn |= _plot_log_series(ax, series, f"{run.name} {group}", colour, style)
         if drawn:
+            for run, colour in zip(runs, colours, strict=True):
+                _mark_resumes(ax, run.resumes, colour, f"{run.name} resume")
             if per_group:
                 ax.set_yscale("log")
             ax.set_xlabel("step")
@@ -492,4 +522,5 @@ def save_overlay(
         else:
             _empty(ax, f"no {title} recorded in any run")
         panels[title] = drawn
-    return _save(figure, path, dpi, panels)
+    resumes = sorted({step for run in runs for step in run.resumes})
+    return _save(figure, path, dpi, panels, resumes)

@@ -137,7 +137,6 @@ def summarize(run: Run) -> dict[str, Any]:
     meta = run.meta or {}
     steps = run.steps
     epochs = [r["epoch"] for r in run.records if isinstance(r.get("epoch"), int)]
-    seqs = [r["seq"] for r in run.records if isinstance(r.get("seq"), int)]
     groups = run.groups
     notes: list[str] = []
 
@@ -158,7 +157,10 @@ def summarize(run: Run) -> dict[str, Any]:
             "last_step": steps[-1] if steps else None,
             "first_epoch": epochs[0] if epochs else None,
             "last_epoch": epochs[-1] if epochs else None,
-            "seq_gaps": sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1),
+            "seq_gaps": run.seq_gaps(),
+            "segments": _segments(run),
+            "resumes": run.resumes,
+            "superseded": len(run.superseded),
             "collect_every_n": run.config.get("collect_every_n"),
             "started": meta.get("started"),
             "torch_version": meta.get("torch_version"),
@@ -191,6 +193,21 @@ def summarize(run: Run) -> dict[str, Any]:
     if run.meta is None:
         notes.append("no run.json: group sizes, config and expected LR ratios are unknown")
     return summary
+
+
+def _segments(run: Run) -> list[dict[str, Any]]:
+    """Each segment with records: number, first step and index, start time from run.json."""
+    declared = (run.meta or {}).get("segments")
+    started = {
+        d.get("segment"): d.get("started")
+        for d in (declared if isinstance(declared, list) else [])
+        if isinstance(d, dict)
+    }
+    return [
+        {"segment": s.segment, "first_step": s.first_step, "first_index": s.first_index,
+         "started": started.get(s.segment)}
+        for s in run.segments
+    ]
 
 
 def _leaf_stats(series: Sequence[tuple[int, float]]) -> dict[str, Any]:
@@ -330,6 +347,8 @@ def _telemetry_summary(run: Run) -> dict[str, Any]:
         "record_errors": sum(len(r.get("errors") or []) for r in run.records),
         "clean": summary.get("clean"),
         "worker_exitcode": summary.get("worker_exitcode"),
+        "worker_restarts": run.worker_restarts,
+        "records_after_restart": run.records_after_restart(),
     }
 
 
@@ -411,6 +430,12 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
         )
     if run["torn_tail"]:
         add("  the records file ends in a torn line (skipped)")
+    if run.get("resumes"):
+        steps = ", ".join(str(step) for step in run["resumes"])
+        add(
+            f"  {len(run['segments'])} segments: resumed at step{'s' if len(run['resumes']) > 1 else ''} "
+            f"{steps}; {run['superseded']} earlier records superseded by the resumed run"
+        )
 
     lines.extend(_group_table(s, ascii_only=ascii_only))
     lines.extend(_holdout_lines(s, ascii_only=ascii_only))
@@ -577,6 +602,21 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
     lines = ["", "  telemetry: " + ", ".join(counts)]
     if parts:
         lines.append("    " + "; ".join(parts))
+    restarts = t.get("worker_restarts") or 0
+    if restarts:
+        after = t.get("records_after_restart") or 0
+        taken, written = t["snapshots_taken"], t["records_written"]
+        lost = (
+            "; nothing lost"
+            if taken is not None and taken == written
+            else f"; {int(number(taken) or 0) - int(number(written) or 0)} snapshots not written"
+            if number(taken) is not None and number(written) is not None
+            else ""
+        )
+        lines.append(
+            f"    worker restarted {restarts} time{'s' if restarts != 1 else ''}"
+            f" ({after} records written after a restart){lost}"
+        )
     return lines
 
 

@@ -24,6 +24,7 @@ from train_telemetry.analysis.load import (
     find_record_files,
     format_number,
     number,
+    record_segment,
 )
 from train_telemetry.analysis.report import render_diagnoses
 
@@ -135,6 +136,25 @@ def _records_file(path: Path, rank: int | None) -> Path:
     return found[0][1] if found else path / RECORDS_FILE
 
 
+def _summary_is_current(summary: Record, run: Run, directory: Path) -> bool:
+    """Whether ``summary`` was written by the run's latest segment (so the run has stopped).
+
+    A run resumed into its directory still has the previous segment's summary.json while
+    the resumed segment trains; that one does not end the watch.
+    """
+    latest = record_segment(run.records[-1]) if run.records else 0
+    if latest == 0 and not isinstance((run.meta or {}).get("segment"), int):
+        return True
+    meta = read_json(directory / RUN_FILE) or run.meta or {}
+    declared = meta.get("segment")
+    latest = max(latest, declared if isinstance(declared, int) else 0)
+    written = summary.get("segment")
+    if (written if isinstance(written, int) else 0) < latest:
+        return False
+    run.meta = meta  # the latest segment's run.json (its segments list)
+    return True
+
+
 def watch(
     path: str | os.PathLike[str],
     *,
@@ -164,16 +184,25 @@ def watch(
     first = True
     waiting_said = False
     while True:
-        finished = (
-            directory / SUMMARY_FILE
-        ).exists()  # read before the records: all are on disk then
+        # Read before the records: all of them are on disk once summary.json is.
+        summary = read_json(directory / SUMMARY_FILE)
         new = follower.poll()
         if run.meta is None:
             run.meta = read_json(directory / RUN_FILE)
-        start = len(run.records)
-        run.records.extend(new)
+        superseded = len(run.superseded)
+        # A resumed run repeats steps: extend() drops what it recorded again, so the new
+        # records start at `start`, which may be before the previous end.
+        start = run.extend(new)
+        added = len(run.records) - start
+        finished = summary is not None and _summary_is_current(summary, run, directory)
+        if not first and len(run.superseded) > superseded:
+            print(
+                f"resumed at step {run.step(start)}: {len(run.superseded) - superseded} "
+                "records of the previous segment superseded",
+                file=out,
+            )
         # Of the records already there at start, only the last `tail` are printed.
-        shown_from = start + max(len(new) - tail, 0) if first else start
+        shown_from = start + max(added - tail, 0) if first else start
         if shown_from > start:
             print(
                 f"... {shown_from - start} earlier records (steps {run.step(start)}.."
@@ -187,7 +216,7 @@ def watch(
             waiting_said = True
         if new or (finished and first):
             if finished:
-                run.summary = read_json(directory / SUMMARY_FILE)
+                run.summary = summary
             fresh: list[Diagnosis] = [
                 d
                 for d in diagnose(run, finished=finished)

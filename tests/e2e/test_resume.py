@@ -1,0 +1,77 @@
+"""Resume into the same directory: a script restarted from its checkpoint appends a new run
+segment to the same records; another model there is refused with the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, width)
+        self.fc2 = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _train(out: Path, steps: range, state: dict | None, model: nn.Module | None = None, **cfg: object) -> dict:
+    """One 'script run': load the checkpoint if any, train ``steps`` with telemetry, return the checkpoint at step 50."""
+    torch.manual_seed(0)
+    model = model or Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    telemetry = Telemetry(TelemetryConfig(output_dir=str(out), collect_every_n=10, mode="sync", **cfg))  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(steps.start)
+    telemetry.set_holdout_data((torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)))
+    telemetry.start(model, opt)
+    saved: dict = {}
+    for step in steps:
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        telemetry.on_batch_end(model, opt, step, 0, None, (x, y), loss=loss)
+        if step == 50:
+            saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
+    telemetry.stop()
+    return saved
+
+
+@pytest.mark.timeout(120)
+def test_a_resumed_run_appends_a_segment_and_seq_counts_on(tmp_path: Path) -> None:
+    """Stopped at step 60, resumed from the step-50 checkpoint: one file, two segments, seq never repeats."""
+    out = tmp_path / "run"
+    checkpoint = _train(out, range(0, 61), None)
+    _train(out, range(51, 81), checkpoint)
+    records = read_records(out)
+    assert [(r.get("segment", 0), r["batch_idx"]) for r in records] == (
+        [(0, s) for s in range(0, 61, 10)] + [(1, s) for s in range(60, 81, 10)])
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    run = json.loads((out / "run.json").read_text())
+    assert run["segment"] == 1 and [s["first_seq"] for s in run["segments"]] == [0, 7]
+    assert json.loads((out / "summary.json").read_text())["segment"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_another_model_in_the_directory_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A different model (or record settings) in an output_dir with records: a clear error; overwrite replaces."""
+    out = tmp_path / "run"
+    _train(out, range(0, 21), None)
+    with pytest.raises(TelemetryConfigError, match=r"fresh directory.*overwrite: true.*model differs: fc1.weight"):
+        _train(out, range(0, 21), None, model=Net(width=16))
+    with pytest.raises(TelemetryConfigError, match=r"holdout_size was 50, now 7"):
+        _train(out, range(0, 21), None, holdout_size=7)
+    _train(out, range(0, 11), None, model=Net(width=16), overwrite=True)
+    assert [(r.get("segment", 0), r["seq"]) for r in read_records(out)] == [(0, 0), (0, 1)]
