@@ -16,7 +16,15 @@ from train_telemetry.analysis import (
     to_dataframe,
     write_table,
 )
-from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import (
+    add_metric,
+    make_meta,
+    make_records,
+    make_resumed_records,
+    write_pathology,
+    write_resumed_run,
+    write_run,
+)
 
 pd = pytest.importorskip("pandas")
 
@@ -151,3 +159,31 @@ def test_any_metric_becomes_tensorboard_scalars(tmp_path: Path) -> None:
     assert {"mean_abs_weight/overall", "mean_abs_weight/backbone", "layers/gradient_norm.head"} <= tags
     assert "mean_abs_weight/head" not in tags  # null is no scalar
     assert [e.value for e in events.Scalars("mean_abs_weight/overall")] == [0.5, 1.5, 2.5, 3.5]
+
+
+def test_a_resumed_run_exports_its_kept_records_with_a_segment_column(tmp_path: Path) -> None:
+    """Superseded records are left out by default; segment is 0 then 1; one row per step."""
+    directory = write_resumed_run(tmp_path / "run", n=10, resume_at=7, n_after=6)
+    frame = to_dataframe(directory)
+    assert list(frame["batch_idx"]) == [20 * i for i in range(13)]
+    assert list(frame["segment"]) == [0] * 7 + [1] * 6
+    assert "superseded" not in frame.columns
+    assert list(frame.columns[:5]) == ["batch_idx", "epoch", "seq", "timestamp", "segment"]
+
+
+def test_include_superseded_adds_every_record_in_seq_order_marked(tmp_path: Path) -> None:
+    """include_superseded=True: all 16 records in file (seq) order, the 3 superseded marked."""
+    run = load_run(write_resumed_run(tmp_path / "run", n=10, resume_at=7, n_after=6))
+    frame = to_dataframe(run, include_superseded=True)
+    assert list(frame["seq"]) == list(range(16))
+    assert list(frame["superseded"]) == [False] * 7 + [True] * 3 + [False] * 6
+    assert list(frame.loc[frame["superseded"], "batch_idx"]) == [140, 160, 180]
+
+
+def test_records_without_a_segment_key_are_segment_0(tmp_path: Path) -> None:
+    """The collector leaves segment out of the first run's records: the column says 0 for them."""
+    records = make_resumed_records(n=4, resume_at=4, n_after=2)
+    for record in records[:4]:
+        del record["segment"]
+    frame = to_dataframe(load_run(write_run(tmp_path / "run", records)))
+    assert list(frame["segment"]) == [0, 0, 0, 0, 1, 1]

@@ -1,4 +1,4 @@
-"""Reading run directories: records, run.json/summary.json, groups, steps, crashed and per-rank runs."""
+"""Reading run directories: records, run.json/summary.json, groups, steps, crashed, resumed and per-rank runs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 
 from train_telemetry.analysis import RunNotFoundError, load_run, load_runs
+from train_telemetry.analysis.load import Run, Segment
 from train_telemetry.records import RECORDS_FILE, encode_record
 from train_telemetry.testing import (
     add_metric,
     make_meta,
     make_records,
+    make_resumed_records,
     make_summary,
     write_pathology,
+    write_resumed_run,
     write_run,
 )
 
@@ -132,3 +135,68 @@ def test_any_metric_key_is_found_with_its_numeric_leaves(tmp_path: Path) -> None
     assert run.leaf_series("layers")["gradient_norm.head"] == [
         (s, r["layers"]["gradient_norm"]["head"]) for s, r in zip(run.steps, run.records, strict=True)
     ]
+
+
+def test_a_resumed_run_reads_as_one_run_where_the_later_segment_wins(tmp_path: Path) -> None:
+    """Segment 1 restarts from step 140: segment 0's records from 140 on are superseded, steps go on."""
+    records = make_resumed_records(n=10, resume_at=7, n_after=6)
+    run = load_run(write_run(tmp_path / "run", records, meta=make_meta()))
+    assert run.steps == [20 * i for i in range(13)]
+    assert [r.get("segment", 0) for r in run.records] == [0] * 7 + [1] * 6
+    assert [r["batch_idx"] for r in run.superseded] == [140, 160, 180]
+    assert all(r["segment"] == 0 for r in run.superseded)
+    assert run.segments == [Segment(0, 0, 0), Segment(1, 140, 7)]
+    assert run.resumes == [140]
+    # Step 140's record is the resumed run's own, with its values.
+    assert run.records[7]["seq"] == records[10]["seq"] == 10
+    assert run.records[7]["gradient_norm"] == records[10]["gradient_norm"]
+    assert run.records[7]["gradient_norm"] != records[7]["gradient_norm"]
+    assert run.seq_gaps() == 0  # the superseded records' seqs are no loss
+
+
+def test_a_resume_with_batch_idx_restarting_each_epoch_counts_steps_on(tmp_path: Path) -> None:
+    """Per-epoch batch_idx 10..50: a resume in epoch 1 at batch 30 supersedes only epoch 1's tail."""
+    def record(seq: int, epoch: int, batch: int, segment: int) -> dict:
+        base = make_records(n=1)[0]
+        return base | {"seq": seq, "epoch": epoch, "batch_idx": batch, "segment": segment}
+
+    first = [record(i, *divmod(i, 5), 0) for i in range(9)]  # epoch 1 ends at batch 3 (index 8)
+    for r in first:
+        r["batch_idx"] = (r["batch_idx"] + 1) * 10
+    second = [record(9 + i, 1, 30 + 10 * i, 1) for i in range(3)] + [record(12, 2, 10, 1)]
+    run = load_run(write_run(tmp_path / "run", first + second))
+    assert [(r["epoch"], r["batch_idx"]) for r in run.superseded] == [(1, 30), (1, 40)]
+    assert run.steps == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]
+    assert run.resumes == [80]
+
+
+def test_a_run_without_segments_is_read_as_before(tmp_path: Path) -> None:
+    """Records without a segment key: one segment, no resumes, nothing superseded, the same list."""
+    records = make_records(n=4)
+    run = Run(path=tmp_path, records=records)
+    assert run.records is records
+    assert run.segments == [Segment(0, 0, 0)] and run.resumes == [] and run.superseded == []
+    assert run.worker_restarts == 0 and run.records_after_restart() == 0
+
+
+def test_extend_resolves_a_resume_that_arrives_later(tmp_path: Path) -> None:
+    """Records appended in pieces (watch) give the same run as records read at once."""
+    records = make_resumed_records(n=10, resume_at=7, n_after=6)
+    whole = Run(path=tmp_path, records=copy.deepcopy(records))
+    growing = Run(path=tmp_path, records=copy.deepcopy(records[:9]))
+    assert growing.steps[-1] == 160
+    start = growing.extend(copy.deepcopy(records[9:12]))
+    assert start == 7  # the new records replace steps 140.. onward
+    assert [r["batch_idx"] for r in growing.records[start:]] == [140, 160]
+    growing.extend(copy.deepcopy(records[12:]))
+    assert growing.steps == whole.steps
+    assert growing.records == whole.records and growing.superseded == whole.superseded
+
+
+def test_worker_restarts_come_from_the_summary_else_the_records(tmp_path: Path) -> None:
+    """summary.json's worker_restarts wins; a run still training counts its records' restarts."""
+    directory = write_resumed_run(tmp_path / "run", restart_at=2, n_after=5)
+    run = load_run(directory)
+    assert run.worker_restarts == 1 and run.records_after_restart() == 3
+    (directory / "summary.json").unlink()
+    assert load_run(directory).worker_restarts == 1

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from train_telemetry.analysis import MissingExtraError, load_run, save_dashboard, save_overlay
-from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
+from train_telemetry.testing import (
+    add_metric,
+    make_meta,
+    make_records,
+    make_resumed_records,
+    write_pathology,
+    write_resumed_run,
+    write_run,
+)
 
 mpimg = pytest.importorskip("matplotlib.image")
 
@@ -113,3 +121,37 @@ def test_dashboard_bounds_panels_and_lines_of_a_wide_metric(tmp_path: Path) -> N
     info = save_dashboard(load_run(write_run(tmp_path / "run", records, meta=make_meta())), tmp_path / "d.png")
     assert list(info.panels)[10:] == ["activations.*.mean", "activations.*.std", "activations.*.dead"]
     assert (info.width, info.height) == (1400, 1900 + 2 * 380)
+
+
+def test_every_time_series_panel_marks_the_resume_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run: each panel drawn against the step has a dashed line at step 140, in its legend once."""
+    from train_telemetry.analysis import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, *a: figures.append(figure) or save(figure, *a))
+    records = add_metric(
+        make_resumed_records(n=10, resume_at=7, n_after=6), "mean_abs_weight", lambda r: {"overall": 0.5}
+    )
+    info = save_dashboard(load_run(write_run(tmp_path / "run", records, meta=make_meta())), tmp_path / "d.png")
+    assert info.resumes == (140,) and info.empty_panels == []
+    step_axes = [ax for ax in figures[0].axes if ax.get_xlabel() == "step"]
+    assert len(step_axes) == 10  # 4 per-group, accuracy, loss, balance, heatmap, cost, the metric
+    for ax in step_axes:
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--" and list(line.get_xdata()) == [140, 140]]
+        assert len(dashed) == 1, ax.get_title()
+        legend = ax.get_legend()
+        if legend is not None:
+            assert [t.get_text() for t in legend.get_texts()].count("resume") == 1, ax.get_title()
+
+
+def test_overlay_marks_each_runs_resumes(tmp_path: Path) -> None:
+    """Overlaying a resumed run with a plain one reports the resumed run's step."""
+    runs = [
+        load_run(write_resumed_run(tmp_path / "resumed", n=10, resume_at=7, n_after=6)),
+        load_run(write_pathology(tmp_path / "plain", "healthy")),
+    ]
+    info = save_overlay(runs, tmp_path / "overlay.png")
+    assert info.resumes == (140,) and info.empty_panels == []

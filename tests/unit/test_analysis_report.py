@@ -6,8 +6,21 @@ import json
 import math
 from pathlib import Path
 
-from train_telemetry.analysis import load_run, render_report, report_data, report_json
-from train_telemetry.testing import add_metric, make_meta, make_records, write_pathology, write_run
+from train_telemetry.analysis import (
+    load_run,
+    render_comparison,
+    render_report,
+    report_data,
+    report_json,
+)
+from train_telemetry.testing import (
+    add_metric,
+    make_meta,
+    make_records,
+    write_pathology,
+    write_resumed_run,
+    write_run,
+)
 
 
 def _strict_loads(text: str) -> object:
@@ -185,3 +198,53 @@ def test_report_has_a_per_layer_table_ranked_by_gradient_norm(tmp_path: Path) ->
     summary = report_data(run)["summary"]["layers"]
     assert summary["step"] == 220 and summary["layers"] == 3
     assert summary["rows"][0] == {"layer": "backbone.0", **{f: v["backbone.0"] for f, v in last.items()}}
+
+
+def test_a_resumed_run_says_where_it_resumed_and_what_was_superseded(tmp_path: Path) -> None:
+    """One line names the segments, the resume step and the superseded count; --json carries them."""
+    run = load_run(write_resumed_run(tmp_path / "run", n=10, resume_at=7, n_after=6))
+    data = report_data(run)
+    text = render_report(data)
+    assert "2 segments: resumed at step 140; 3 earlier records superseded by the resumed run" in text
+    assert "steps 0 .. 240 (epochs 0 .. 2): 13 records" in text
+    summary = _strict_loads(report_json(data))["summary"]  # type: ignore[index]
+    assert summary["run"]["resumes"] == [140]
+    assert summary["run"]["superseded"] == 3
+    assert [(s["segment"], s["first_step"], s["first_index"]) for s in summary["run"]["segments"]] == [
+        (0, 0, 0),
+        (1, 140, 7),
+    ]
+    assert summary["run"]["segments"][1]["started"] == "2025-01-01T00:01:10"
+    assert summary["run"]["seq_gaps"] == 0
+
+
+def test_worker_restarts_are_shown_with_the_collector_health(tmp_path: Path) -> None:
+    """The summary's worker_restarts and the records written after one; nothing lost when all were written."""
+    run = load_run(write_resumed_run(tmp_path / "run", n_after=6, restart_at=2))
+    data = report_data(run)
+    assert "    worker restarted 1 time (4 records written after a restart); nothing lost" in render_report(data)
+    telemetry = _strict_loads(report_json(data))["summary"]["telemetry"]  # type: ignore[index]
+    assert telemetry["worker_restarts"] == 1 and telemetry["records_after_restart"] == 4
+    assert run.summary is not None
+    run.summary["worker_restarts"], run.summary["snapshots_taken"] = 2, run.summary["records_written"] + 1
+    assert "worker restarted 2 times (4 records written after a restart); 1 snapshots not written" in render_report(
+        report_data(run)
+    )
+
+
+def test_a_run_never_resumed_or_restarted_has_no_such_lines(tmp_path: Path) -> None:
+    """A plain run's report mentions neither segments nor worker restarts."""
+    data = report_data(load_run(write_pathology(tmp_path / "run", "healthy")))
+    text = render_report(data)
+    assert "segments" not in text and "restarted" not in text
+    assert data["summary"]["run"]["resumes"] == [] and data["summary"]["run"]["superseded"] == 0
+    assert data["summary"]["telemetry"]["worker_restarts"] == 0
+
+
+def test_comparison_has_a_resumed_at_row_only_when_a_run_was_resumed(tmp_path: Path) -> None:
+    """render_comparison shows where each run resumed ('-' for one that never did)."""
+    resumed = report_data(load_run(write_resumed_run(tmp_path / "a", n=10, resume_at=7, n_after=6)))
+    plain = report_data(load_run(write_pathology(tmp_path / "b", "healthy")))
+    row = [line for line in render_comparison([resumed, plain]).splitlines() if line.startswith("resumed at")]
+    assert row and row[0].split()[2:] == ["140", "-"]
+    assert "resumed at" not in render_comparison([plain, plain])

@@ -16,6 +16,7 @@ from train_telemetry.records import RECORDS_FILE, RUN_FILE, SUMMARY_FILE, encode
 from train_telemetry.testing import (
     make_meta,
     make_records,
+    make_resumed_records,
     make_summary,
     write_pathology,
     write_run,
@@ -122,3 +123,32 @@ def test_a_crashed_run_is_not_called_incomplete_while_watched(tmp_path: Path) ->
     out = io.StringIO()
     assert watch(directory, out=out, once=True) == 0
     assert "incomplete_run" not in out.getvalue()
+
+
+def test_watch_follows_a_resume_and_ignores_the_previous_segments_summary(tmp_path: Path) -> None:
+    """A run resumed into its directory keeps being watched past segment 0's summary.json; the
+    resume is announced, its records printed, and watch ends at segment 1's summary."""
+    records = make_resumed_records(n=6, resume_at=4, n_after=4)
+    first, second = records[:6], records[6:]
+    directory = write_run(tmp_path / "run", first, summary=make_summary(6))
+    segments = [{"segment": 0, "started": "t0", "first_seq": 0}, {"segment": 1, "started": "t1", "first_seq": 6}]
+    (directory / RUN_FILE).write_text(json.dumps(make_meta(segments=segments)))  # start() of segment 1
+    steps_of_training = iter(
+        [
+            lambda: _append(directory, second),
+            lambda: (directory / SUMMARY_FILE).write_text(json.dumps(make_summary(4, segment=1))),
+        ]
+    )
+    out = io.StringIO()
+    watch(directory, out=out, interval_s=0, max_seconds=60, tail=10, sleep=lambda s: next(steps_of_training)())
+    lines = out.getvalue().splitlines()
+    steps = [line.split(" |")[0] for line in lines if line.startswith("step ")]
+    assert steps == [f"step {20 * i}" for i in range(6)] + ["step 80", "step 100", "step 120", "step 140"]
+    assert "resumed at step 80: 2 records of the previous segment superseded" in lines
+    assert lines.index("resumed at step 80: 2 records of the previous segment superseded") < len(lines) - 5
+    assert lines[-1] == "run finished: 8 records"
+
+
+def _append(directory: Path, records: list[dict]) -> None:
+    with open(directory / RECORDS_FILE, "ab") as f:
+        f.write(b"".join(encode_record(r) for r in records))

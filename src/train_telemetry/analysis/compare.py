@@ -74,6 +74,9 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
 
         return cell
 
+    def resumed(d: dict[str, Any]) -> str:
+        return ", ".join(str(step) for step in d["summary"]["run"].get("resumes") or []) or "-"
+
     def dropped(d: dict[str, Any]) -> str:
         return str(d["summary"]["telemetry"]["dropped"])
 
@@ -87,6 +90,10 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("records", lambda d: str(d["summary"]["run"]["records"])),
         ("steps", steps),
+    ]
+    if any(d["summary"]["run"].get("resumes") for d in reports):
+        rows.append(("resumed at", resumed))
+    rows += [
         ("holdout acc", _first_last("holdout", "accuracy")),
         ("holdout best", best),
         ("chance", chance),
