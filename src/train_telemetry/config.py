@@ -75,6 +75,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_threads: PositiveInt = 1
     worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 19
     worker_sched_idle: bool = False
+    # Fraction of training time telemetry may cost (e.g. 0.05); over it, due collections are
+    # skipped evenly (every 2nd, 4th, ...). null: off (on_full alone bounds the cost).
+    overhead_budget: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     eval_batch_size: PositiveInt = 256
     fsync: bool = True
 
@@ -184,6 +187,7 @@ _ALLOWED: dict[str, str] = {
     "num_slots": "an integer >= 1",
     "worker_threads": "an integer >= 1",
     "eval_batch_size": "an integer >= 1",
+    "overhead_budget": "a fraction of training time in (0, 1], e.g. 0.05, or null (off)",
     "max_worker_restarts": "an integer >= 0",
     "io_buffer_bytes": "an integer >= 0 (bytes)",
     "sigterm_drain_s": "a number of seconds >= 0 (0: telemetry leaves SIGTERM alone)",

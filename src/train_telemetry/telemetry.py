@@ -27,6 +27,7 @@ import msgspec
 import torch
 
 from .batches import BatchFormat, merge_batches, slice_batch
+from .budget import OverheadBudget
 from .collect import Collector, global_counts
 from .config import TelemetryConfig, TelemetryConfigError
 from .distributed import DistInfo, detect_distributed
@@ -64,6 +65,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     mode: str
     worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
     segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
+    snapshots_skipped: int = 0  # of snapshots_dropped: skipped to keep within overhead_budget
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -186,6 +188,8 @@ class Telemetry:
         self._dropped = 0
         self._dropped_since = 0
         self._hook_errors = 0
+        self._skipped = 0
+        self._budget: OverheadBudget | None = None
         self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the sink
 
     # ------------------------------------------------------------------ public API
@@ -235,6 +239,8 @@ class Telemetry:
                 self._abort_start()
                 raise error
             self._state = _RUNNING
+            if self.config.overhead_budget is not None and self._sink is not None:
+                self._budget = OverheadBudget(self.config.overhead_budget, lambda: self.worker_pid)
             self._collecting = True
             _live.add(self)
             atexit.register(self._atexit_stop)
@@ -270,6 +276,12 @@ class Telemetry:
             return
         if batch_idx % self._every:
             return
+        budget = self._budget
+        if budget is not None and budget.stride > 1 and (batch_idx // self._every) % budget.stride:
+            self._skipped += 1  # over the overhead budget: an even share of due collections is skipped
+            self._drop()
+            return
+        t0 = time.perf_counter()
         try:
             # Grad mode off: outputs, loss (and create_graph grads) require grad; copying them
             # must build no graph. The C call, not `with torch.no_grad()`: 11 vs 27 us from the
@@ -280,6 +292,8 @@ class Telemetry:
                 self._collect(model, optimizer, batch_idx, epoch, batch, loss, outputs, extra)
             finally:
                 torch._C._set_grad_enabled(grad_mode)
+                if budget is not None:
+                    budget.hook_seconds += time.perf_counter() - t0
         except Exception as exc:  # never let telemetry crash training
             self._hook_errors += 1
             if self._unsent_slot is not None and self._sink is not None:
@@ -305,6 +319,8 @@ class Telemetry:
                 return self._summary
             self._collecting = False
             self._state = _STOPPED
+            if self._budget is not None:
+                self._budget.close()
             deadline = time.monotonic() + (self.config.stop_timeout_s if timeout is None else timeout)
             if self._setup_thread is not None:
                 self._setup_thread.join(max(0.0, deadline - time.monotonic()))
@@ -652,6 +668,7 @@ class Telemetry:
             mode=self.config.mode,
             worker_restarts=finished.restarts,
             segment=self._resume.segment,
+            snapshots_skipped=self._skipped,
         )
 
     def _stop_for_signal(self, deadline: float) -> None:
