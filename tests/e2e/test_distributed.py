@@ -226,21 +226,17 @@ def test_gradient_accumulation_with_no_sync(tmp_path: Path, reference: list[dict
 
 @pytest.mark.timeout(150)
 def test_killed_worker_on_rank0_blocks_no_rank(tmp_path: Path) -> None:
-    """SIGKILL of rank 0's worker mid-run: both ranks finish training, stop() returns, the loss is reported."""
+    """SIGKILL of rank 0's worker mid-run: both ranks finish training, a new worker replays, nothing is lost."""
     out, results = run_example(tmp_path, "--steps", "30", "--collect-every-n", "2", "--kill-worker-at", "8")
     for rank in (0, 1):
         assert results[rank]["steps"] == 30
     s0, s1 = results[0]["summary"], results[1]["summary"]
-    assert s0["worker_exit_signal"] == "SIGKILL" and not s0["clean"]
-    # Collections at steps 0..8 are taken; the worker's main thread shows as a zombie a
-    # moment before waitpid can reap it (its other threads still exiting), so the step-10
-    # collection may still be taken. Every collection is either taken or counted as dropped.
-    assert s0["snapshots_taken"] in (5, 6)
+    assert s0["worker_restarts"] == 1, s0
     assert s0["snapshots_taken"] + s0["snapshots_dropped"] == 15
     assert s0["hook_errors"] == 0 and s1["hook_errors"] == 0 and s1["clean"]
-    records = read_records(out)  # what the worker wrote before dying: whole lines only
-    assert len(records) == s0["records_written"] <= 5
-    assert all(r["batch_idx"] <= 8 for r in records)
+    records = read_records(out)  # whole lines only, each snapshot once
+    assert len(records) == s0["records_written"] == s0["snapshots_taken"] == 15
+    assert [r["batch_idx"] for r in records] == list(range(0, 30, 2))
 
 
 @pytest.mark.timeout(150)
