@@ -12,6 +12,7 @@ import torch
 
 from .batches import BatchFormatCache
 from .config import TelemetryConfig
+from .worker_handle import TelemetryStartError
 
 
 @dataclass
@@ -61,3 +62,26 @@ def detect_distributed(config: TelemetryConfig) -> tuple[DistInfo, str | None]:
             "Call start() after init_process_group for global batch statistics"
         )
     return info, None
+
+
+def agree_on_start(error: Exception | None) -> Exception | None:
+    """Under torch.distributed, start() succeeds on every rank or fails on every rank.
+
+    One small collective (every rank calls start()): a failure on one rank alone would
+    leave the others waiting in the label-count all_reduce, or in the user's own
+    collectives, for good. The failing rank keeps its own error; the others get one that
+    names it.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return error
+    mine = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+    said: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, mine)
+    failed = [m for m in said if m]
+    if error is None and failed:
+        return TelemetryStartError(
+            f"telemetry start() failed on another rank ({failed[0]}); it fails on every rank, so that no rank "
+            "is left alone in a collective: fix that rank's problem, or catch this error on every rank"
+        )
+    return error

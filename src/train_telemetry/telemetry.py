@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import signal
 import threading
 import time
 import warnings
@@ -23,52 +22,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import torch
 
 from .batches import BatchFormat, merge_batches, slice_batch
 from .budget import OverheadBudget
 from .collect import Collector, global_counts
 from .config import TelemetryConfig, TelemetryConfigError
-from .distributed import DistInfo, detect_distributed
-from .messages import Groups, Setup
+from .distributed import DistInfo, agree_on_start, detect_distributed
+from .groups import ParamGroups
+from .messages import Setup
 from .metrics import Metric, all_needs, resolve_metrics
 from .metrics.holdout import HoldoutForward
-from .rundir import Resume, RunDir, count_lines
+from .rundir import Resume, RunDir
 from .sending import locate_unpicklable
+from .signals import install_sigterm_drain
 from .sinks import Sink, open_sink
 from .snapshot import Layout, SlotPool, build_layout, model_on_slot, unwrap_model
-from .worker_handle import TelemetryStartError, describe_exit, signal_name
+from .summary import TelemetrySummary, empty_summary, summarize
+from .worker_handle import TelemetryStartError, describe_exit
 
 __all__ = ["Telemetry", "TrainingTelemetry", "TelemetrySummary", "TelemetryStartError"]
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
-
-
-class TelemetrySummary(msgspec.Struct, kw_only=True):
-    """What ``stop()`` returns (and writes to ``summary.json``)."""
-
-    output_dir: str | None
-    records_written: int
-    snapshots_taken: int
-    snapshots_dropped: int
-    hook_errors: int
-    errors: dict[str, int]
-    last_errors: list[str]
-    io_errors: int
-    worker_pid: int | None
-    worker_exitcode: int | None
-    worker_exit_signal: str | None
-    worker_terminated: bool  # stop() had to SIGTERM/SIGKILL the worker
-    clean: bool  # every snapshot taken was written and the worker exited normally
-    stop_seconds: float
-    mode: str
-    worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
-    segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
-    snapshots_skipped: int = 0  # of snapshots_dropped: skipped to keep within overhead_budget
-
-    def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)
 
 
 # States of a Telemetry object.
@@ -87,40 +62,6 @@ def _disable_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disable_after_fork)
-
-
-# SIGTERM (preemption: SLURM, Kubernetes, spot instances). Its default action kills the
-# process without atexit, losing what is queued. A signal handler is one per process, so
-# this state is the module's, not an instance's: the handler drains every live Telemetry.
-_previous_sigterm: Any = None
-
-
-def _install_sigterm_handler() -> None:
-    """Drain on SIGTERM, then let it act as before (default: die by it; the user's: chain)."""
-    global _previous_sigterm
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may set handlers; the at-exit hook still covers normal exits
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _on_sigterm or current == signal.SIG_IGN:
-        return  # installed already, or the user ignores SIGTERM: nothing to drain for
-    _previous_sigterm = current
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    live = [t for t in list(_live) if t._state == _RUNNING]
-    bound = max([t.config.sigterm_drain_s for t in live], default=0.0)
-    deadline = time.monotonic() + bound  # the user's handler runs no later than this (plus kill grace)
-    for t in live:
-        with contextlib.suppress(Exception):
-            t._stop_for_signal(deadline)
-    previous = _previous_sigterm
-    if callable(previous):
-        previous(signum, frame)
-        return
-    # The default action, exactly as without us: die by SIGTERM (exit status -15 / 143).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def as_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
@@ -179,10 +120,7 @@ class Telemetry:
         self._setup_thread: threading.Thread | None = None
         self._layout: Layout | None = None
         self._worker_dead = False
-        self._group_key: tuple[int, ...] | None = None
-        self._group_of: list[int] = []
-        self._group_names: list[str] = []
-        self._groups_version = 0  # bumped when the param -> group map changes; snapshots carry it
+        self._groups = ParamGroups()
         self._seq = 0
         self._taken = 0
         self._dropped = 0
@@ -234,7 +172,7 @@ class Telemetry:
             except BaseException:
                 self._abort_start()
                 raise
-            error = _agree_across_ranks(error)
+            error = agree_on_start(error)
             if error is not None:
                 self._abort_start()
                 raise error
@@ -245,7 +183,7 @@ class Telemetry:
             _live.add(self)
             atexit.register(self._atexit_stop)
             if self.config.sigterm_drain_s > 0:
-                _install_sigterm_handler()
+                install_sigterm_drain(lambda: [t for t in list(_live) if t._state == _RUNNING])
         return self
 
     def _abort_start(self) -> None:
@@ -433,7 +371,7 @@ class Telemetry:
             holdout_labels=fmt.labels(self._holdout) if eval_model is not None and fmt is not None else None,
             slice_batch=slice_batch,
             init_slot=init_slot,
-            groups=Groups(self._groups_version, list(self._group_of) or [-1] * layout.num_params, list(self._group_names)),
+            groups=self._groups.message(layout.num_params),
             metrics=self.metrics,
             needs=self.needs,
             segment=self._resume.segment,
@@ -455,41 +393,13 @@ class Telemetry:
         return str(self.config.label_key)
 
     def _update_groups(self, optimizers: list[torch.optim.Optimizer], layout: Layout) -> None:
-        """Map each parameter to its param group, across every optimizer (names kept unique)."""
-        groups = [g for opt in optimizers for g in opt.param_groups]
-        key = tuple([len(g["params"]) for g in groups])
-        if key == self._group_key:
-            return
-        index = {id(p): i for i, p in enumerate(layout.params)}
-        group_of = [-1] * len(layout.params)
-        names: list[str] = []
-        for gi, group in enumerate(groups):
-            name = str(group.get("name", f"group_{gi}"))
-            if name in names or name == "overall":
-                name = f"{name}_{gi}"
-            names.append(name)
-            for p in group["params"]:
-                i = index.get(id(p))
-                if i is not None:
-                    group_of[i] = gi
-        if any(g < 0 for g in group_of):
-            names.append("unassigned")  # params no optimizer trains
-            group_of = [g if g >= 0 else len(names) - 1 for g in group_of]
-        self._group_key = key
-        self._group_of = group_of
-        self._group_names = names
-        self._groups_version += 1
-        if self._sink is not None and self._collector is not None:  # else Setup carries them
-            self._sink.send_groups(Groups(self._groups_version, list(group_of), list(names)))
+        if self._groups.update(optimizers, layout.params) and self._sink is not None and self._collector is not None:
+            self._sink.send_groups(self._groups.message())  # else Setup carries them
 
     def _write_run_info(self) -> None:
         assert self._rundir is not None
-        groups: dict[str, Any] = {}
         layout = self._layout
-        if layout is not None and self._group_names:
-            for gi, name in enumerate(self._group_names):
-                members = [p for p, g in zip(layout.params, self._group_of, strict=True) if g == gi]
-                groups[name] = {"num_tensors": len(members), "num_params": sum(p.numel() for p in members)}
+        groups = self._groups.sizes(layout.params) if layout is not None and self._groups.names else {}
         collector = self._collector
         resume = self._resume
         segments = [*resume.segments, {"segment": resume.segment, "started": datetime.now(timezone.utc).astimezone().isoformat(),
@@ -560,7 +470,7 @@ class Telemetry:
         dropped_before, self._dropped_since = self._dropped_since, 0
         collector.publish_header(slot, fill, seq=seq, batch_idx=batch_idx, epoch=epoch, t0=t0,
                                  dropped_before=dropped_before, dropped_total=self._dropped,
-                                 groups_version=self._groups_version, optimizers=optimizers, model=model,
+                                 groups_version=self._groups.version, optimizers=optimizers, model=model,
                                  values=dict(extra) if extra else None)
         self._unsent_slot = None  # the sink releases it from here on, even when it fails
         sink.submit(slot, seq)
@@ -637,41 +547,20 @@ class Telemetry:
     # ------------------------------------------------------------------ stop
     def _shutdown(self, deadline: float) -> TelemetrySummary:
         t0 = time.monotonic()
-        sink = self._sink
-        if sink is None:  # a DDP rank other than 0: no worker, no files, nothing to lose
+        if self._sink is None:  # a DDP rank other than 0: no worker, no files, nothing to lose
             summary = self._empty_summary()
             summary.hook_errors = self._hook_errors
             return summary
-        finished = sink.close(deadline)
-        done = finished.done
-        written = done.records_written if done else count_lines(self.records_file)
-        last = list(done.last_errors) if done else []
-        if done is None:
-            last.append(f"the worker ended without reporting ({describe_exit(finished.exitcode)})")
-        clean = (done is not None and done.clean and written == self._taken and not finished.terminated
-                 and finished.exitcode in (0, None))
-        return TelemetrySummary(
-            output_dir=str(self.output_dir) if self.output_dir else None,
-            records_written=written,
-            snapshots_taken=self._taken,
-            snapshots_dropped=self._dropped,
-            hook_errors=self._hook_errors,
-            errors=dict(done.errors) if done else {},
-            last_errors=last,
-            io_errors=done.io_errors if done else 0,
-            worker_pid=finished.pid,
-            worker_exitcode=finished.exitcode,
-            worker_exit_signal=signal_name(finished.exitcode),
-            worker_terminated=finished.terminated,
-            clean=clean,
-            stop_seconds=time.monotonic() - t0,
-            mode=self.config.mode,
-            worker_restarts=finished.restarts,
-            segment=self._resume.segment,
-            snapshots_skipped=self._skipped,
-        )
+        finished = self._sink.close(deadline)
+        return summarize(finished, self.config, self.output_dir, self.records_file, taken=self._taken,
+                         dropped=self._dropped, skipped=self._skipped, hook_errors=self._hook_errors,
+                         segment=self._resume.segment, seconds=time.monotonic() - t0)
 
-    def _stop_for_signal(self, deadline: float) -> None:
+    @property
+    def sigterm_drain_s(self) -> float:
+        return self.config.sigterm_drain_s
+
+    def drain_for_signal(self, deadline: float) -> None:
         """stop() from the SIGTERM handler: never waits for the lock the interrupted code may hold."""
         if self._forked_child or os.getpid() != self._owner_pid or self.config.sigterm_drain_s <= 0:
             return
@@ -688,35 +577,7 @@ class Telemetry:
             self.stop(timeout=min(self.config.stop_timeout_s, 10.0))
 
     def _empty_summary(self) -> TelemetrySummary:
-        return TelemetrySummary(
-            output_dir=str(self.output_dir) if self.output_dir else None, records_written=0,
-            snapshots_taken=0, snapshots_dropped=0, hook_errors=0, errors={}, last_errors=[],
-            io_errors=0, worker_pid=None, worker_exitcode=None, worker_exit_signal=None,
-            worker_terminated=False, clean=True, stop_seconds=0.0, mode=self.config.mode,
-        )
+        return empty_summary(self.config, self.output_dir)
 
 
 TrainingTelemetry = Telemetry  # the seed's name for the same class
-
-
-def _agree_across_ranks(error: Exception | None) -> Exception | None:
-    """Under torch.distributed, start() succeeds on every rank or fails on every rank.
-
-    One small collective (every rank calls start()): a failure on one rank alone would
-    leave the others waiting in the label-count all_reduce, or in the user's own
-    collectives, for good. The failing rank keeps its own error; the others get one that
-    names it.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return error
-    mine = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
-    said: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(said, mine)
-    failed = [m for m in said if m]
-    if error is None and failed:
-        return TelemetryStartError(
-            f"telemetry start() failed on another rank ({failed[0]}); it fails on every rank, so that no rank "
-            "is left alone in a collective: fix that rank's problem, or catch this error on every rank"
-        )
-    return error

@@ -1,0 +1,84 @@
+"""What ``stop()`` returns and writes to ``summary.json``: the run's collection, counted.
+
+Runs in: the training process, at ``stop()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .config import TelemetryConfig
+from .rundir import count_lines
+from .sinks import Finished
+from .worker_handle import describe_exit, signal_name
+
+
+class TelemetrySummary(msgspec.Struct, kw_only=True):
+    """What ``stop()`` returns (and writes to ``summary.json``)."""
+
+    output_dir: str | None
+    records_written: int
+    snapshots_taken: int
+    snapshots_dropped: int
+    hook_errors: int
+    errors: dict[str, int]
+    last_errors: list[str]
+    io_errors: int
+    worker_pid: int | None
+    worker_exitcode: int | None
+    worker_exit_signal: str | None
+    worker_terminated: bool  # stop() had to SIGTERM/SIGKILL the worker
+    clean: bool  # every snapshot taken was written and the worker exited normally
+    stop_seconds: float
+    mode: str
+    worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
+    segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
+    snapshots_skipped: int = 0  # of snapshots_dropped: skipped to keep within overhead_budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
+def summarize(finished: Finished, config: TelemetryConfig, output_dir: Path | None, records_file: Path | None, *,
+              taken: int, dropped: int, skipped: int, hook_errors: int, segment: int, seconds: float) -> TelemetrySummary:
+    """The summary of a run whose sink closed with ``finished``."""
+    done = finished.done
+    written = done.records_written if done else count_lines(records_file)
+    last = list(done.last_errors) if done else []
+    if done is None:
+        last.append(f"the worker ended without reporting ({describe_exit(finished.exitcode)})")
+    clean = (done is not None and done.clean and written == taken and not finished.terminated
+             and finished.exitcode in (0, None))
+    return TelemetrySummary(
+        output_dir=str(output_dir) if output_dir else None,
+        records_written=written,
+        snapshots_taken=taken,
+        snapshots_dropped=dropped,
+        hook_errors=hook_errors,
+        errors=dict(done.errors) if done else {},
+        last_errors=last,
+        io_errors=done.io_errors if done else 0,
+        worker_pid=finished.pid,
+        worker_exitcode=finished.exitcode,
+        worker_exit_signal=signal_name(finished.exitcode),
+        worker_terminated=finished.terminated,
+        clean=clean,
+        stop_seconds=seconds,
+        mode=config.mode,
+        worker_restarts=finished.restarts,
+        segment=segment,
+        snapshots_skipped=skipped,
+    )
+
+
+def empty_summary(config: TelemetryConfig, output_dir: Path | None) -> TelemetrySummary:
+    """The summary of a run that collected nothing (never started, disabled, a forked child)."""
+    return TelemetrySummary(
+        output_dir=str(output_dir) if output_dir else None, records_written=0,
+        snapshots_taken=0, snapshots_dropped=0, hook_errors=0, errors={}, last_errors=[],
+        io_errors=0, worker_pid=None, worker_exitcode=None, worker_exit_signal=None,
+        worker_terminated=False, clean=True, stop_seconds=0.0, mode=config.mode,
+    )
