@@ -32,7 +32,8 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``segment``         which start() of the run wrote it: 0 (absent) for the first, 1.. for each
                     resume into the same directory; ``seq`` counts on across segments
 ``restarts``        how many times the worker had been restarted when it wrote this (absent: 0)
-``built_by``        what built the record, when not the worker's ordinary path (a string)
+``built_by``        reserved: which process built the record ("trainer" when the training process
+                    helps a busy worker; not written yet)
 ``<any other>``     a metric's own key: a dict whose leaves are numbers or null, possibly nested
 ==================  ==========================================================================
 
