@@ -4,6 +4,8 @@ segment to the same records; another model there is refused with the fix."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
+from train_telemetry.analysis import load_run
 
 
 class Net(nn.Module):
@@ -59,9 +62,17 @@ def test_a_resumed_run_appends_a_segment_and_seq_counts_on(tmp_path: Path) -> No
     assert [(r.get("segment", 0), r["batch_idx"]) for r in records] == (
         [(0, s) for s in range(0, 61, 10)] + [(1, s) for s in range(60, 81, 10)])
     assert [r["seq"] for r in records] == list(range(len(records)))
-    run = json.loads((out / "run.json").read_text())
-    assert run["segment"] == 1 and [s["first_seq"] for s in run["segments"]] == [0, 7]
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["segment"] == 1 and [s["first_seq"] for s in meta["segments"]] == [0, 7]
     assert json.loads((out / "summary.json").read_text())["segment"] == 1
+    # Read as one run: the resumed segment wins for the steps it repeats (60).
+    run = load_run(out)
+    assert len(run.segments) == 2 and run.resumes == [60]
+    assert [(r.get("segment", 0), r["batch_idx"]) for r in run.records][-4:] == [(0, 50), (1, 60), (1, 70), (1, 80)]
+    assert [r["batch_idx"] for r in run.superseded] == [60]
+    report = subprocess.run([sys.executable, "-m", "train_telemetry.cli", "report", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert "2 segments: resumed at step 60" in report.stdout, report.stdout + report.stderr
 
 
 @pytest.mark.timeout(120)
