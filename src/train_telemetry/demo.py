@@ -35,6 +35,8 @@ PRESETS = {
     "eval_mode": "the loop calls model.eval() instead of model.train(): BatchNorm never updates",
     "frozen_bn": "BatchNorm momentum 0: its running statistics never move",
     "unstable": "SGD with momentum 0.99 at LR 0.05: the loss swings ever wider",
+    "non_convergence": "the LR schedule raises the LR 15x at 2/3 of the run (gamma 15, not 1/15): "
+    "the loss bounces far above where it got",
 }
 
 BASE_LR = 1e-3  # backbone LR (AdamW); the head gets 10x
@@ -154,6 +156,8 @@ def build_run(
         "sort_by_label": False,
         "zero_grad": preset != "no_zero_grad",
         "train_mode": preset != "eval_mode",
+        # A step schedule's factor at 2/3 of the run; None: the seed's cosine decay.
+        "lr_step_gamma": None,
     }
     head_factor = 10.0
     base_lr = BASE_LR
@@ -185,6 +189,11 @@ def build_run(
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.0  # running stats = (1 - 0) * running + 0 * batch: never move
+    elif preset == "non_convergence":
+        # 15x the seed's LRs once the model has learned: AdamW's steps then overshoot the
+        # minimum it reached, and the loss settles into bouncing 2-3x above the holdout's
+        # best. (10x bounces less, 20x kills the ReLUs: that run learns nothing any more.)
+        options["lr_step_gamma"] = 15.0
     if preset == "unstable":
         # Plain SGD over both groups at the seed's ratio: the momentum and LR are what is wrong.
         lr, momentum = 0.05, 0.99
@@ -219,7 +228,13 @@ def train(
     total = (
         steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    scheduler: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        if options["lr_step_gamma"] is None
+        else torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(2 * total // 3, 1), gamma=options["lr_step_gamma"]
+        )
+    )
     telemetry.start(model, optimizer)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed + 2)

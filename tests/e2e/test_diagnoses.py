@@ -1,6 +1,7 @@
 """The diagnoses on real training: each demo preset's report names its problem and nothing unrelated.
 
-Each test trains the demo (scripts/demo.py: 96 steps of its 128-step epoch, a collection every 8)
+Each test trains the demo (scripts/demo.py: 96 steps of its 128-step epoch, a collection every 8;
+the non_convergence preset needs 256 steps: its LR jumps at 2/3 of a run that has learned first)
 in a subprocess, then reads the run with the ``train-telemetry`` command as a user would.
 """
 
@@ -43,13 +44,25 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
         {"exploding_gradients"},
         {"nonfinite", "no_learning", "prediction_collapse", "vanishing_gradients", "dying_relu"},
     ),
+    # The silent bugs. Gradients summed over steps swamp the model, a cut embedding or an
+    # optimiser swinging ever wider leaves the holdout at chance: those are consequences too.
+    "no_zero_grad": ({"gradients_not_zeroed"}, {"no_learning", "prediction_collapse"}),
+    "dead_relu": ({"dying_relu"}, {"no_learning", "prediction_collapse", "vanishing_gradients"}),
+    "saturated_tanh": ({"saturated_activations"}, {"no_learning", "vanishing_gradients"}),
+    "eval_mode": ({"eval_mode_training"}, {"no_learning"}),
+    "frozen_bn": ({"frozen_batchnorm_stats"}, set()),  # a warning: frozen BN can be intended
+    "unstable": ({"unstable_training"}, {"no_learning", "prediction_collapse"}),
+    "non_convergence": ({"non_convergence"}, {"unstable_training"}),
 }
+# Presets that need a longer run than the default 96 steps to show their problem.
+STEPS = {"non_convergence": "256"}
 
 
 def train_demo(preset: str, out: Path, *extra: str) -> None:
     pytest.importorskip("sklearn")
+    steps = STEPS.get(preset, "96")
     subprocess.run(
-        [sys.executable, str(DEMO), "--preset", preset, "--max-steps", "96", "--collect-every-n", "8",
+        [sys.executable, str(DEMO), "--preset", preset, "--epochs", "2", "--max-steps", steps, "--collect-every-n", "8",
          "--output-dir", str(out), "--no-report", "--on-full", "block", *extra],
         check=True, capture_output=True, timeout=150, env=ENV,
     )  # fmt: skip
@@ -88,35 +101,44 @@ def test_healthy_run_gets_no_serious_diagnosis_and_a_full_dashboard(tmp_path: Pa
     assert plotted.returncode == 0, plotted.stderr
     assert "panels without data" not in plotted.stdout
     image = mpimg.imread(image_path)
-    assert image.shape[:2] == (1900, 1400)
+    # 5 rows of the fixed panels in 1900 px, then 380 px per row of two panels for the other
+    # metrics (layers, activations, model_mode), as many rows as the run's metrics need.
+    height, width = image.shape[:2]
+    extra_rows, rest = divmod(height - 1900, 380)
+    assert width == 1400 and extra_rows >= 1 and rest == 0, image.shape
+    assert f"(1400x{height} px)" in plotted.stdout, plotted.stdout
+    rows = 5 + extra_rows
     rgb = image[..., :3]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25
-    top = 1900 * 4 // 100
+    top = 1900 * 4 // 100  # the title's band: a fixed height, whatever the rows below
     cells = [
         coloured[
-            top + (1900 - top) * r // 5 : top + (1900 - top) * (r + 1) // 5, 700 * c : 700 * (c + 1)
+            top + (height - top) * r // rows : top + (height - top) * (r + 1) // rows,
+            700 * c : 700 * (c + 1),
         ].sum()
-        for r in range(5)
+        for r in range(rows)
         for c in range(2)
     ]
-    assert all(n > 800 for n in cells[:-1]), cells  # the last cell is the diagnoses text
+    assert all(n > 800 for n in cells[:9]), cells  # cell 10 is the diagnoses text
+    assert all(n > 800 for n in cells[10:-1]), cells  # the very last one may be left blank
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
 def test_preset_report_names_its_problem(tmp_path: Path, preset: str) -> None:
-    """The report of each pathological preset exits 1 and names that problem, with no unrelated serious one."""
+    """The report of each pathological preset names that problem, with no unrelated serious one."""
     run_dir = tmp_path / preset
     train_demo(preset, run_dir)
     status, data, text = report(run_dir)
     names, consequences = EXPECTED[preset]
-    serious = {d["code"] for d in data["diagnoses"] if d["severity"] == "serious"}
-    assert status == 1, text
-    assert names & serious, text
+    found = {d["code"]: d["severity"] for d in data["diagnoses"]}
+    serious = {code for code, severity in found.items() if severity == "serious"}
+    assert names & set(found), text
     assert not serious - names - consequences, text
+    assert status == (1 if serious else 0), text
     first = next(d for d in data["diagnoses"] if d["code"] in names)
     assert first["evidence"] and first["hint"], first
-    assert all(f"SERIOUS  {code}:" in text for code in names & serious), text
+    assert all(f"{found[code].upper()}  {code}:" in text for code in names & set(found)), text
 
 
 @pytest.mark.timeout(180)
