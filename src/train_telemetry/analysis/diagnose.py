@@ -1032,8 +1032,7 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
     """The collector's own health: dropped snapshots, metric errors, an unclean stop."""
     out: list[Diagnosis] = []
     summary = run.summary or {}
-    seqs = [r["seq"] for r in run.records if isinstance(r.get("seq"), int)]
-    gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1)
+    gaps = run.seq_gaps()  # records a resume superseded are not lost
     dropped_records = max(
         (number((r.get("telemetry") or {}).get("dropped_total")) or 0 for r in run.records),
         default=0,
@@ -1046,7 +1045,9 @@ def detect_telemetry(run: Run, *, finished: bool = True) -> list[Diagnosis]:
             Diagnosis(
                 code="dropped_snapshots",
                 severity="warning" if frac >= DROPPED_WARNING_FRACTION else "info",
-                title=f"{dropped} snapshots dropped ({frac:.0%}): the worker could not keep up",
+                title=f"{dropped} snapshots dropped ({frac:.0%}): " + (
+                    f"{skipped} skipped to stay within overhead_budget" if (skipped := int(number(summary.get("snapshots_skipped")) or 0))
+                    else "the worker could not keep up"),
                 evidence=[
                     Evidence(
                         run.step(i),
