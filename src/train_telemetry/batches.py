@@ -215,7 +215,7 @@ class BatchFormatCache:
         A structure that failed fails again from the cache: at every collection step of a
         run whose batches cannot be read, the message is not rebuilt.
         """
-        key = structure_key(batch)
+        key = (dict, tuple(batch)) if type(batch) is dict else structure_key(batch)  # the hot path's common case
         fmt = self._formats.get(key)
         if fmt is None:
             if len(self._formats) >= self._MAX:
@@ -227,9 +227,9 @@ class BatchFormatCache:
                 self._formats[key] = str(exc)
                 raise
             self._formats[key] = fmt
-        if isinstance(fmt, str):
+        if type(fmt) is str:
             raise TelemetryConfigError(fmt)
-        return fmt
+        return fmt  # type: ignore[return-value]
 
 
 def structure_key(batch: Any) -> Hashable:

@@ -13,6 +13,7 @@ Tensors cross only inside ``Setup`` (handles of the shared-memory slots, once).
 
 from __future__ import annotations
 
+import operator
 import pickle
 import struct
 from dataclasses import dataclass, field, fields
@@ -125,6 +126,7 @@ class Snapshot:
 
 _PACKED = [f.name for f in fields(Snapshot) if get_type_hints(Snapshot, include_extras=True)[f.name] in (_I64, _F64, _I8)]
 # The packed fields, then the number of LRs (-1: none) and the bytes of the pickled extra.
+_packed_values = operator.attrgetter(*_PACKED)  # one C call for all of them (hot path)
 _HEAD = struct.Struct("<" + "".join(get_type_hints(Snapshot, include_extras=True)[n].__metadata__[0] for n in _PACKED) + "iI")
 _WITH_LRS: dict[int, struct.Struct] = {}
 
@@ -140,8 +142,7 @@ def write_header(buf: Any, slot: int, snap: Snapshot, extra: bytes) -> None:
     if fmt.size + len(extra) > HEADER_BYTES:
         extra = pickle.dumps({"errors": [error_entry("header", OverflowError(
             f"{len(extra)} bytes of hook-side values do not fit a slot header"))]})
-    values = [getattr(snap, name) for name in _PACKED]
-    fmt.pack_into(buf, off, *values, n_lrs, len(extra), *(lrs or ()))
+    fmt.pack_into(buf, off, *_packed_values(snap), n_lrs, len(extra), *(lrs or ()))
     if extra:
         off += fmt.size
         buf[off : off + len(extra)] = extra

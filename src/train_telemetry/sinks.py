@@ -119,10 +119,9 @@ class WorkerSink:
         self.setup_obj: Setup | None = None
         self.restarts = 0
         self.gave_up = False  # restarts exhausted (or impossible): the run goes on without telemetry
+        self.exited = False  # the same, as the hook reads it (a plain attribute: the hot path)
         self._lock = threading.Lock()
         self._restarting = False
-        self._backlog: list[int] = []  # slots filled while a new worker starts
-        self._seq_of: list[int | None] = [None] * config.num_slots  # the seq each slot was published with
         self._records_before = count_records(records_file)
         self._crashes: dict[int, int] = {}  # seq -> workers that died while it was the oldest unreleased
         self._finished: list[Finished] = []  # what the dead workers said (their Done, if any)
@@ -130,10 +129,6 @@ class WorkerSink:
         self._restart_thread: threading.Thread | None = None
         self.worker.start(config.start_timeout_s, on_exit=self._on_worker_exit)
 
-    @property
-    def exited(self) -> bool:
-        """True once there is no worker and none will come (the hook then counts drops)."""
-        return self.gave_up
 
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.setup_obj = setup
@@ -166,21 +161,16 @@ class WorkerSink:
             self.publish(slot, seq)
 
     def acquire(self) -> int | None:
-        """A free slot for the hook (see Channel.acquire), no longer holding a published snapshot."""
-        with self._lock:  # uncontended except while a restart reads what is pending
-            slot = self.channel.acquire()
-            if slot is not None:
-                self._seq_of[slot] = None
-            return slot
+        """A free slot for the hook (Channel.acquire)."""
+        return self.channel.acquire()
 
     def publish(self, slot: int, seq: int) -> None:
-        """Hand ``slot`` to the worker, or keep it for the next one while it starts."""
+        """Hand ``slot`` to the worker, or, while a new one starts, leave it for the replay."""
         with self._lock:  # uncontended except while a restart swaps the ring
-            self._seq_of[slot] = seq
             if self._restarting:
-                self._backlog.append(slot)
-                return
-            self.channel.publish(slot)
+                self.channel.mark_published(slot)
+            else:
+                self.channel.publish(slot)
 
     def send_groups(self, groups: Groups) -> None:
         if self.setup_obj is not None:
@@ -237,26 +227,19 @@ class WorkerSink:
                       f"{describe_exit(dead.exitcode)}; restarted it (pid {worker.pid}, restart "
                       f"{self.restarts} of {self.config.max_worker_restarts}), replaying {len(pending)} "
                       "snapshot(s) it held", RuntimeWarning, stacklevel=1)
-        with self._lock:
-            for _, slot in pending:
+        with self._lock:  # what the dead worker held, and what the hook published since, in order
+            for _, slot in self._pending():
                 self.channel.publish(slot)
-            for slot in self._backlog:
-                self.channel.publish(slot)
-            self._backlog.clear()
             self._restarting = False
 
     def _pending(self) -> list[tuple[int, int]]:
         """(seq, slot) published but not released, oldest first: the dead worker's unfinished work."""
-        with self._lock:
-            state, backlog = self.channel.state, set(self._backlog)
-            return sorted((seq, slot) for slot, seq in enumerate(self._seq_of)
-                          if seq is not None and state[slot] and slot not in backlog)
+        return sorted((read_header(self.channel.headers_view, slot).seq, slot) for slot in self.channel.published())
 
     def _give_up(self, message: str) -> None:
         with self._lock:
-            self.gave_up = True
+            self.gave_up = self.exited = True
             self._restarting = False
-            self._backlog.clear()
         if not self._closing:
             warnings.warn(f"train-telemetry: {message}; later collections are counted as dropped",
                           RuntimeWarning, stacklevel=1)

@@ -22,8 +22,10 @@ semaphore. Nothing is written to a pipe, so the hook never pays for waking the w
 (a pipe write that wakes a sleeping process costs ~90 us on a 2-core VM): the worker
 polls the semaphore (``worker.PUBLISH_POLL_S``).
 
-Slot states: FREE (0) or TAKEN (1) in a shared byte array. Only the trainer moves a slot
-FREE -> TAKEN (and publishes it) and only the worker moves it back. The semaphore's
+Slot states: FREE (0), TAKEN (1) or PUBLISHED (2) in a shared byte array. Only the
+trainer moves a slot FREE -> TAKEN -> PUBLISHED and only the worker moves it back to
+FREE (after its record is written), so a slot still PUBLISHED when a worker dies is
+exactly what its successor must replay. The semaphore's
 release/acquire order the slot's data before the worker reads it, on any CPU.
 """
 
@@ -47,7 +49,8 @@ __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_lay
 
 
 FREE = 0
-TAKEN = 1
+TAKEN = 1  # the hook is filling it
+PUBLISHED = 2  # handed to the worker; FREE again once its line is written
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -192,9 +195,21 @@ class Channel:
 
     def publish(self, slot: int) -> None:
         """Hand a filled slot to the worker (after its data and header are written)."""
+        self.mark_published(slot)
         self.ring[self._published % self.num_slots] = slot
         self._sem.release()  # a release barrier: the slot's data is visible before the permit
         self._published += 1  # after: a failed release leaves the ring as it was
+
+    def mark_published(self, slot: int) -> None:
+        """PUBLISHED, without handing it over (a worker is being replaced: it will be replayed)."""
+        state = self._state_view
+        if state is None:
+            state = self._state_view = memoryview(self.state).cast("B").cast("b")
+        state[slot] = PUBLISHED
+
+    def published(self) -> list[int]:
+        """Slots published and not yet released."""
+        return [i for i in range(self.num_slots) if self.state[i] == PUBLISHED]
 
     # -- worker side
     def __getstate__(self) -> dict[str, Any]:

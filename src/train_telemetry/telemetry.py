@@ -442,22 +442,22 @@ class Telemetry:
             # global_counts never raises. On CPU (gloo) this blocks until all ranks arrive.
             counts = global_counts(self._dist.formats, batch, self._dist.count_device)
             torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
-        if not self._dist.writes:
-            return
         sink, collector = self._sink, self._collector
+        if sink is None:  # a DDP rank that does not write
+            return
         assert sink is not None
         if sink.exited:  # set by the worker handle's watcher thread: no system call here
             self._on_worker_dead()
             self._drop()
             return
-        optimizers = as_list(optimizer)
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else as_list(optimizer)
         if collector is None:  # start() had no model: set up off the hook, drop until ready
             collector = self._setup_later(model, optimizers)
             if collector is None:
                 self._drop()
                 return
-        if optimizers:
-            self._update_groups(optimizers, collector.layout)
+        if optimizers and self._groups.update(optimizers, collector.layout.params):
+            sink.send_groups(self._groups.message())  # before the snapshot that names the new version
         slot = self._acquire_slot()
         if slot is None:
             self._drop()
