@@ -289,6 +289,11 @@ class Telemetry:
                 "output_dir is not set: set telemetry.output_dir in the config (or TelemetryConfig(output_dir=...))"
             )
         self._holdout_format = self._resolve_holdout()
+        if model is not None and _has_dtensor_params(model):
+            raise TelemetryConfigError(
+                "the model has DTensor parameters (FSDP2 fully_shard, or tensor parallelism): sharded "
+                "models are not supported yet (docs/distributed.md); set enabled: false for this run"
+            )
         if not self._dist.writes:
             return  # a non-writing rank: the hook only joins the label-count collective
         self._rundir = RunDir(self.output_dir, self._dist.rank, self._dist.world_size, cfg.per_rank)
@@ -581,3 +586,12 @@ class Telemetry:
 
 
 TrainingTelemetry = Telemetry  # the seed's name for the same class
+
+
+def _has_dtensor_params(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded with DTensor parameters (FSDP2, tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
