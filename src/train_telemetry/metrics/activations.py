@@ -39,7 +39,13 @@ def kind_of(module: torch.nn.Module) -> str | None:
 
 
 class _Stats:
-    """Running sums over one holdout forward (which runs in chunks of eval_batch_size)."""
+    """Running statistics over one holdout forward (which runs in chunks of eval_batch_size).
+
+    Few passes over each activation, in float32: a sum and a BLAS dot product for the
+    first two moments (float64 sums or torch.var_mean over a whole activation map cost
+    several times the forward itself in a one-thread worker), one comparison for the
+    relu family or the tails. The moments accumulate in Python floats across chunks.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -54,21 +60,27 @@ class _Stats:
         self.alive: torch.Tensor | None = None  # per unit: positive at least once
 
     def add(self, out: torch.Tensor) -> None:
-        x = out.detach().float()
+        x = out.detach()
+        if not x.is_floating_point():
+            x = x.float()
         if x.dim() == 0:
             x = x.reshape(1)
-        self.count += x.numel()
-        self.total += float(x.sum(dtype=torch.float64))
-        self.total_sq += float((x.double() ** 2).sum())
+        n = x.numel()
+        if n == 0:
+            return
+        flat = x.reshape(-1)
+        self.total += float(flat.sum())
+        self.total_sq += float(torch.dot(flat, flat))
+        self.count += n
         if self.kind == "relu":
             pos = x > 0
-            self.positive += int(pos.sum())
+            self.positive += int(torch.count_nonzero(pos))
             alive = pos.reshape(x.shape[0], -1).any(dim=0) if x.dim() > 1 else pos.any().reshape(1)
             self.alive = alive if self.alive is None or self.alive.shape != alive.shape else self.alive | alive
         elif self.kind == "tanh":
-            self.saturated += int((x.abs() > SATURATION).sum())
+            self.saturated += int(torch.count_nonzero(x.abs() > SATURATION))
         elif self.kind == "sigmoid":
-            self.saturated += int(((x > SATURATION) | (x < 1 - SATURATION)).sum())
+            self.saturated += int(torch.count_nonzero((x - 0.5).abs() > SATURATION - 0.5))
 
     def result(self) -> dict[str, Any] | None:
         if not self.count:
