@@ -139,12 +139,3 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     tmp_path = path.with_name(path.name + ".tmp")
     tmp_path.write_bytes(msgspec.json.format(msgspec.json.encode(to_strict_json_value(dict(data)))) + b"\n")
     os.replace(tmp_path, path)
-
-
-def count_lines(path: Path | None) -> int:
-    if path is None:
-        return 0
-    try:
-        return path.read_bytes().count(b"\n")
-    except OSError:
-        return 0

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class Finished:
     terminated: bool = False  # the worker had to be killed
     exitcode: int | None = None
     pid: int | None = None
-    notes: list[str] = field(default_factory=list)
     restarts: int = 0
 
 
@@ -124,7 +123,7 @@ class WorkerSink:
         self._restarting = False
         self._records_before = count_records(records_file)
         self._crashes: dict[int, int] = {}  # seq -> workers that died while it was the oldest unreleased
-        self._finished: list[Finished] = []  # what the dead workers said (their Done, if any)
+        self._dead_workers = 0  # replaced or given up on
         self._closing = False
         self._restart_thread: threading.Thread | None = None
         self.worker.start(config.start_timeout_s, on_exit=self._on_worker_exit)
@@ -186,7 +185,7 @@ class WorkerSink:
         with contextlib.suppress(Exception):
             worker.proc.join(1.0)  # its exit code, for the messages
         if self.restarts >= self.config.max_worker_restarts or self.setup_obj is None:
-            self._finished.append(Finished(None, False, worker.exitcode, worker.pid))
+            self._dead_workers += 1
             self._give_up(f"the telemetry worker (pid {worker.pid}) died with {describe_exit(worker.exitcode)}; "
                           f"{self.restarts} restart(s) allowed and made: the run goes on without telemetry")
             return
@@ -199,7 +198,7 @@ class WorkerSink:
         dead = self.worker
         with contextlib.suppress(Exception):
             dead.proc.join(1.0)
-        self._finished.append(Finished(None, False, dead.exitcode, dead.pid))
+        self._dead_workers += 1
         pending = self._pending()
         if pending:
             self._crashes[pending[0][0]] = self._crashes.get(pending[0][0], 0) + 1
@@ -256,7 +255,7 @@ class WorkerSink:
             repair_torn_tail(self.records_file)  # the writer did not finish: leave whole lines only
         finished = Finished(done, terminated, self.worker.exitcode, self.worker.pid)
         finished.restarts = self.restarts
-        if done is not None and self._finished:
+        if done is not None and self._dead_workers:
             # Records the dead workers wrote are on disk too: count them from the file.
             done.records_written = count_records(self.records_file) - self._records_before
         return finished

@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 
 from .config import TelemetryConfig
-from .rundir import count_lines
 from .sinks import Finished
 from .worker_handle import describe_exit, signal_name
+from .writer import count_records
 
 
 class TelemetrySummary(msgspec.Struct, kw_only=True):
@@ -46,7 +46,7 @@ def summarize(finished: Finished, config: TelemetryConfig, output_dir: Path | No
               taken: int, dropped: int, skipped: int, hook_errors: int, segment: int, seconds: float) -> TelemetrySummary:
     """The summary of a run whose sink closed with ``finished``."""
     done = finished.done
-    written = done.records_written if done else count_lines(records_file)
+    written = done.records_written if done else (count_records(records_file) if records_file else 0)
     last = list(done.last_errors) if done else []
     if done is None:
         last.append(f"the worker ended without reporting ({describe_exit(finished.exitcode)})")
