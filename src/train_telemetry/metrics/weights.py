@@ -23,6 +23,11 @@ def update_ratios(
     return out
 
 
+def _no_reference(snap: SnapshotData) -> dict[str, float | None]:
+    """Every key null: no valid reference (start() had no model, or a crash tore it)."""
+    return snap.by_group([None] * len(snap.param_names))
+
+
 class WeightNorm(Metric):
     """{overall, <group>...}: L2 norm of the weights at the hook."""
 
@@ -43,7 +48,7 @@ class WeightDelta(Metric):
     def compute(self, snap: SnapshotData) -> MetricResult:
         found = snap.weight_deltas
         if found is None:
-            return {key: None for key in snap.by_group([None] * len(snap.param_names))}
+            return _no_reference(snap)
         return snap.by_group(found.deltas)
 
 
@@ -56,5 +61,5 @@ class UpdateRatio(Metric):
     def compute(self, snap: SnapshotData) -> MetricResult:
         found = snap.weight_deltas
         if found is None:
-            return {key: None for key in snap.by_group([None] * len(snap.param_names))}
+            return _no_reference(snap)
         return update_ratios(snap.by_group(found.deltas), snap.by_group(found.reference_norms))
