@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Telemetry under torchrun and DistributedDataParallel: a tiny classifier with two param groups.
+"""Telemetry under torchrun with DistributedDataParallel or FSDP2: a tiny classifier with two param groups.
 
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp            # 2 ranks (gloo on CPU)
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --per-rank # one file set per rank
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --accum 2  # no_sync accumulation
+    torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/fsdp --fsdp full    # FSDP2 fully_shard
     python scripts/ddp_example.py --out runs/single                              # the same, one process
 
 Every optimizer step trains on the same global batch of GLOBAL_BATCH rows however many
@@ -94,7 +95,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     micro = per_rank_rows // args.accum
 
     model, optimizer, scheduler = build()
-    ddp: nn.Module = DistributedDataParallel(model) if world_size > 1 else model
+    ddp: nn.Module = model
+    if world_size > 1 and args.fsdp != "none":
+        shard(model, args.fsdp)
+        model, optimizer, scheduler = rebuild_optimizer(model)
+        ddp = model
+    elif world_size > 1:
+        ddp = DistributedDataParallel(model)
 
     config = TelemetryConfig(
         output_dir=args.out,
@@ -123,23 +130,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     for step in range(args.steps):
         share = rank_share(global_batch(step), rank, world_size)
+        step_loss, step_logits = torch.zeros(()), []
         for i in range(args.accum):
             rows = slice(i * micro, (i + 1) * micro)
             last = i == args.accum - 1
             # no_sync: gradients accumulate locally; DDP all-reduces on the last micro-batch.
+            if args.fsdp != "none" and world_size > 1:
+                set_gradient_sync(ddp, last)  # FSDP2: reduce-scatter on the last micro-batch only
             with _maybe_no_sync(ddp, skip=not last):
                 logits = ddp(share["x"][rows])
                 # The mean loss: DDP averages gradients over ranks, so these equal the
                 # gradients of one process on the whole global batch.
                 loss = nn.functional.cross_entropy(logits, share["y"][rows]) / args.accum
                 loss.backward()
+            step_loss += loss.detach()  # the mean loss of this rank's rows of the step
+            step_logits.append(logits.detach())
         optimizer.step()
         hook_batch: dict[str, Any] = share
         if args.bad_labels_rank == rank:  # for the tests: labels this rank cannot count
             hook_batch = {"x": share["x"], "y": ["?"] * per_rank_rows}
         # After optimizer.step(), once per optimizer step, with the step counter (the same
         # on every rank) and this rank's whole share of the step's rows.
-        telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=loss.detach() * args.accum)
+        telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=step_loss, outputs=torch.cat(step_logits))
         if step == args.kill_worker_at and telemetry.worker_pid is not None:
             _kill_and_wait(telemetry.worker_pid)  # for the tests: the worker dies mid-run
         scheduler.step()
@@ -159,6 +171,43 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def shard(model: TinyNet, how: str) -> None:
+    """FSDP2: ``full`` shards every Linear and the root; ``mixed`` shards the backbone's
+    Linears only and replicates the head (plain tensors, gradients all-reduced by ``replicate``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.backbone:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    if how == "full":
+        fully_shard(model)
+    else:
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(model.head)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(sync, recurse=False)
+
+
+def rebuild_optimizer(model: TinyNet) -> tuple[TinyNet, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and schedule of build(), over the sharded parameters."""
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.backbone.parameters(), "lr": 0.05, "name": "backbone"},
+            {"params": model.head.parameters(), "lr": 0.2, "name": "head"},
+        ],
+        momentum=0.9,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
+    return model, optimizer, scheduler
 
 
 def _maybe_no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:
@@ -190,6 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--collect-every-n", type=int, default=3)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (no_sync)")
     parser.add_argument("--per-rank", action="store_true", help="every rank writes telemetry.rank<r>.jsonl")
+    parser.add_argument("--fsdp", choices=["none", "full", "mixed"], default="none",
+                        help="FSDP2 instead of DDP: full = fully_shard every Linear and the root; mixed = the "
+                        "backbone sharded, the head replicated")
     tests = parser.add_argument_group("for the tests")
     tests.add_argument("--on-full", choices=["drop", "block"], default="drop",
                        help="block: wait for the worker instead of dropping, so runs compare record by record")

@@ -94,33 +94,41 @@ class Collector:
         self._aux_plans: dict[tuple[Any, ...], _AuxPlan] = {}
 
     def fill(self, slot: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], batch: Any,
-             loss: Any, outputs: Any, counts: torch.Tensor | None) -> Fill:
-        """Copy this step's data into ``slot`` (one fused copy; asynchronous on CUDA)."""
+             loss: Any, outputs: Any, counts: torch.Tensor | None,
+             reduced: dict[str, torch.Tensor | None] | None = None) -> Fill:
+        """Copy this step's data into ``slot`` (one fused copy; asynchronous on CUDA).
+
+        ``reduced`` (FSDP2, shards.ShardSync): the global gradient norms, loss and accuracy
+        the collective summed over ranks, recorded instead of this rank's own.
+        """
         # Each Python call here costs a few us with cold caches: the common cases are inline.
-        fill = Fill(list(self.srcs), list(self.dsts[slot]))
-        if self.want_grads:
-            norms = grad_norms(self.layout.params, stack=self.on_cuda)
-            if type(norms) is list:  # every parameter has a dense gradient (0-d norms, CPU)
-                fill.src += norms
-                fill.dst += self.pool.norm_views[slot]
-                fill.grads = IN_SLOT
-            else:
-                self._add_grad_norms(fill, slot, norms)
-        if loss is not None and self.want_loss:
-            if type(loss) is torch.Tensor and loss.numel() == 1:
-                fill.src.append(loss)
-                fill.dst.append(self.pool.scalar(slot, 0, loss.shape))
-                fill.loss_kind = IN_SLOT
-            else:
-                self._add_loss(fill, slot, loss)
-        if batch is not None and (self.want_batch or counts is not None):
-            self._add_batch(fill, slot, batch, outputs, counts)
+        fill = Fill(list(self.layout.live_sources() if self.copy_weights else ()), list(self.dsts[slot]))
+        if reduced is not None:
+            self._add_reduced(fill, slot, batch, outputs, counts, reduced)
+        else:
+            if self.want_grads:
+                norms = grad_norms(self.layout.params, stack=self.on_cuda)
+                if type(norms) is list:  # every parameter has a dense gradient (0-d norms, CPU)
+                    fill.src += norms
+                    fill.dst += self.pool.norm_views[slot]
+                    fill.grads = IN_SLOT
+                else:
+                    self._add_grad_norms(fill, slot, norms)
+            if loss is not None and self.want_loss:
+                if type(loss) is torch.Tensor and loss.numel() == 1:
+                    fill.src.append(loss)
+                    fill.dst.append(self.pool.scalar(slot, 0, loss.shape))
+                    fill.loss_kind = IN_SLOT
+                else:
+                    self._add_loss(fill, slot, loss)
+            if batch is not None and (self.want_batch or counts is not None):
+                self._add_batch(fill, slot, batch, outputs, counts)
         torch._foreach_copy_(fill.dst, fill.src, non_blocking=self.on_cuda)
         if fill.plan is not None and fill.aux_src and not fill.plan.same_device:
             torch._foreach_copy_(fill.plan.views[slot], fill.aux_src, non_blocking=True)
         return fill
 
-    def publish_header(self, slot: int, fill: Fill, *, seq: int, batch_idx: int, epoch: int, t0: float,
+    def publish_header(self, slot: int, fill: Fill, *, seq: int, ordinal: int, batch_idx: int, epoch: int, t0: float,
                        dropped_before: int, dropped_total: int, groups_version: int,
                        optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module,
                        values: dict[str, Any] | None) -> None:
@@ -143,7 +151,7 @@ class Collector:
         else:
             extra = plan.extra_bytes if plan is not None else b""
         header = Snapshot(
-            seq=seq, batch_idx=batch_idx, epoch=epoch, time=time.time(), hook_ms=(time.perf_counter() - t0) * 1000.0,
+            seq=seq, ordinal=ordinal, batch_idx=batch_idx, epoch=epoch, time=time.time(), hook_ms=(time.perf_counter() - t0) * 1000.0,
             dropped_before=dropped_before, dropped_total=dropped_total, batch_size=fill.batch_size,
             groups_version=groups_version, grads=fill.grads, loss_kind=fill.loss_kind, accuracy_kind=fill.acc_kind,
             counts_kind=fill.counts_kind, training=int(model.training) if self.want_mode else -1, loss=fill.loss,
@@ -152,6 +160,22 @@ class Collector:
         write_header(self.pool.channel.headers_view, slot, header, extra)
 
     # -- the parts of a fill --------------------------------------------------------
+    def _add_reduced(self, fill: Fill, slot: int, batch: Any, outputs: Any, counts: torch.Tensor | None,
+                     reduced: dict[str, torch.Tensor | None]) -> None:
+        """FSDP2: the global values of the collective; then this rank's batch (labels, outputs) as usual."""
+        if self.want_grads:
+            self._add_grad_norms(fill, slot, reduced["norms"])
+        if self.want_loss and (loss := reduced["loss"]) is not None:
+            fill.src.append(loss)
+            fill.dst.append(self.pool.scalars[slot][0])
+            fill.loss_kind = IN_SLOT
+        if batch is not None and (self.want_batch or counts is not None):
+            self._add_batch(fill, slot, batch, None, counts)
+        if outputs is not None and (acc := reduced["accuracy"]) is not None:
+            fill.src.append(acc)
+            fill.dst.append(self.pool.scalars[slot][1])
+            fill.acc_kind = IN_SLOT
+
     def _add_grad_norms(self, fill: Fill, slot: int, norms: list[torch.Tensor] | torch.Tensor | None) -> None:
         if norms is None:
             fill.grads = ALL_MISSING

@@ -61,6 +61,9 @@ class Setup:
     # The delta reference's file name in the run directory; with per_rank each rank has its
     # own (last_checkpoint.rank1.pt), else two workers would race on one file.
     checkpoint_name: str = CHECKPOINT_FILE
+    # FSDP2: how the ranks' shards make the full tensors (shards.ShardPlan); ``slots`` then
+    # hold rank 0's shards and the worker assembles the rest from the other ranks' files.
+    shards: Any = None
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Snapshot:
     """
 
     seq: _I64
+    ordinal: _I64  # due collection steps before this one (drops included): the same on every rank
     batch_idx: _I64
     epoch: _I64
     time: _F64  # time.time() at the hook

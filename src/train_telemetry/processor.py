@@ -26,6 +26,7 @@ from .metrics.batch import batch_accuracy, label_counts, unpack_count_vector
 from .metrics.holdout import evaluate_holdout
 from .records import encode_record, error_entry
 from .reference import ReferenceCheckpoint
+from .shards import Assembler, materialize
 from .snapshot import aux_view, bind_model, meta_views
 from .writer import OnceLog, RecordWriter
 
@@ -53,6 +54,14 @@ class SnapshotProcessor:
                 run_dir / setup.checkpoint_name, [s.name for s in setup.specs], setup.num_params)
         self.model = setup.model
         self.model_targets: list[torch.Tensor] = []
+        # FSDP2: full tensors assembled from every rank's shards (shards.py); else the slot itself
+        self.assembler = Assembler(setup.shards, setup.slots) if setup.shards is not None and setup.slots else None
+        if self.model is not None and self.assembler is not None:
+            first, why = self.assembler.tensors(0, None)
+            if first is None:
+                self.model = None  # no holdout without the weights (the records say why)
+            else:
+                materialize(self.model, first)
         if self.model is not None:
             # The model's own tensors (not detached copies): bind_model re-points them per snapshot.
             self.model_targets = [*self.model.parameters(), *self.model.buffers()]
@@ -67,8 +76,10 @@ class SnapshotProcessor:
                        num_classes=num_classes, label_name=setup.label_name)
         for m in setup.metrics:
             m.setup(info)
-        if setup.init_slot is not None and self.reference is not None:
-            self.reference.save(setup.slots[setup.init_slot], None, None)
+        init = self.slot(setup.init_slot, -1)[0] if setup.init_slot is not None else None
+        if init is not None and self.reference is not None:
+            self.reference.save(init, None, None)
+            self.release_shards(-1)
         elif self.reference is not None and not setup.restart:
             self.reference.discard()  # a start without weights: no stale reference from an earlier run
 
@@ -77,7 +88,10 @@ class SnapshotProcessor:
         then let the metrics instrument the eval model (after: this forward is no snapshot's)."""
         if self.model is not None and self.setup.holdout is not None:
             try:
-                self.evaluate(self.setup.slots[0])
+                slot, why = self.slot(0, None)
+                if slot is None:
+                    raise RuntimeError(why)
+                self.evaluate(slot)
             except Exception as exc:
                 return (f"the holdout forward failed in the telemetry worker: {type(exc).__name__}: {exc}. "
                         "Check input_keys/label_key, or pass forward_fn=(model, batch) -> logits")
@@ -89,6 +103,18 @@ class SnapshotProcessor:
         self.groups[groups.version] = groups
         for old in sorted(self.groups)[:-8]:  # snapshots in flight name recent versions only
             del self.groups[old]
+
+    def slot(self, i: int, ordinal: int | None) -> tuple[list[torch.Tensor] | None, str | None]:
+        """The full tensors of slot ``i`` (assembled from every rank's shards under FSDP2), or None and why not."""
+        if not self.setup.slots:
+            return None, None
+        if self.assembler is None:
+            return self.setup.slots[i], None
+        return self.assembler.tensors(i, ordinal)
+
+    def release_shards(self, ordinal: int) -> None:
+        if self.assembler is not None:
+            self.assembler.release(ordinal)
 
     # -- one snapshot -> one record ------------------------------------------------
     def handle(self, snap: Snapshot, release: Callable[[int], None]) -> None:
@@ -111,6 +137,7 @@ class SnapshotProcessor:
                 record = self.process(snap)
             self.write(record)
         finally:
+            self.release_shards(snap.ordinal)  # the other ranks' shards first: rank 0's slot frees the next copy
             release(snap.slot)
 
     def _core(self, snap: Snapshot) -> dict[str, Any]:
@@ -131,7 +158,8 @@ class SnapshotProcessor:
             record["segment"] = self.setup.segment
         if self.reference is not None and data.params is not None:
             try:  # the next delta's reference; a failure makes it null, never wrong
-                self.reference.save(self.setup.slots[snap.slot], snap.batch_idx, snap.epoch, data.weight_norms)
+                self.reference.save(data.params + list((data.buffers or {}).values()), snap.batch_idx, snap.epoch,
+                                    data.weight_norms)
             except Exception as exc:
                 errors.append(error_entry("weight_delta", exc))
                 record["errors"] = errors
@@ -142,7 +170,9 @@ class SnapshotProcessor:
         """What the metrics see of ``snap``: numbers from the header, views of the slot."""
         setup, i = self.setup, snap.slot
         groups = self.groups.get(snap.groups_version) or self.groups[max(self.groups)]
-        slot = setup.slots[i] if setup.slots else None
+        slot, why = self.slot(i, snap.ordinal)
+        if why is not None:
+            errors.append({"where": "weights", "type": "ShardsMissing", "message": why})
         n = setup.num_params
         data = SnapshotData(
             batch_idx=snap.batch_idx, epoch=snap.epoch, seq=snap.seq, time=snap.time, config=self.config,

@@ -43,6 +43,7 @@ import torch
 from .config import TelemetryConfigError
 from .messages import HEADER_BYTES, TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN
+from .shards import local_tensor
 
 __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
            "grad_norms", "pin_in_place", "unwrap_model"]
@@ -76,6 +77,14 @@ class Layout:
     buffers: list[torch.Tensor]
     sources: list[torch.Tensor] = field(default_factory=list)  # params + buffers, detached
     on_cuda: bool = False
+    sharded: bool = False  # FSDP2: sources are this rank's local shards (specs keep the full shapes)
+
+    def live_sources(self) -> list[torch.Tensor]:
+        """The tensors to copy now. Sharded: the local shards read again (FSDP2 may re-point
+        a parameter's local tensor, e.g. at its lazy init after start())."""
+        if not self.sharded:
+            return self.sources
+        return [local_tensor(p) for p in self.params] + [local_tensor(b) for b in self.buffers]
 
     @property
     def num_params(self) -> int:
@@ -86,8 +95,8 @@ class Layout:
         return sum(t.numel() * t.element_size() for t in self.sources)
 
 
-def build_layout(model: torch.nn.Module) -> Layout:
-    """The slot layout of ``model`` (already unwrapped)."""
+def build_layout(model: torch.nn.Module, sharded: bool = False) -> Layout:
+    """The slot layout of ``model`` (already unwrapped); ``sharded``: of this rank's shards (FSDP2)."""
     named_params = list(model.named_parameters())
     named_buffers = list(model.named_buffers())
     specs = [
@@ -96,9 +105,9 @@ def build_layout(model: torch.nn.Module) -> Layout:
     ]
     params = [p for _, p in named_params]
     buffers = [b for _, b in named_buffers]
-    sources = [p.detach() for p in params] + [b.detach() for b in buffers]
+    sources = [local_tensor(t) for t in params + buffers]
     on_cuda = any(t.is_cuda for t in sources)
-    return Layout(specs=specs, params=params, buffers=buffers, sources=sources, on_cuda=on_cuda)
+    return Layout(specs=specs, params=params, buffers=buffers, sources=sources, on_cuda=on_cuda, sharded=sharded)
 
 
 def model_on_slot(model: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module:

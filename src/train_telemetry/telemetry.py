@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .batches import BatchFormat, merge_batches, slice_batch
+from .batches import BatchFormat, BatchFormatCache, merge_batches, slice_batch
 from .budget import OverheadBudget
 from .collect import Collector, global_counts
 from .config import TelemetryConfig, TelemetryConfigError
@@ -35,6 +35,14 @@ from .metrics import Metric, all_needs, resolve_metrics
 from .metrics.holdout import HoldoutForward
 from .rundir import Resume, RunDir
 from .sending import locate_unpicklable
+from .shards import (
+    ShardPlan,
+    ShardSync,
+    has_dtensor_params,
+    plain_skeleton,
+    plain_type_name,
+    plan_shards,
+)
 from .signals import install_sigterm_drain
 from .sinks import Sink, open_sink
 from .snapshot import Layout, SlotPool, build_layout, model_on_slot, unwrap_model
@@ -129,6 +137,9 @@ class Telemetry:
         self._skipped = 0
         self._budget: OverheadBudget | None = None
         self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the sink
+        self._ordinal = 0  # due collection steps so far (drops included): the same on every rank
+        self._plan: ShardPlan | None = None  # FSDP2: how the ranks' shards make the full tensors
+        self._shard_sync: ShardSync | None = None  # FSDP2: the collection step's collective
 
     # ------------------------------------------------------------------ public API
     @property
@@ -190,6 +201,8 @@ class Telemetry:
         self._collecting = False
         if self._sink is not None:
             self._sink.abort()
+        if self._shard_sync is not None:
+            self._shard_sync.close()
 
     def on_batch_end(
         self,
@@ -215,9 +228,8 @@ class Telemetry:
         if batch_idx % self._every:
             return
         budget = self._budget
-        if budget is not None and budget.stride > 1 and (batch_idx // self._every) % budget.stride:
-            self._skipped += 1  # over the overhead budget: an even share of due collections is skipped
-            self._drop()
+        if budget is not None and self._skip_for_budget(batch_idx):
+            self._ordinal += 1
             return
         t0 = time.perf_counter()
         try:
@@ -284,23 +296,21 @@ class Telemetry:
         self._dist, note = detect_distributed(cfg)
         if note:
             self._warn_once("dist_late", note)
+        if model is not None and has_dtensor_params(model):
+            self._plan_sharded(model)  # first: its collective must run on every rank
         if self.output_dir is None:
             raise TelemetryConfigError(
                 "output_dir is not set: set telemetry.output_dir in the config (or TelemetryConfig(output_dir=...))"
             )
         self._holdout_format = self._resolve_holdout()
-        if model is not None and _has_dtensor_params(model):
-            raise TelemetryConfigError(
-                "the model has DTensor parameters (FSDP2 fully_shard, or tensor parallelism): sharded "
-                "models are not supported yet (docs/distributed.md); set enabled: false for this run"
-            )
         if not self._dist.writes:
-            return  # a non-writing rank: the hook only joins the label-count collective
+            return  # a non-writing rank: the hook only joins the collective (and copies its shards)
         self._rundir = RunDir(self.output_dir, self._dist.rank, self._dist.world_size, cfg.per_rank)
         self._rundir.check_writable()
         self.records_file = self._rundir.records
         self._resume = self._rundir.resume(cfg.overwrite)
-        signature = [[spec.name, list(spec.shape), spec.dtype] for spec in build_layout(unwrap_model(model)).specs] \
+        signature = [[spec.name, list(spec.shape), spec.dtype]
+                     for spec in build_layout(unwrap_model(model), self._plan is not None).specs] \
             if model is not None else None
         self._rundir.check_same_run(self._resume, cfg.to_dict(), signature)
         self._seq = self._resume.first_seq  # seq counts on across the segments of a resumed run
@@ -311,6 +321,53 @@ class Telemetry:
         if model is not None:
             self._setup_model(model, optimizers, init_reference=True)
         self._write_run_info()
+
+    def _plan_sharded(self, model: torch.nn.Module) -> None:
+        """FSDP2: agree with the other ranks on how the shards make the full tensors (docs/distributed.md)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TelemetryConfigError(
+                "the model has DTensor parameters but torch.distributed is not initialised: "
+                "call start() on every rank after init_process_group and fully_shard")
+        inner = unwrap_model(model)
+        plan = plan_shards(list(inner.named_parameters()) + list(inner.named_buffers()), self.config.num_slots)
+        if isinstance(plan, Exception):
+            raise plan
+        if self.config.per_rank:
+            raise TelemetryConfigError(
+                "per_rank: true with a sharded (FSDP2) model would record each rank's shard, not the model: "
+                "remove per_rank; rank 0 records the exact global values")
+        if not plan.same_host and "weights" in self.needs:
+            self._warn_once("shards_hosts", f"the ranks run on {plan.hosts} hosts: weight metrics (norms, deltas, "
+                            "holdout) of a sharded model are recorded on one host only; records say why they are absent")
+        self._plan = plan
+        self._dist.formats = self._dist.formats or BatchFormatCache(
+            self.config.input_keys, self.config.label_key, self.config.keys_are_default, need_inputs=False)
+        # Ranks > 0 make their shard files now, so rank 0's worker finds them at its setup;
+        # a failure (a full /dev/shm on one node) fails start() on every rank.
+        error = None
+        if self._dist.rank > 0:
+            try:
+                self._setup_shard_rank(model)
+            except Exception as exc:
+                error = exc
+        error = agree_on_start(error)
+        if error is not None:
+            raise error
+
+    def _setup_shard_rank(self, model: torch.nn.Module) -> None:
+        """FSDP2, a rank > 0: the collective, and a shard file rank 0's worker reads (same host)."""
+        plan = self._plan
+        assert plan is not None
+        layout = build_layout(unwrap_model(model), sharded=True)
+        self._layout = layout
+        sync = ShardSync(layout.params, plan, self._dist.rank, self._dist.count_device, self._dist.formats,
+                         want_counts=self._dist.global_batch)
+        if "weights" in self.needs and plan.same_host:
+            sync.open_file(self._dist.rank)
+            if "weight_deltas" in self.needs:  # rank 0's first reference: every rank's shards at start
+                sync.copy_shards(-1, layout.live_sources())
+        self._shard_sync = sync
 
     def _resolve_holdout(self) -> BatchFormat | None:
         """The holdout's format (raises with its structure and the fix), or None without one."""
@@ -338,7 +395,7 @@ class Telemetry:
         sink = self._sink
         assert sink is not None
         inner = unwrap_model(model)
-        layout = build_layout(inner)
+        layout = build_layout(inner, sharded=self._plan is not None)
         self._layout = layout
         self._update_groups(optimizers, layout)
         # Without weights to copy the slots hold no weights, but still bound how many
@@ -350,8 +407,8 @@ class Telemetry:
         fmt = self._holdout_format
         eval_model = None
         if "holdout" in self.needs and self._holdout is not None and copy_weights:
-            try:
-                eval_model = model_on_slot(inner, pool.slots[0])
+            try:  # sharded: a plain copy on the meta device; the worker points it at the assembled weights
+                eval_model = plain_skeleton(inner) if self._plan is not None else model_on_slot(inner, pool.slots[0])
             except Exception as exc:  # deepcopy pickles what it cannot copy: name the culprit
                 raise TelemetryStartError(
                     f"the model cannot be copied for the worker's holdout eval: {locate_unpicklable(inner, 'model', exc)}. "
@@ -362,7 +419,7 @@ class Telemetry:
         if init_reference and "weight_deltas" in self.needs:
             init_slot = sink.channel.acquire()
             assert init_slot is not None
-            torch._foreach_copy_(collector.dsts[init_slot], collector.srcs)
+            torch._foreach_copy_(collector.dsts[init_slot], layout.live_sources())
             if layout.on_cuda:
                 torch.cuda.current_stream().synchronize()  # once, at start: not the hot path
         setup = Setup(
@@ -380,14 +437,18 @@ class Telemetry:
             metrics=self.metrics,
             needs=self.needs,
             segment=self._resume.segment,
-            module_types={name: type(m).__name__ for name, m in inner.named_modules()},
+            module_types={name: plain_type_name(m) for name, m in inner.named_modules()},
             label_name=self._label_name(),
             rank=self._dist.rank,
             world_size=self._dist.world_size,
             checkpoint_name=self._rundir.checkpoint.name if self._rundir else "last_checkpoint.pt",
+            shards=self._plan if copy_weights else None,
         )
         if not copy_weights:  # specs name the parameters for metrics even without weights
             setup.specs = layout.specs[: layout.num_params]
+        if self._plan is not None:
+            self._shard_sync = ShardSync(layout.params, self._plan, self._dist.rank, self._dist.count_device,
+                                         self._dist.formats, want_counts=self._dist.global_batch)
         sink.setup(setup, layout.on_cuda)
         self._collector = collector
 
@@ -440,13 +501,32 @@ class Telemetry:
                  loss: Any, outputs: Any, extra: Mapping[str, Mapping[str, Any]] | None) -> None:
         t0 = time.perf_counter()
         counts = None
-        if self._dist.global_batch:
+        ordinal = self._ordinal
+        self._ordinal += 1
+        reduced = None
+        sync = self._shard_sync
+        if sync is not None:
+            # FSDP2: the one collective (every rank, every collection step; never raises
+            # before it): global gradient norms, loss, accuracy and label counts.
+            vec = sync.reduce(batch, loss, outputs)
+            if self._sink is None:  # a rank > 0: copy its shards for rank 0's worker, done
+                if sync.file is not None and self._layout is not None:
+                    wait = self.config.block_timeout_s if self.config.on_full == "block" else 0.0
+                    sync.copy_shards(ordinal, self._layout.live_sources(), wait)
+                return
+            reduced = sync.unpack(vec, want_loss=loss is not None, want_accuracy=outputs is not None)
+            counts = reduced["counts"]
+            if self._skip_for_budget(batch_idx, after_collective=True):
+                return
+        elif self._dist.global_batch:
             # DDP: every rank joins this all_reduce at every collection step, before anything
             # that depends on this rank's own state (worker dead, no free slot, an error) may
             # return: a rank that skipped it would leave the others waiting in it for good.
             # global_counts never raises. On CPU (gloo) this blocks until all ranks arrive.
             counts = global_counts(self._dist.formats, batch, self._dist.count_device)
             torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
+            if self._skip_for_budget(batch_idx, after_collective=True):
+                return
         sink, collector = self._sink, self._collector
         if sink is None:  # a DDP rank that does not write
             return
@@ -468,12 +548,12 @@ class Telemetry:
             self._drop()
             return
         self._unsent_slot = slot  # on_batch_end releases it if we fail before it is submitted
-        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, counts)
+        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, counts, reduced)
         seq = self._seq
         self._seq += 1
         self._taken += 1
         dropped_before, self._dropped_since = self._dropped_since, 0
-        collector.publish_header(slot, fill, seq=seq, batch_idx=batch_idx, epoch=epoch, t0=t0,
+        collector.publish_header(slot, fill, seq=seq, ordinal=ordinal, batch_idx=batch_idx, epoch=epoch, t0=t0,
                                  dropped_before=dropped_before, dropped_total=self._dropped,
                                  groups_version=self._groups.version, optimizers=optimizers, model=model,
                                  values=dict(extra) if extra else None)
@@ -519,17 +599,31 @@ class Telemetry:
         slot = sink.acquire()
         if slot is not None or self.config.on_full == "drop":
             return slot
-        deadline = time.monotonic() + self.config.block_timeout_s
-        while slot is None and time.monotonic() < deadline:
-            if sink.exited:
-                return None
-            time.sleep(0.0005)
-            slot = sink.acquire()
-        return slot
+        # on_full: block: the sink waits (the worker uses every core meanwhile), bounded.
+        return sink.wait_for_slot(time.monotonic() + self.config.block_timeout_s)
 
     def _drop(self) -> None:
         self._dropped += 1
         self._dropped_since += 1
+
+    def _skip_for_budget(self, batch_idx: int, after_collective: bool = False) -> bool:
+        """Over the overhead budget: skip an even share of due collections (counted as drops).
+
+        Under torch.distributed the ranks' collective comes first (``after_collective``):
+        only rank 0 has a budget, and the other ranks must still meet it there.
+        """
+        budget = self._budget
+        if budget is None or budget.stride <= 1 or not (batch_idx // self._every) % budget.stride:
+            return False
+        if self._has_collective and not after_collective:
+            return False
+        self._skipped += 1
+        self._drop()
+        return True
+
+    @property
+    def _has_collective(self) -> bool:
+        return self._dist.global_batch or self._shard_sync is not None
 
     def _on_worker_dead(self) -> None:
         if self._worker_dead:
@@ -553,6 +647,8 @@ class Telemetry:
     def _shutdown(self, deadline: float) -> TelemetrySummary:
         t0 = time.monotonic()
         if self._sink is None:  # a DDP rank other than 0: no worker, no files, nothing to lose
+            if self._shard_sync is not None:
+                self._shard_sync.close()  # rank 0's worker keeps its mapping of our shard file
             summary = self._empty_summary()
             summary.hook_errors = self._hook_errors
             return summary
@@ -587,11 +683,3 @@ class Telemetry:
 
 TrainingTelemetry = Telemetry  # the seed's name for the same class
 
-
-def _has_dtensor_params(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is sharded with DTensor parameters (FSDP2, tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())

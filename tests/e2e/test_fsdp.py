@@ -1,0 +1,166 @@
+"""FSDP2 (``fully_shard``): real torchrun ranks (gloo, CPU, loopback) against one process.
+
+scripts/ddp_example.py --fsdp shards the tiny classifier over 2 ranks (every Linear and
+the root: ``full``; the backbone sharded and the head replicated: ``mixed``), with two
+named param groups, an LR that changes every step and two accumulated micro-batches per
+optimizer step. Rank 0 writes; every value it records (gradient and weight norms, deltas,
+update ratios, LRs, loss, accuracy, batch statistics, holdout logits, per-layer numbers,
+activations) must equal what one process with the whole model records on the same global
+batches. The shards of ranks > 0 reach rank 0's worker through named shared-memory files,
+which must be gone after the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_distributed import EXAMPLE, REL, assert_all_written, pytestmark, run_example  # noqa: F401
+
+from train_telemetry import read_records
+from train_telemetry.records import read_json
+
+STEPS = ["--steps", "8", "--collect-every-n", "2", "--accum", "2"]
+NOT_COMPARED = {"timestamp", "time", "hook_ms", "worker_lag_ms", "rank", "world_size"}
+
+
+def _shm_files() -> set[str]:
+    return {p for p in os.listdir("/dev/shm") if p.startswith("train-telemetry-")}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The records of one process with the whole model, on the same global batches."""
+    out, results = run_example(tmp_path_factory.mktemp("single"), *STEPS, ranks=1)
+    assert_all_written(results[0]["summary"])
+    return read_records(out)
+
+
+def assert_same(got: Any, want: Any, where: str) -> None:
+    """Every key of every record equal (floats to rel 1e-5), except timing and rank."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) - NOT_COMPARED == set(want) - NOT_COMPARED, (where, got, want)
+        for key in set(want) - NOT_COMPARED:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(want, float) and isinstance(got, float):
+        assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-7), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["full", "mixed"])
+def test_fsdp2_records_equal_one_process(tmp_path: Path, one_process: list[dict[str, Any]], how: str) -> None:
+    """Sharded (and sharded + replicated) over 2 ranks, the records equal the one-process run's, key by key."""
+    before = _shm_files()
+    out, results = run_example(tmp_path, *STEPS, "--fsdp", how)
+    assert_all_written(results[0]["summary"])
+    assert results[1]["worker_pid"] is None and results[1]["summary"]["hook_errors"] == 0
+    records = read_records(out)
+    assert len(records) == len(one_process) == 4
+    for got, want in zip(records, one_process, strict=True):
+        assert (got["rank"], got["world_size"]) == (0, 2)
+        assert "errors" not in got, got["errors"]
+        assert_same(got, want, f"batch {want['batch_idx']}")
+    # What was compared is there: the weight families, the holdout and the global batch.
+    last = records[-1]
+    assert last["weight_delta"]["overall"] is not None and last["weight_delta"]["overall"] > 0
+    assert len(last["holdout_logits"]["logits"]) == 24 and last["batch_stats"]["batch_size"] == 16
+    assert last["train"]["loss"] is not None and last["train"]["accuracy"] is not None
+    assert sorted(last["gradient_norm"]) == ["backbone", "head", "overall"]
+    # The names are the user's; rank 0's delta reference holds the full tensors.
+    ckpt = torch.load(out / "last_checkpoint.pt", weights_only=True)
+    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    assert shapes["backbone.0.weight"] == (16, 6) and shapes["head.weight"] == (3, 8), shapes
+    assert _shm_files() == before, "a rank's shard file was left in /dev/shm"
+
+
+@pytest.mark.timeout(150)
+def test_killed_worker_under_fsdp2_blocks_no_rank_and_replays(tmp_path: Path) -> None:
+    """SIGKILL of rank 0's worker mid-run: both ranks train to the end, a new worker replays
+    the shards it held (the other ranks' too), every collection is on disk once."""
+    out, results = run_example(tmp_path, "--steps", "30", "--collect-every-n", "2", "--kill-worker-at", "8",
+                               "--fsdp", "full")
+    for rank in (0, 1):
+        assert results[rank]["steps"] == 30
+    s0 = results[0]["summary"]
+    assert s0["worker_restarts"] == 1, s0
+    records = read_records(out)
+    assert len(records) == s0["records_written"] == s0["snapshots_taken"] == 15
+    assert [r["batch_idx"] for r in records] == list(range(0, 30, 2))
+    assert all("errors" not in r for r in records), [r.get("errors") for r in records]
+    assert all(r["weight_norm"]["overall"] > 0 for r in records)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_start_that_fails_on_one_fsdp2_rank_fails_on_every_rank(tmp_path: Path, failing: int) -> None:
+    """start() failing on one FSDP2 rank raises on every rank; the script catches it and trains to the end."""
+    before = _shm_files()
+    out, results = run_example(tmp_path, "--fail-start-rank", str(failing), "--fsdp", "full")
+    for rank in (0, 1):
+        error = results[rank]["start_error"]
+        assert error is not None, rank
+        if rank == failing:
+            assert "lacks the configured key(s) ['y']" in error
+        else:
+            assert f"failed on another rank (rank {failing}:" in error
+        assert results[rank]["steps"] == 12
+    assert _shm_files() == before
+
+
+FSDP2_ONE_RANK = """
+import sys, torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+plain.load_state_dict(model.state_dict())
+for layer in model:
+    fully_shard(layer)
+fully_shard(model)
+try:
+    Telemetry(TelemetryConfig(output_dir=sys.argv[2] + "/x", per_rank=True)).start(model)
+except TelemetryConfigError as exc:
+    print("refused:", exc)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+t = Telemetry(TelemetryConfig(output_dir=sys.argv[2] + "/run", mode="sync", collect_every_n=1))
+t.start(model, opt)
+x = torch.randn(8, 4)
+model(x).square().mean().backward()
+opt.step()
+t.on_batch_end(model, opt, 0)
+t.stop()
+plain(x).square().mean().backward()
+record = read_records(sys.argv[2] + "/run")[0]
+want = torch.stack([p.grad.norm() for p in plain.parameters()]).norm().item()
+print("norm", record["gradient_norm"]["overall"], want)
+print("names", sorted(record["layers"]["gradient_norm"]))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_fsdp2_on_one_rank_and_per_rank_refused(tmp_path: Path) -> None:
+    """One rank (every shard local): exact, with the user's layer names; per_rank is refused with the fix."""
+    proc = subprocess.run([sys.executable, "-c", FSDP2_ONE_RANK, str(tmp_path / "store"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=100, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "refused: per_rank: true with a sharded (FSDP2) model" in proc.stdout, proc.stdout
+    norm = next(line for line in proc.stdout.splitlines() if line.startswith("norm")).split()
+    assert math.isclose(float(norm[1]), float(norm[2]), rel_tol=REL), norm
+    assert "names ['0', '1']" in proc.stdout, proc.stdout
+    assert read_json(tmp_path / "run" / "run.json") is not None
