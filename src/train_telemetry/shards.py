@@ -49,7 +49,7 @@ from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy
 
 __all__ = ["ShardPlan", "ShardFile", "ShardSync", "Assembler", "has_dtensor_params", "plain_skeleton",
-           "plan_shards", "local_tensor"]
+           "plan_shards", "local_tensor", "unsupported_sharding"]
 
 FREE, TAKEN = 0, 1
 SHM_DIR = "/dev/shm"
@@ -68,6 +68,23 @@ def has_dtensor_params(model: torch.nn.Module) -> bool:
     """Whether ``model`` has DTensor parameters (FSDP2 ``fully_shard``, or tensor parallelism)."""
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def unsupported_sharding(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s sharding cannot be recorded exactly (FSDP1, DeepSpeed ZeRO-3), or None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        FullyShardedDataParallel = None  # type: ignore[assignment,misc]  # noqa: N806
+    if FullyShardedDataParallel is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return ("the model is wrapped in FSDP1 (FullyShardedDataParallel): its parameters are flattened shards, "
+                "so records would describe rank 0's shard, not the model. Use FSDP2 (torch.distributed.fsdp."
+                "fully_shard), which telemetry records exactly, or set enabled: false")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return ("the model's parameters are partitioned by DeepSpeed ZeRO-3: each rank holds a shard, so records "
+                "would describe rank 0's shard, not the model. Use FSDP2 (fully_shard) or ZeRO stage 1-2, "
+                "or set enabled: false")
+    return None
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

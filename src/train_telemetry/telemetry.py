@@ -42,6 +42,7 @@ from .shards import (
     plain_skeleton,
     plain_type_name,
     plan_shards,
+    unsupported_sharding,
 )
 from .signals import install_sigterm_drain
 from .sinks import Sink, open_sink
@@ -296,6 +297,8 @@ class Telemetry:
         self._dist, note = detect_distributed(cfg)
         if note:
             self._warn_once("dist_late", note)
+        if model is not None and (problem := unsupported_sharding(unwrap_model(model))) is not None:
+            raise TelemetryConfigError(problem)
         if model is not None and has_dtensor_params(model):
             self._plan_sharded(model)  # first: its collective must run on every rank
         if self.output_dir is None:
@@ -581,11 +584,14 @@ class Telemetry:
 
         def run() -> None:
             try:
+                if has_dtensor_params(model):
+                    raise TelemetryConfigError("a sharded (FSDP2) model must be passed to start() on every rank")
                 self._setup_model(model, optimizers, init_reference=False)
                 if self._rundir is not None:
                     self._write_run_info()
             except Exception as exc:
-                self._collecting = False
+                # Not self._collecting = False: under torch.distributed this rank must still
+                # join the collection steps' collective; its collections count as dropped.
                 self._warn_once("late_setup", f"telemetry could not set up the model given to the first "
                                 f"on_batch_end ({type(exc).__name__}: {exc}); nothing more is collected. "
                                 "Pass the model to start() to get this error there")

@@ -164,3 +164,15 @@ def test_fsdp2_on_one_rank_and_per_rank_refused(tmp_path: Path) -> None:
     assert math.isclose(float(norm[1]), float(norm[2]), rel_tol=REL), norm
     assert "names ['0', '1']" in proc.stdout, proc.stdout
     assert read_json(tmp_path / "run" / "run.json") is not None
+
+
+def test_deepspeed_zero3_partitioned_parameters_are_refused_with_the_fix(tmp_path: Path) -> None:
+    """ZeRO-3 marks each partitioned parameter with ``ds_id``: start() says why records would be wrong."""
+    from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError
+
+    model = torch.nn.Linear(4, 2)
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i  # what deepspeed.zero.Init sets on the parameters it partitions
+    with pytest.raises(TelemetryConfigError, match="DeepSpeed ZeRO-3.*fully_shard"):
+        Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode="sync")).start(model)
+    assert not (tmp_path / "run" / "telemetry.jsonl").exists()

@@ -1,0 +1,105 @@
+"""The FSDP2 shard hand-off (shards.py) without torchrun: rank 1's file, rank 0's worker assembling.
+
+The end-to-end checks against a one-process run are in tests/e2e/test_fsdp.py; these pin
+the protocol's edge cases in milliseconds: uneven shards, collections one rank dropped,
+a rank that never answers, ranks on other hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+
+from train_telemetry import shards
+from train_telemetry.messages import TensorSpec
+from train_telemetry.shards import FREE, TAKEN, Assembler, ShardFile, ShardPlan
+
+
+def make_plan(num_slots: int = 2, same_host: bool = True) -> ShardPlan:
+    # weight [7, 3] cut 4 + 3 over 2 ranks along dim 0; bias [5] cut 3 + 2; a replicated buffer
+    specs = [TensorSpec("w", (7, 3), "float32"), TensorSpec("b", (5,), "float64"), TensorSpec("buf", (2,), "float32")]
+    plan = ShardPlan(world_size=2, specs=specs, dims=[0, 0, None], sizes=[[4, 3], [3, 2], []], num_slots=num_slots,
+                     same_host=same_host, hosts=1 if same_host else 2)
+    plan.paths = [None, f"/dev/shm/train-telemetry-test-{uuid.uuid4().hex[:8]}-rank1" if same_host else None]
+    return plan
+
+
+@pytest.fixture
+def plan() -> ShardPlan:
+    p = make_plan()
+    yield p
+    if p.paths[1] and os.path.exists(p.paths[1]):
+        os.unlink(p.paths[1])
+
+
+def full_tensors(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(7, 3, generator=g), torch.randn(5, generator=g, dtype=torch.float64), torch.randn(2, generator=g)]
+
+
+def rank0_slot(full: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [full[0][:4].clone(), full[1][:3].clone(), full[2].clone()]
+
+
+def rank1_part(full: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [full[0][4:], full[1][3:]]
+
+
+def test_the_worker_assembles_exactly_the_full_tensors(plan: ShardPlan) -> None:
+    rank1 = ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    slots = [rank0_slot(full_tensors(0)), rank0_slot(full_tensors(1))]
+    assert rank1.copy_in(0, rank1_part(full_tensors(0)))
+    assert rank1.copy_in(1, rank1_part(full_tensors(1)))
+    assembler = Assembler(plan, slots)
+    for ordinal in (0, 1):
+        got, why = assembler.tensors(ordinal, ordinal)
+        assert why is None and got is not None
+        for a, b in zip(got, full_tensors(ordinal), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assembler.release(ordinal)
+    assert list(rank1.states) == [FREE, FREE]  # freed for rank 1's next copies
+
+
+def test_collections_rank0_dropped_are_freed_and_a_missing_shard_is_named(plan: ShardPlan) -> None:
+    rank1 = ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    assembler = Assembler(plan, [rank0_slot(full_tensors(5))] * 2)
+    assert rank1.copy_in(3, rank1_part(full_tensors(3)))  # rank 0 dropped ordinal 3
+    assert rank1.copy_in(4, rank1_part(full_tensors(4)))  # and rank 1 has no slot left
+    assert not rank1.copy_in(5, rank1_part(full_tensors(5)))
+    got, why = assembler.tensors(0, 5)
+    assert got is None and "rank 1 had no free snapshot slot" in (why or "")
+    assembler.release(5)
+    assert list(rank1.states) == [FREE, FREE]  # the stale ones are freed, not leaked
+    assert rank1.copy_in(6, rank1_part(full_tensors(6)))
+    assert list(rank1.states).count(TAKEN) == 1
+
+
+def test_a_rank_that_never_copies_is_waited_for_once_then_named(plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "WAIT_FOR_RANK_S", 0.05)
+    ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    assembler = Assembler(plan, [rank0_slot(full_tensors(0))] * 2)
+    got, why = assembler.tensors(0, 0)
+    assert got is None and "did not arrive within" in (why or "")
+    got, why = assembler.tensors(1, 1)  # no second wait
+    assert got is None and "stopped answering" in (why or "")
+
+
+def test_ranks_on_other_hosts_give_a_reason_instead_of_weights() -> None:
+    plan = make_plan(same_host=False)
+    got, why = Assembler(plan, [rank0_slot(full_tensors(0))]).tensors(0, 0)
+    assert got is None and "2 hosts" in (why or "") and "gradient norms" in (why or "")
+
+
+def test_a_full_dev_shm_fails_with_the_fix(plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    from train_telemetry import TelemetryConfigError
+
+    with pytest.raises(TelemetryConfigError, match="shm-size"):
+        ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    assert not os.path.exists(plan.paths[1])
