@@ -111,6 +111,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         holdout_size=24,
         per_rank=args.per_rank,
         on_full=args.on_full,
+        overhead_budget=args.overhead_budget,
     )
     telemetry = Telemetry(config)
     holdout = holdout_batch()
@@ -156,6 +157,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             _kill_and_wait(telemetry.worker_pid)  # for the tests: the worker dies mid-run
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)  # for the tests: a longer step, so the overhead budget's periods pass
 
     summary = telemetry.stop()
     result = {"rank": rank, "world_size": world_size, "worker_pid": telemetry.worker_pid,
@@ -249,6 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tests.add_argument("--kill-worker-at", type=int, default=None, help="rank 0 SIGKILLs its worker at this step")
     tests.add_argument("--fail-start-rank", type=int, default=None,
                        help="this rank's holdout lacks the label key: start() fails there (and so on every rank)")
+    tests.add_argument("--overhead-budget", type=float, default=None, help="telemetry.overhead_budget")
+    tests.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
     tests.add_argument("--bad-labels-rank", type=int, default=None, help="this rank passes labels it cannot count")
     return parser.parse_args(argv)
 

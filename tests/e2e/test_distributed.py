@@ -284,3 +284,17 @@ def test_a_start_that_fails_on_one_rank_fails_on_every_rank(tmp_path: Path, fail
             assert f"failed on another rank (rank {failing}:" in error
         pid = results[rank]["worker_pid"]  # rank 0 may have started one: it is gone
         assert pid is None or not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.timeout(150)
+def test_the_overhead_budget_skips_collections_without_leaving_a_rank_in_the_collective(tmp_path: Path) -> None:
+    """Over budget, rank 0 skips collections: after the label-count all_reduce, so rank 1 is never left in it."""
+    out, results = run_example(tmp_path, "--steps", "60", "--collect-every-n", "1", "--overhead-budget", "0.0001",
+                               "--step-sleep", "0.08")
+    s0 = results[0]["summary"]
+    assert results[0]["steps"] == results[1]["steps"] == 60
+    assert s0["snapshots_skipped"] > 0, s0  # the budget kicked in
+    assert s0["snapshots_taken"] + s0["snapshots_dropped"] == 60
+    records = read_records(out)
+    assert len(records) == s0["records_written"] == s0["snapshots_taken"]
+    assert_batch_stats(records, rank=None)  # each record's counts are its own step's, summed over both ranks
