@@ -2,11 +2,11 @@
 """What telemetry costs a training step under FSDP2, against the same model unsharded (DDP).
 
     torchrun --nproc-per-node=2 scripts/fsdp_bench.py                  # -> runs/fsdp_bench/
-    torchrun --nproc-per-node=2 scripts/fsdp_bench.py --hidden 2048 --steps 120
+    torchrun --nproc-per-node=2 scripts/fsdp_bench.py --hidden 2048 --steps 120 --repeats 6
 
 A benchmark, not a test. Per wrapper (ddp, fsdp) it trains the same MLP with telemetry off
 and on (``on_full: drop``, the default; ``collect_every_n`` from --every), interleaved
-``--repeats`` times, and times on every rank each whole step and each ``on_batch_end``
+``--repeats`` times (odd repeats in reverse order), and times on every rank each whole step and each ``on_batch_end``
 call at a collection step. It prints (and writes to fsdp_bench.json / .md on rank 0):
 
 - the hook's median time at a collection step per rank, and its ratio FSDP / DDP (the
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="measured steps per segment")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--every", type=int, default=5, help="collect_every_n")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/fsdp_bench"))
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -116,9 +116,14 @@ def main() -> int:
     dist.barrier()
     rows: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
-        for how in ("ddp", "fsdp"):
-            off = segment(args, how, False, out, rank, world)
-            on = segment(args, how, True, out, rank, world)
+        order = ("ddp", "fsdp") if repeat % 2 == 0 else ("fsdp", "ddp")  # odd repeats reversed: drift cancels
+        for how in order:
+            if repeat % 2 == 0:
+                off = segment(args, how, False, out, rank, world)
+                on = segment(args, how, True, out, rank, world)
+            else:
+                on = segment(args, how, True, out, rank, world)
+                off = segment(args, how, False, out, rank, world)
             rows.append({"repeat": repeat, "wrapper": how, "off": off, "on": on})
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
