@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""Stress test: what telemetry costs a training step; off vs ``mode: sync`` vs ``mode: async``.
+"""Stress test: what telemetry costs a training step, per mode, against no telemetry ("off").
 
-    python scripts/stress_test.py                          # full run (~10 min on 2 cores) -> runs/stress/
+    python scripts/stress_test.py                          # full run (~15 min on 2 cores) -> runs/stress/
     python scripts/stress_test.py --quick                  # a few steps of everything (CI)
-    python scripts/stress_test.py --presets conv --every 10 200 --repeats 5
+    python scripts/stress_test.py --presets conv --every 10 200 --repeats 5 --modes drop block
+
+Modes (each a telemetry config; ``MODE_CONFIG``): ``drop`` (async, ``on_full: drop``, the
+default config), ``block`` (async, ``on_full: block``: every collection, waiting for a
+slot), ``sync`` (records built inline, the seed's design), ``budget`` (drop with
+``overhead_budget``, 0.05 unless ``stress.budget`` says otherwise); ``async`` is read as
+``drop``. Per mode and interval: the mean step and the collection step as ratios to
+"off" in the same run, and the share of collections asked for whose record was written.
 
 A benchmark, not a test: it prints ratios against "off" measured in the same run and
 writes ``stress.json`` (every number) and ``stress.md`` (the table docs/benchmarks.md and
@@ -19,8 +26,8 @@ How it measures (nanoGPT's bench.py: the training loop with everything else remo
 
       telemetry.on_batch_end(model, optimizer, batch_idx, epoch, device, batch, loss=loss, outputs=outputs)
 
-- per preset and repeat the segments run off, floor, then per collect_every_n its sync and
-  async segments and another off; odd repeats run reversed. Every ratio divides by the
+- per preset and repeat the segments run off, floor, then per collect_every_n its
+  telemetry segments (one per mode) and another off; odd repeats run reversed. Every ratio divides by the
   mean of the off segments just before and after it (slow drift cancels); the table shows
   the median over repeats, and "off vs off noise" the noise floor of every ratio.
 - the *floor* is what any exact snapshot must cost: one ``torch._foreach_copy_`` of the
@@ -63,14 +70,25 @@ from train_telemetry.snapshot import pin_in_place
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "stress.yaml"
-MODES = ("off", "sync", "async")
+MODES = ("off", "drop", "block", "sync", "budget")
+ALIASES = {"async": "drop"}  # the old name of the default mode
+DEFAULT_BUDGET = 0.05
+# What each telemetry mode sets on top of the telemetry section of configs/stress.yaml.
+MODE_CONFIG: dict[str, dict[str, Any]] = {
+    "drop": {"mode": "async", "on_full": "drop"},
+    "block": {"mode": "async", "on_full": "block"},
+    "sync": {"mode": "sync"},
+    "budget": {"mode": "async", "on_full": "drop", "overhead_budget": DEFAULT_BUDGET},
+}
+TELEMETRY_MODES = tuple(MODE_CONFIG)
+ASYNC_MODES = tuple(m for m, c in MODE_CONFIG.items() if c["mode"] == "async")
 FLOOR_STEPS = 60
 SEED = 0
 
 STRESS_KEYS = {
     "presets": list, "modes": list, "collect_every_n": list, "repeats": int, "threads": int,
     "output_dir": str, "segment_time_limit_s": (int, float), "microbench_calls": int,
-    "quiet_wait_s": (int, float), "quiet_cpu": (int, float),
+    "quiet_wait_s": (int, float), "quiet_cpu": (int, float), "budget": (int, float),
 }
 PRESET_KEYS = {
     "kind": str, "width": int, "embed": int, "image_size": int, "in_features": int, "hidden": int,
@@ -101,7 +119,8 @@ def load_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], 
             raise StressConfigError(f"{path}: unknown top-level key {key!r} (allowed: stress, presets, telemetry)")
     stress = dict(data.get("stress") or {})
     _check_keys(stress, STRESS_KEYS, f"{path}: stress")
-    for mode in stress.get("modes", []):
+    stress["modes"] = [ALIASES.get(m, m) for m in stress.get("modes", [])]
+    for mode in stress["modes"]:
         if mode not in MODES:
             hint = " (YAML reads a bare off as false: write 'off')" if mode is False else ""
             raise StressConfigError(f"{path}: stress.modes: {mode!r}{hint}; allowed: {', '.join(MODES)}")
@@ -375,10 +394,13 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
 
     seg["peak_reset"] = reset_peak_rss()
     out = run_dir / f"{preset.name}-{mode}-{every}-r{repeat}"
-    if mode in ("sync", "async"):
+    if mode in TELEMETRY_MODES:
         if out.exists():
             shutil.rmtree(out)
-        cfg = TelemetryConfig.from_dict({**tcfg, "mode": mode, "collect_every_n": every, "output_dir": str(out),
+        mode_cfg = dict(MODE_CONFIG[mode])
+        if mode == "budget":
+            mode_cfg["overhead_budget"] = float(settings.get("budget", DEFAULT_BUDGET))
+        cfg = TelemetryConfig.from_dict({**tcfg, **mode_cfg, "collect_every_n": every, "output_dir": str(out),
                                          "input_keys": keys, "label_key": "winner"})
         telemetry = Telemetry(cfg)
         telemetry.set_holdout_data(preset.holdout)
@@ -406,7 +428,7 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     for i, batch_idx in enumerate(indices):
         measured = i - warmup
         if measured == 0:
-            if telemetry is not None and mode == "async":
+            if telemetry is not None and mode in ASYNC_MODES:
                 seg["settle_s"] = wait_for_worker(telemetry, sum(1 for j in range(warmup) if j % every == 0))
             t_start = time.perf_counter()
         elif measured > 0 and measured % every == 0 and time.perf_counter() - t_start > limit_s:
@@ -463,6 +485,12 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
         hook_ms = [r["telemetry"]["hook_ms"] for r in records if "telemetry" in r]
         seg["record_hook_ms_median"] = statistics.median(hook_ms) if hook_ms else None
         seg["record_count"] = len(records)
+        # Delivered: records written for the measured window's collections / collections asked for there.
+        window = set(measured_idx)
+        asked = sum(collect)
+        seg["records_in_window"] = sum(1 for r in records if r["batch_idx"] in window)
+        seg["delivered"] = seg["records_in_window"] / asked if asked else None
+        seg["built_by"] = sorted({str(r.get("built_by", "worker" if mode in ASYNC_MODES else "trainer")) for r in records})
         if not keep_runs:
             shutil.rmtree(out, ignore_errors=True)
     else:
@@ -546,7 +574,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         for k in ("steps", "mean_ms", "p50_ms", "p99_ms", "max_ms", "normal_mean_ms", "collections",
                   "dropped_in_measured", "collect_mean_ms", "collect_taken_mean_ms", "hook_collect_mean_ms",
                   "hook_collect_p50_ms", "hook_drop_mean_ms", "start_s", "stop_s", "worker_cpu_s",
-                  "train_cpu_s", "record_hook_ms_median"):
+                  "train_cpu_s", "record_hook_ms_median", "delivered"):
             row[k] = _median([s.get(k) for s in group])
         for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms"):
             row[k.replace("_ms", "_x_off")] = _median([_ratio(s[k], bases[id(s)].get(k)) for s in group])
@@ -576,7 +604,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         rows.append(row)
     slot_bytes = next((s["slot_bytes"] for s in segs if s.get("slot_bytes")), None)
     slot_meta_bytes = next((s["slot_meta_bytes"] for s in segs if s.get("slot_meta_bytes")), 0)
-    idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] == "async" and "idle_hook_added_ns" in r), None)
+    idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] in ASYNC_MODES and "idle_hook_added_ns" in r), None)
     return {
         "preset": preset.name,
         "description": preset.describe(),
@@ -598,34 +626,46 @@ def _floor_mean(seg: dict[str, Any]) -> float | None:
 
 
 def _row_order(key: tuple[str, int]) -> tuple[int, int]:
-    order = {"off": 0, "floor": 1, "sync": 2, "async": 3}
+    order = {"off": 0, "floor": 1, "drop": 2, "block": 3, "sync": 4, "budget": 5}
     return order.get(key[0], 9), key[1]
 
 
 # ---------------------------------------------------------------------- targets and output
 def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured number and whether it is met (async mode)."""
+    """Issue 14's targets (and the earlier ones that still apply), each with the measured number and whether it is met."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, limit: float, fmt: str, where: str) -> None:
-        out.append({"target": name, "where": where, "value": value, "limit": limit, "limit_text": fmt.format(limit),
-                    "met": None if value is None else value <= limit, "text": fmt.format(value) if value is not None else "n/a"})
+    def add(name: str, value: float | None, limit: float, fmt: str, where: str, at_least: bool = False) -> None:
+        met = None if value is None else (value >= limit if at_least else value <= limit)
+        out.append({"target": name, "where": where, "value": value, "limit": limit,
+                    "limit_text": (">= " if at_least else "<= ") + fmt.format(limit),
+                    "met": met, "text": fmt.format(value) if value is not None else "n/a"})
 
     for p in result["presets"]:
         name = p["preset"]
+        noise = p.get("off_aa_noise") or 0.0
         add("non-collection step: hook added", p["idle_hook_added_ns"], 5000, "{:.0f} ns", name)
         rows = {(r["mode"], r["every"]): r for r in p["rows"]}
+        everies = sorted({r["every"] for r in p["rows"] if r["mode"] in TELEMETRY_MODES})
+        for every in everies:
+            block, sync = rows.get(("block", every)), rows.get(("sync", every))
+            if block and sync and block["mean_x_off"] and sync["mean_x_off"]:
+                # "no more than sync": the ratio of the two, within the run's off-vs-off noise
+                add(f"block mean step / sync mean step (every {every})", block["mean_x_off"] / sync["mean_x_off"],
+                    1.0 + noise, "{:.3f}x", name)
+        drop10 = rows.get(("drop", 10))
+        if drop10:
+            add("drop: records delivered (every 10)", drop10.get("delivered"), 0.5, "{:.2f}", name, at_least=True)
+            add("drop: mean step / off (every 10)", drop10["mean_x_off"], 1.10, "{:.3f}x", name)
+        for every in everies:
+            r = rows.get(("budget", every))
+            if r:
+                add(f"budget: mean step / off (every {every})", r["mean_x_off"], 1.05, "{:.3f}x", name)
         for every in (10, 200):
-            r = rows.get(("async", every))
+            r = rows.get(("drop", every))
             if r:
-                add(f"collection hook / floor (every {every})", r["hook_x_floor"], 1.5, "{:.2f}x", name)
-                if name == "conv":
-                    add(f"collection step / off step (every {every})", r["collect_x_off"], 1.1, "{:.3f}x", name)
-        for every, limit in ((200, 1.01), (10, 1.03), (1, 1.10)):
-            r = rows.get(("async", every))
-            if r:
-                add(f"mean step / off (every {every})", r["mean_x_off"], limit, "{:.3f}x", name)
-        r = rows.get(("async", 1)) or next((r for r in p["rows"] if r["mode"] == "async"), None)
+                add(f"drop: collection hook / floor (every {every})", r["hook_x_floor"], 1.5, "{:.2f}x", name)
+        r = rows.get(("drop", 1)) or next((r for r in p["rows"] if r["mode"] in ASYNC_MODES), None)
         if r and r.get("worker_added_mb") is not None and p["slot_bytes"]:
             # Both processes' RSS count the slot pages: subtract the pool once.
             pool = num_slots * (p["slot_bytes"] + p.get("slot_meta_bytes", 0)) / 2**20
@@ -636,10 +676,32 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
                            "trainer_steady_added_mb": r["trainer_steady_added_mb"],
                            "worker_peak_added_mb": r["worker_added_mb"]}
             out.append({"target": "peak memory added vs slot pool + model copy", "where": name,
-                        "value": added, "limit": budget, "limit_text": f"{budget:.1f} MiB", "met": added <= budget,
+                        "value": added, "limit": budget, "limit_text": f"<= {budget:.1f} MiB", "met": added <= budget,
                         "text": f"{added:.0f} MiB (trainer +{r['trainer_added_mb']:.0f}, worker "
                                 f"+{r['worker_added_mb']:.0f}, pool counted once)"})
     return out
+
+
+def summary_table(p: dict[str, Any]) -> list[str]:
+    """Per interval, one cell per mode: mean step (x off) / collection step (x off), records delivered."""
+    rows = {(r["mode"], r["every"]): r for r in p["rows"]}
+    modes = [m for m in TELEMETRY_MODES if any(k[0] == m for k in rows)]
+    everies = sorted({k[1] for k in rows if k[0] in TELEMETRY_MODES})
+    head = ["every"] + [f"{m}: mean / collection step (x off), delivered" for m in modes]
+    if "block" in modes and "sync" in modes:
+        head.append("block / sync (mean)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for every in everies:
+        cells = [str(every)]
+        for m in modes:
+            r = rows.get((m, every))
+            cells.append("-" if r is None else f"{_f(r['mean_x_off'])} / {_f(r['collect_x_off'])}, "
+                         f"{_f(None if r.get('delivered') is None else 100 * r['delivered'], '.0f')}%")
+        if "block" in modes and "sync" in modes:
+            b, s_ = rows.get(("block", every)), rows.get(("sync", every))
+            cells.append(_f(_ratio(b and b["mean_x_off"], s_ and s_["mean_x_off"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _f(v: float | None, spec: str = ".2f") -> str:
@@ -664,25 +726,28 @@ def markdown(result: dict[str, Any]) -> str:
             f"(off vs off noise {_f((p['off_aa_noise'] or 0) * 100, '.1f')}%); floor (copy + fused norm) "
             f"{_f(p['floor_ms'], '.3f')} ms; non-collection hook +{_f(p['idle_hook_added_ns'], '.0f')} ns.",
             "",
+            *summary_table(p),
+            "",
             "| mode | every | mean ms (x off) | p50 ms (x) | p99 ms (x) | max ms (x) | collect step ms (x off) "
-            "| hook at collect ms (x floor) | dropped / taken | trainer +MiB | worker MiB (+) | start s | stop s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| hook at collect ms (x floor) | delivered | dropped / taken | trainer +MiB | worker MiB (+) | start s | stop s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in p["rows"]:
             ev = "-" if r["every"] is None else str(r["every"])
             coll = "-" if r["collect_taken_mean_ms"] is None else f"{_f(r['collect_taken_mean_ms'])} ({_f(r['collect_x_off'], '.2f')})"
             hook = "-" if r["hook_collect_mean_ms"] is None else f"{_f(r['hook_collect_mean_ms'], '.3f')} ({_f(r['hook_x_floor'], '.2f')})"
             drops = f"{r['snapshots_dropped']:.0f} / {r['snapshots_taken']:.0f}" if "snapshots_taken" in r else "-"
+            delivered = "-" if r.get("delivered") is None else f"{100 * r['delivered']:.0f}%"
             worker = f"{_f(r['worker_peak_mb'], '.0f')} (+{_f(r['worker_added_mb'], '.0f')})" if "worker_peak_mb" in r else "-"
             trainer = "-" if r["mode"] == "off" else _f(r["trainer_added_mb"], "+.0f")
             lines.append(
                 f"| {r['mode']} | {ev} | {_f(r['mean_ms'])} ({_f(r['mean_x_off'], '.3f')}) | {_f(r['p50_ms'])} "
                 f"({_f(r['p50_x_off'])}) | {_f(r['p99_ms'])} ({_f(r['p99_x_off'])}) | {_f(r['max_ms'])} "
-                f"({_f(r['max_x_off'])}) | {coll} | {hook} | {drops} | {trainer} | {worker} | "
+                f"({_f(r['max_x_off'])}) | {coll} | {hook} | {delivered} | {drops} | {trainer} | {worker} | "
                 f"{_f(r['start_s'])} | {_f(r['stop_s'])} |"
             )
         lines.append("")
-    lines += ["Targets (mode: async):", "", "| preset | target | measured | limit | met |", "|---|---|---|---|---|"]
+    lines += ["Targets (issue 14; drop = the default config):", "", "| preset | target | measured | limit | met |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['where']} | {t['target']} | {t['text']} | {t['limit_text']} | {met} |")
@@ -692,7 +757,8 @@ def markdown(result: dict[str, Any]) -> str:
 def summary_line(seg: dict[str, Any]) -> str:
     ev = "" if seg["mode"] == "off" else f" every {seg['every']:>3}"
     hook = f" hook@collect {seg['hook_collect_mean_ms']:.3f} ms" if seg.get("hook_collect_mean_ms") is not None else ""
-    drops = f" taken/dropped {seg['summary']['snapshots_taken']}/{seg['summary']['snapshots_dropped']}" if "summary" in seg else ""
+    drops = (f" taken/dropped {seg['summary']['snapshots_taken']}/{seg['summary']['snapshots_dropped']}"
+             f" delivered {seg['delivered']:.0%}" if "summary" in seg and seg.get("delivered") is not None else "")
     other = seg.get("other_load_cores")
     noise = f" others {other:.2f} cores" if other is not None else ""
     return (f"{seg['preset']:>5} r{seg['repeat']} {seg['mode']:>5}{ev:10s} {seg['steps']:4d} steps mean "
@@ -709,9 +775,9 @@ def _cpu_model() -> str:
 
 
 def segment_plan(modes: Sequence[str], everies: Sequence[int], repeat: int) -> list[tuple[str, int]]:
-    """One repeat: off, floor, then per collect_every_n its sync and async segments and an off; odd repeats reversed."""
+    """One repeat: off, floor, then per collect_every_n one segment per telemetry mode and an off; odd repeats reversed."""
     plan: list[tuple[str, int]] = [("off", 1)]
-    if "sync" in modes or "async" in modes:
+    if any(m in TELEMETRY_MODES for m in modes):
         plan.append(("floor", 1))
     for every in everies:
         plan += [(mode, every) for mode in modes if mode != "off"]
@@ -724,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="stress YAML (default configs/stress.yaml)")
     parser.add_argument("--presets", nargs="+", help="presets to run (default: stress.presets)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, help="modes (off always runs as the baseline)")
+    parser.add_argument("--modes", nargs="+", choices=(*MODES, *ALIASES),
+                        help="modes (off always runs as the baseline; async = drop)")
     parser.add_argument("--every", nargs="+", type=int, help="collect_every_n values")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--steps", type=int, help="measured steps per segment, every preset")
@@ -753,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in preset_specs.values():
             spec.update(QUICK_PRESET)
             spec.update(QUICK_SIZES[spec["kind"]])
-    overrides = {"presets": args.presets, "modes": args.modes, "collect_every_n": args.every, "repeats": args.repeats,
+    overrides = {"presets": args.presets, "modes": [ALIASES.get(m, m) for m in args.modes] if args.modes else None, "collect_every_n": args.every, "repeats": args.repeats,
                  "threads": args.threads, "segment_time_limit_s": args.segment_time_limit,
                  "worker_sched": args.worker_sched, "device": args.device,
                  "output_dir": str(args.output_dir) if args.output_dir else None}

@@ -52,11 +52,16 @@ class ReferenceCheckpoint:
         return self.path.exists() and not self.marker.exists()
 
     def distances(self, current: Sequence[torch.Tensor]) -> WeightDeltas | None:
-        """Per-parameter distances of ``current`` from the reference; None without a valid one."""
+        """Per-parameter distances of ``current`` from the reference; None without a valid one.
+
+        The same pass over ``current`` also gives its norms (``WeightDeltas.current_norms``),
+        so the record's weight norms cost no second pass over the weights.
+        """
         if not self.is_valid():
             return None
-        deltas, ref_norms, batch_idx = reference_norms(self.path, self.names[: self.num_params], current, self._ref_norms)
-        return WeightDeltas(deltas, ref_norms, batch_idx)
+        deltas, ref_norms, batch_idx, cur_norms = fused_reference_pass(
+            self.path, self.names[: self.num_params], current, self._ref_norms)
+        return WeightDeltas(deltas, ref_norms, batch_idx, cur_norms)
 
     def save(self, slot: Sequence[torch.Tensor], batch_idx: int | None, epoch: int | None,
              norms: list[float] | None = None) -> None:
@@ -84,13 +89,24 @@ class ReferenceCheckpoint:
         self._ref_norms = norms if norms is not None else tensor_norms(list(slot[: self.num_params]))
 
 
-_READ_CHUNK = 4 << 20  # bytes of the reference checkpoint read at a time
+# Bytes of the reference read at a time: 1 MiB stays in L2 between the read, the
+# subtraction and the norms (4 MiB chunks cost ~1.5x on the wide preset, docs/benchmarks.md).
+_READ_CHUNK = 1 << 20
 
 
 def reference_norms(
     path: Path, names: Sequence[str], current: Sequence[torch.Tensor], known_norms: Sequence[float] | None = None
 ) -> tuple[list[float], list[float], int | None]:
-    """(||current_i - reference_i||, ||reference_i||) per parameter, and the reference's batch_idx.
+    """(||current_i - reference_i||, ||reference_i||) per parameter, and the reference's batch_idx."""
+    deltas, ref_norms, batch_idx, _ = fused_reference_pass(path, names, current, known_norms)
+    return deltas, ref_norms, batch_idx
+
+
+def fused_reference_pass(
+    path: Path, names: Sequence[str], current: Sequence[torch.Tensor], known_norms: Sequence[float] | None = None
+) -> tuple[list[float], list[float], int | None, list[float]]:
+    """One pass over ``current`` and the reference: per parameter ||current - reference||,
+    ||reference||, and ||current||; and the reference's batch_idx.
 
     ``known_norms``: the reference's norms when the caller knows them (the worker computed
     them when it wrote the reference); they are then not recomputed.
@@ -98,10 +114,14 @@ def reference_norms(
     The reference is the checkpoint at ``path`` (torch.save of ``{"batch_idx", "epoch",
     "state_dict"}``). ``torch.load(mmap=True)`` gives names, shapes and where each tensor's
     bytes lie without reading them; the bytes are then read with ``pread`` through one
-    reusable 4 MiB buffer. Reading through the mmap instead would count every page of the
-    reference in our RSS until the mapping goes: a third copy of the weights at peak, on
-    top of the two slots. Falls back to the mmap when the file's layout is not the one
-    torch.save writes today (an uncompressed zip mapped whole).
+    reusable 1 MiB buffer, and for each chunk one subtraction into a reused buffer and one
+    fused ``_foreach_norm`` of (difference, current[, reference]) while the chunk is in
+    cache: the weights are read from memory once and the reference once (float32 norms
+    per chunk, summed in float64; a float64 norm is 20-35x slower on CPU). Reading
+    through the mmap instead would count every page of the reference in our RSS until
+    the mapping goes: a third copy of the weights at peak, on top of the two slots.
+    Falls back to the mmap when the file's layout is not the one torch.save writes today
+    (an uncompressed zip mapped whole).
     """
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = ckpt["state_dict"]
@@ -115,37 +135,55 @@ def reference_norms(
     batch_idx = ckpt.get("batch_idx")
     offsets = _file_offsets(path, refs)
     if offsets is None:
-        return weight_delta_norms(current, refs), list(known_norms or tensor_norms(refs)), batch_idx
+        return (weight_delta_norms(current, refs), list(known_norms or tensor_norms(refs)), batch_idx,
+                tensor_norms(list(current)))
     del ckpt, state, refs  # only the offsets are needed now: the mapping can go
     buf = bytearray(_READ_CHUNK)
     raw = torch.frombuffer(buf, dtype=torch.uint8)
     view = memoryview(buf)
     deltas: list[float] = []
     ref_norms: list[float] = []
-    diffs: dict[torch.dtype, torch.Tensor] = {}  # reused: a fresh 4 MiB temporary per chunk costs page faults
+    cur_norms: list[float] = []
+    diffs: dict[torch.dtype, torch.Tensor] = {}  # reused: a fresh temporary per chunk costs page faults
     with open(path, "rb") as f:
         fd = f.fileno()
         for cur, offset in zip(current, offsets, strict=True):
             flat = cur.reshape(-1)
             item = flat.element_size()
-            per = _READ_CHUNK // item
+            per = max(1, _READ_CHUNK // item)
             diff = diffs.get(flat.dtype)
             if diff is None:
                 diff = diffs[flat.dtype] = torch.empty(per, dtype=flat.dtype)
-            d2 = r2 = 0.0
+            d2 = r2 = c2 = 0.0
             for start in range(0, flat.numel(), per):
                 count = min(per, flat.numel() - start)
                 nbytes = count * item
                 if os.preadv(fd, [view[:nbytes]], offset + start * item) != nbytes:
                     raise OSError(f"{path}: short read (was it truncated?)")
                 ref_part = raw[:nbytes].view(flat.dtype)
-                part = torch.sub(flat[start : start + count], ref_part, out=diff[:count])
-                d2 += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+                part = flat[start : start + count]
+                torch.sub(part, ref_part, out=diff[:count])
                 if known_norms is None:
-                    r2 += float(torch.linalg.vector_norm(ref_part, dtype=torch.float64)) ** 2
+                    nd, nc, nr = _chunk_norms([diff[:count], part, ref_part])
+                    r2 += nr * nr
+                else:
+                    nd, nc = _chunk_norms([diff[:count], part])
+                d2 += nd * nd
+                c2 += nc * nc
             deltas.append(math.sqrt(d2))
             ref_norms.append(math.sqrt(r2))
-    return deltas, list(known_norms) if known_norms is not None else ref_norms, batch_idx
+            cur_norms.append(math.sqrt(c2))
+    return deltas, list(known_norms) if known_norms is not None else ref_norms, batch_idx, cur_norms
+
+
+def _chunk_norms(parts: list[torch.Tensor]) -> list[float]:
+    """The L2 norm of each (same-dtype) chunk, in one fused call for float32/float64.
+
+    Half-precision chunks are reduced in float32 (a half norm of 256k elements overflows).
+    """
+    if parts[0].dtype in (torch.float32, torch.float64):
+        return [float(n) for n in torch._foreach_norm(parts)]
+    return [float(torch.linalg.vector_norm(p, dtype=torch.float32)) for p in parts]
 
 
 def _file_offsets(path: Path, tensors: Sequence[torch.Tensor]) -> list[int] | None:

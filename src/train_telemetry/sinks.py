@@ -4,6 +4,8 @@ Runs in: the training process. Two classes behind one interface (the DataLoader'
 single-process / multi-process iterator split), so the facade has no ``if mode`` branch:
 
 - ``setup(setup)``: once, before the first snapshot (raises what start() should raise);
+- ``acquire()``: a free slot or None; ``wait_for_slot(deadline)``: one, waiting for it
+  (``on_full: block``);
 - ``submit(slot)``: the hook filled ``slot`` and wrote its header;
 - ``send_groups(groups)``: the param -> group map changed (before the snapshot naming it);
 - ``close(deadline) -> Finished``: write everything submitted, end, report.
@@ -70,6 +72,10 @@ class InlineSink:
     def acquire(self) -> int | None:
         return self.channel.acquire()
 
+    def wait_for_slot(self, deadline: float) -> int | None:
+        # Inline, the slot is free again when submit returns: nothing to wait for.
+        return self.channel.acquire()
+
     def submit(self, slot: int, seq: int) -> None:
         assert self.processor is not None
         if self.on_cuda:  # the copies into the slot are asynchronous: wait for them here
@@ -114,6 +120,7 @@ class WorkerSink:
         self.records_file = records_file
         self.worker = WorkerHandle(config, run_dir, records_file)
         self.channel = self.worker.channel
+        self.waiting = self.worker.waiting  # shared with every replacement worker
         self.handoff: _HandOff | None = None
         self.setup_obj: Setup | None = None
         self.restarts = 0
@@ -162,6 +169,30 @@ class WorkerSink:
     def acquire(self) -> int | None:
         """A free slot for the hook (Channel.acquire)."""
         return self.channel.acquire()
+
+    def wait_for_slot(self, deadline: float) -> int | None:
+        """A free slot, waiting until ``deadline`` (``on_full: block``); None past it or if
+        the worker is gone for good.
+
+        While we wait, training's cores are idle, so the waiting flag tells the worker to
+        use all of them (worker._Threads), and it wakes us through ``waiting.freed`` when it
+        frees a slot. This makes blocking cost about what building the record inline costs
+        (``mode: sync``), not what a nice +19 one-thread worker takes (docs/benchmarks.md).
+        """
+        flag, freed = self.waiting.flag, self.waiting.freed
+        flag[0] = 1
+        try:
+            while True:
+                slot = self.channel.acquire()  # after raising the flag: a slot freed before it is seen here
+                if slot is not None or self.exited:
+                    return slot
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                # The timeout bounds how late we see a worker death or a restart's replay.
+                freed.acquire(timeout=min(left, 0.05))
+        finally:
+            flag[0] = 0
 
     def publish(self, slot: int, seq: int) -> None:
         """Hand ``slot`` to the worker, or, while a new one starts, leave it for the replay."""
@@ -215,7 +246,8 @@ class WorkerSink:
                        f"{describe_exit(dead.exitcode)}); skipped so it cannot kill more"
                   for seq, n in self._crashes.items() if n >= 2})
         try:
-            worker = WorkerHandle(self.config, self.run_dir, self.records_file, channel=self.channel)
+            worker = WorkerHandle(self.config, self.run_dir, self.records_file, channel=self.channel,
+                                  waiting=self.waiting)
             worker.start(self.config.start_timeout_s, on_exit=self._on_worker_exit)
             self.worker = worker
             self._send_setup(worker, setup)
@@ -250,6 +282,7 @@ class WorkerSink:
         self._closing = True
         if self.handoff is not None:
             self.handoff.close(deadline)
+        self.waiting.flag[0] = 1  # training waits for the backlog now: the worker may use every core
         done, terminated = self.worker.stop(deadline)
         if done is None or terminated:
             repair_torn_tail(self.records_file)  # the writer did not finish: leave whole lines only

@@ -58,6 +58,11 @@ Protocol per role:
   PDEATHSIG), writes every slot already published (a slot is published only once
   filled; one the trainer died filling is not), and exits; its shared memory goes with
   the last process that maps it.
+* trainer waits (``on_full: block`` with no free slot, or ``stop()`` draining): it raises
+  ``Waiting.flag`` (worker_handle.py); we then use one torch thread per core (checked per
+  snapshot and before its delta pass and holdout forward; never in a forked worker,
+  where OpenMP would deadlock), poll every WAITED_POLL_S, and release ``Waiting.freed``
+  each time we free a slot, which wakes the trainer. Records are still all ours.
 * worker death: the trainer's watcher thread starts a replacement (sinks.WorkerSink),
   which replays every slot published and not yet released (released only after the
   line is written), skipping seqs already on disk.
@@ -82,6 +87,7 @@ import torch
 
 from .config import TelemetryConfig
 from .messages import Done, Groups, Ready, Setup, SetupDone, Stop, read_header
+from .metrics.api import set_before_input
 from .processor import SnapshotProcessor
 from .snapshot import Channel
 from .writer import OnceLog, RecordWriter
@@ -91,6 +97,9 @@ POLL_S = 0.5  # how often an idle worker checks that the trainer is alive
 # cost the trainer a wake-up in its hook), so this bounds a snapshot's wait before its
 # record is started; 100 checks a second cost ~0.3% of a core.
 PUBLISH_POLL_S = 0.01
+# While the trainer waits for us (on_full: block, stop()), its cores are idle and every
+# millisecond we sleep is one it waits: look for published slots this often instead.
+WAITED_POLL_S = 0.0005
 GROUPS_WAIT_S = 10.0  # a snapshot names a group map not received yet: wait this long for it
 
 
@@ -136,10 +145,18 @@ def worker_loop(
     channel: Channel,
     parent_pid: int,
     parent_death_signal: bool = True,
+    waiting: Any = None,
 ) -> None:
-    """Entry point of the worker process; see NOTE [worker lifecycle]."""
+    """Entry point of the worker process; see NOTE [worker lifecycle].
+
+    ``waiting`` (worker_handle.Waiting): raised by the trainer while it waits for us; we
+    then use ``boost_threads()`` torch threads and wake it when a slot is free.
+    """
     termination = _Termination()
     _prepare_process(config, parent_death_signal, termination)
+    # A forked worker must not start torch's thread pool: OpenMP in a child forked from a
+    # process that used it deadlocks (libgomp). There it keeps worker_threads (1).
+    threads = _Threads(config.worker_threads, waiting, boost=config.start_method != "fork")
     # No cancel_join_thread() here: the final join_thread() must flush Done to the trainer
     # before we exit. Our few messages are tiny, so the pipe can never fill and block us.
     log = OnceLog("worker")
@@ -169,8 +186,13 @@ def worker_loop(
                 error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             from_worker.put(SetupDone(error))
 
+    def release(slot: int) -> None:
+        channel.release(slot)
+        threads.slot_freed()
+
     def process_published() -> None:
         for slot in channel.take_published():
+            threads.update()
             if processor is None:  # cannot happen unless the trainer misbehaves
                 channel.release(slot)
                 continue
@@ -182,9 +204,9 @@ def worker_loop(
                 while snap.groups_version not in processor.groups and time.monotonic() < deadline:
                     with contextlib.suppress(queue.Empty):
                         handle(_unpickle(to_worker.get(timeout=0.1)))
-                processor.handle(snap, channel.release)
+                processor.handle(snap, release)
             except Exception as exc:
-                channel.release(slot)
+                release(slot)
                 processor.count_error("record", exc)
 
     try:
@@ -193,7 +215,7 @@ def worker_loop(
             if stopping:  # everything published before Stop is written now
                 break
             try:
-                msg = _unpickle(to_worker.get(timeout=PUBLISH_POLL_S))
+                msg = _unpickle(to_worker.get(timeout=threads.poll_s()))
             except queue.Empty:
                 now = time.monotonic()
                 if now > next_parent_check:
@@ -229,6 +251,58 @@ def worker_loop(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(1 if fatal else 0)
+
+
+def boost_threads() -> int:
+    """Torch threads while the trainer waits for us: one per core we may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Threads:
+    """The worker's torch thread count: ``worker_threads``, or ``boost_threads()`` while the
+    trainer waits for us (its cores are idle then: on_full block, or stop() draining).
+
+    Checked (a plain byte read) before each snapshot and before each of its heavy inputs
+    (the delta pass, the holdout forward: metrics.api.set_before_input), so a record
+    started while the trainer was still training switches when it starts to wait, and
+    back when it resumes (our extra threads would then stall its threads at nice 19).
+    ``torch.set_num_threads`` is called only on a change.
+    """
+
+    def __init__(self, base: int, waiting: Any, boost: bool = True) -> None:
+        self.base = base
+        self.boost = max(base, boost_threads()) if boost else base
+        self.flag = waiting.flag if waiting is not None else None
+        self.freed = waiting.freed if waiting is not None else None
+        self.current = base
+        if self.flag is not None and self.boost > base:
+            # Start torch's extra threads now (parked again right after), not in the first
+            # record the trainer waits for.
+            torch.set_num_threads(self.boost)
+            torch.ones(1 << 20).add_(1)
+            torch.set_num_threads(base)
+            set_before_input(self.update)
+
+    def _set(self, want: int) -> None:
+        if want != self.current:
+            torch.set_num_threads(want)
+            self.current = want
+
+    def update(self) -> None:
+        """Every core's thread while the trainer waits, worker_threads otherwise."""
+        if self.flag is not None:
+            self._set(self.boost if self.flag[0] else self.base)
+
+    def poll_s(self) -> float:
+        """How long to sleep on the control queue before looking for published slots again."""
+        return WAITED_POLL_S if self.flag is not None and self.flag[0] else PUBLISH_POLL_S
+
+    def slot_freed(self) -> None:
+        if self.freed is not None and self.flag is not None and self.flag[0]:
+            self.freed.release()  # wake the waiting trainer (it re-checks the slots itself)
 
 
 def _parent_alive(parent_pid: int) -> bool:

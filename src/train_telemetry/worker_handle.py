@@ -33,10 +33,26 @@ class TelemetryStartError(RuntimeError):
     """``start()`` could not get the collector running; the message says why and the fix."""
 
 
+class Waiting:
+    """The trainer waits for a slot (``on_full: block``) or for the backlog (``stop()``).
+
+    ``flag[0]``: 1 while it waits; the worker then runs with every core's thread
+    (``worker.boost_threads``) instead of ``worker_threads``, since the cores it would
+    take from training are idle. ``freed``: a semaphore the worker releases each time it
+    frees a slot while the flag is up, so the waiting trainer wakes at once instead of
+    polling. Shared by every worker of a run (a replacement inherits them).
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.flag = ctx.RawArray("b", 1)
+        self.freed = ctx.Semaphore(0)
+
+
 class WorkerHandle:
     """One worker process and its two queues; ``channel`` is the slots' shared state."""
 
-    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path, channel: Channel | None = None) -> None:
+    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path, channel: Channel | None = None,
+                 waiting: Waiting | None = None) -> None:
         if config.start_method == "fork" and torch.cuda.is_initialized():
             raise TelemetryConfigError(
                 "start_method: fork after CUDA was initialised would crash the worker; use spawn (the default)"
@@ -51,13 +67,14 @@ class WorkerHandle:
         else:
             channel.renew(ctx)  # the slots stay; the ring and semaphore are the new worker's
         self.channel = channel
+        self.waiting = waiting if waiting is not None else Waiting(ctx)
         self.exited = False  # set by the watcher thread when the process ends
         self.proc = ctx.Process(
             target=worker_loop,
             args=(config, str(run_dir), str(records_file), self.to_worker, self.from_worker, self.channel,
                   os.getpid(),
                   # PDEATHSIG follows the starting thread: from any other, rely on polling.
-                  threading.current_thread() is threading.main_thread()),
+                  threading.current_thread() is threading.main_thread(), self.waiting),
             name="train-telemetry-worker",
             daemon=True,
         )

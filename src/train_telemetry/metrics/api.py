@@ -182,26 +182,53 @@ class InputFailed(Exception):
     this snapshot: its error is in the record once, under that metric; later ones skip."""
 
 
+# Called before a lazy input (the delta pass, the holdout forward) is computed: the worker
+# re-checks there whether the trainer waits for it, and how many threads to use (worker.py).
+_before_input: Callable[[], None] | None = None
+
+
+def set_before_input(fn: Callable[[], None] | None) -> None:
+    """Run ``fn()`` before each lazy input of a snapshot is computed (None: nothing)."""
+    global _before_input
+    _before_input = fn
+
+
 class _Lazy:
-    """A value computed on first use by the worker (reading the reference, the holdout forward)."""
+    """A value computed on first use by the worker (reading the reference, the holdout forward).
+
+    Its error is raised as such by the first ``get`` (that metric's entry in ``errors``),
+    as :class:`InputFailed` after that; ``peek`` computes it without reporting an error.
+    """
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self.fn: Callable[[], Any] | None = fn
         self.value: Any = None
         self.error: BaseException | None = None
+        self._reported = False
 
-    def get(self) -> Any:
+    def _compute(self) -> None:
         if self.fn is not None:
             fn, self.fn = self.fn, None
+            if _before_input is not None:
+                _before_input()
             try:
                 self.value = fn()
             except BaseException as exc:
                 self.error = exc
-            if self.error is not None:
-                raise self.error
+
+    def get(self) -> Any:
+        self._compute()
         if self.error is not None:
+            if not self._reported:
+                self._reported = True
+                raise self.error
             raise InputFailed(str(self.error)) from self.error
         return self.value
+
+    def peek(self) -> Any:
+        """The value, or None if computing it failed (the failure is left for ``get`` to report)."""
+        self._compute()
+        return None if self.error is not None else self.value
 
 
 @dataclass
@@ -253,9 +280,15 @@ class SnapshotData:
 
     @property
     def weight_norms(self) -> list[float] | None:
-        """L2 norm of each parameter at the hook (computed once, in one fused call)."""
+        """L2 norm of each parameter at the hook (computed once).
+
+        With a delta reference they come from the same pass over the weights as the
+        deltas (reference.py); otherwise from one fused ``_foreach_norm``.
+        """
         if self._weight_norms is None and self.params is not None:
-            self._weight_norms = tensor_norms(self.params)
+            found = self._deltas.peek() if self._deltas is not None else None
+            norms = getattr(found, "current_norms", None)
+            self._weight_norms = list(norms) if norms is not None else tensor_norms(self.params)
         return self._weight_norms
 
     @property
@@ -276,6 +309,7 @@ class WeightDeltas:
     deltas: list[float]
     reference_norms: list[float]
     reference_batch_idx: int | None
+    current_norms: list[float] | None = None  # ||w||, when the pass that measured the deltas had them
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
