@@ -73,6 +73,11 @@ def build(seed: int = 0) -> tuple[TinyNet, torch.optim.Optimizer, torch.optim.lr
     """Model, optimizer with two named groups, and an LR that changes every step."""
     torch.manual_seed(seed)  # the same initial weights on every rank and in the reference
     model = TinyNet()
+    return (model, *make_optimizer(model))
+
+
+def make_optimizer(model: TinyNet) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with two named groups and an LR that changes every step (FSDP2: over the sharded parameters)."""
     optimizer = torch.optim.SGD(
         [
             {"params": model.backbone.parameters(), "lr": 0.05, "name": "backbone"},
@@ -81,7 +86,7 @@ def build(seed: int = 0) -> tuple[TinyNet, torch.optim.Optimizer, torch.optim.lr
         momentum=0.9,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
-    return model, optimizer, scheduler
+    return optimizer, scheduler
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +103,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ddp: nn.Module = model
     if world_size > 1 and args.fsdp != "none":
         shard(model, args.fsdp)
-        model, optimizer, scheduler = rebuild_optimizer(model)
+        optimizer, scheduler = make_optimizer(model)  # over the sharded (DTensor) parameters
         ddp = model
     elif world_size > 1:
         ddp = DistributedDataParallel(model)
@@ -198,19 +203,6 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_requires_gradient_sync(sync, recurse=False)
-
-
-def rebuild_optimizer(model: TinyNet) -> tuple[TinyNet, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The optimizer and schedule of build(), over the sharded parameters."""
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model.backbone.parameters(), "lr": 0.05, "name": "backbone"},
-            {"params": model.head.parameters(), "lr": 0.2, "name": "head"},
-        ],
-        momentum=0.9,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
-    return model, optimizer, scheduler
 
 
 def _maybe_no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:

@@ -45,11 +45,14 @@ from typing import Any
 
 import torch
 
+from .batches import logits_of
+from .config import TelemetryConfigError
 from .messages import TensorSpec
-from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy
+from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
+from .snapshot import _align, _itemsize, local_tensor
 
 __all__ = ["ShardPlan", "ShardFile", "ShardSync", "Assembler", "has_dtensor_params", "plain_skeleton",
-           "plan_shards", "local_tensor", "unsupported_sharding"]
+           "plan_shards", "unsupported_sharding"]
 
 FREE, TAKEN = 0, 1
 SHM_DIR = "/dev/shm"
@@ -85,12 +88,6 @@ def unsupported_sharding(model: torch.nn.Module) -> str | None:
                 "would describe rank 0's shard, not the model. Use FSDP2 (fully_shard) or ZeRO stage 1-2, "
                 "or set enabled: false")
     return None
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t``: a DTensor's local shard, or ``t`` itself (detached)."""
-    local = getattr(t, "_local_tensor", None)
-    return (local if isinstance(local, torch.Tensor) else t).detach()
 
 
 # ---------------------------------------------------------------------- the plan
@@ -139,18 +136,16 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
     or the error every rank raises (the same on each).
     """
     dist = torch.distributed
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     mine: dict[str, Any] = {"host": socket.gethostname(), "token": uuid.uuid4().hex[:12], "error": None}
     try:
         mine["tensors"] = [_describe(name, t, world) for name, t in tensors]
     except Exception as exc:
-        mine["error"] = f"rank {rank}: {exc}"
+        mine["error"] = f"rank {dist.get_rank()}: {exc}"
     said: list[Any] = [None] * world
     dist.all_gather_object(said, mine)
     errors = [s["error"] for s in said if s["error"]]
     if errors:
-        from .config import TelemetryConfigError
-
         return TelemetryConfigError(f"this sharded model is not supported: {errors[0]}")
     first = said[0]["tensors"]
     specs: list[TensorSpec] = []
@@ -164,15 +159,11 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
             continue
         by_coord = {s["tensors"][j][4]: s["tensors"][j][5] for s in said}
         if sorted(by_coord) != list(range(world)):
-            from .config import TelemetryConfigError
-
             return TelemetryConfigError(
                 f"parameter {name!r} is sharded over a mesh that is not one shard per rank of the whole "
                 "job (HSDP, or FSDP over a subgroup): not supported; use fully_shard over all ranks")
         sizes.append([by_coord[c] for c in range(world)])
         if sum(sizes[-1]) != shape[dim]:
-            from .config import TelemetryConfigError
-
             return TelemetryConfigError(f"parameter {name!r}: its shards do not add up to its shape {tuple(shape)}")
     token = said[0]["token"]
     hosts = len({s["host"] for s in said})
@@ -181,7 +172,6 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
                      same_host=same_host, hosts=hosts)
     plan.paths = [None, *(os.path.join(SHM_DIR, f"train-telemetry-{token}-rank{r}") if same_host else None
                           for r in range(1, world))]
-    del rank
     return plan
 
 
@@ -212,14 +202,6 @@ def _describe(name: str, t: torch.Tensor, world: int) -> tuple[str, list[int], s
 
 
 # ---------------------------------------------------------------------- the shard files
-def _align(n: int) -> int:
-    return (n + 63) // 64 * 64
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
-
-
 class ShardFile:
     """Rank r's shard slots in a named shared-memory file that rank 0's worker maps too.
 
@@ -238,7 +220,7 @@ class ShardFile:
             numel = 1
             for d in shape:
                 numel *= d
-            at += _align(numel * _itemsize(dtype))
+            at += _align(numel * _itemsize(getattr(torch, dtype)))
         self.slot_bytes = max(at, 64)
         size = head + self.slot_bytes * num_slots
         if create:
@@ -248,8 +230,6 @@ class ShardFile:
                     os.posix_fallocate(fd, 0, size)
                 except OSError as exc:
                     os.unlink(path)
-                    from .config import TelemetryConfigError
-
                     raise TelemetryConfigError(
                         f"the shard slots need {size / 2**20:.1f} MiB of shared memory in {SHM_DIR} ({exc.strerror}): "
                         "lower num_slots, or give the container more (docker run --shm-size=...)") from None
@@ -284,7 +264,7 @@ class ShardFile:
                 for d in shape:
                     numel *= d
                 start = base + off
-                views.append(flat[start : start + numel * _itemsize(dtype)].view(dt).view(shape))
+                views.append(flat[start : start + numel * _itemsize(getattr(torch, dtype))].view(dt).view(shape))
             self.slots.append(views)
 
     # -- rank r's hook
@@ -373,12 +353,8 @@ class ShardSync:
             fmt = self.formats.get(batch)
             labels = fmt.labels(batch)
             if self.want_counts:
-                from .metrics.batch import count_vector
-
                 vec[head + 2 * n :] = count_vector(labels, fmt.batch_size(batch), vec.device).to(torch.float64)
         if outputs is not None and isinstance(labels, torch.Tensor) and labels.dim() > 0:
-            from .batches import logits_of
-
             out = outputs if isinstance(outputs, torch.Tensor) else logits_of(outputs)
             rows = labels.shape[0]
             vec[2] = batch_accuracy(out, labels).to(vec.device, torch.float64) * rows

@@ -43,7 +43,6 @@ import torch
 from .config import TelemetryConfigError
 from .messages import HEADER_BYTES, TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN
-from .shards import local_tensor
 
 __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
            "grad_norms", "pin_in_place", "unwrap_model"]
@@ -52,6 +51,12 @@ __all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_lay
 FREE = 0
 TAKEN = 1  # the hook is filling it
 PUBLISHED = 2  # handed to the worker; FREE again once its line is written
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard, or ``t`` itself (detached)."""
+    local = getattr(t, "_local_tensor", None)
+    return (local if isinstance(local, torch.Tensor) else t).detach()
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

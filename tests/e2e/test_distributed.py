@@ -272,9 +272,13 @@ def test_start_before_init_process_group_takes_the_rank_from_env(
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("failing", [0, 1])
-def test_a_start_that_fails_on_one_rank_fails_on_every_rank(tmp_path: Path, failing: int) -> None:
-    """start() failing on one rank only raises on every rank; a script that catches it trains on and finishes."""
-    out, results = run_example(tmp_path, "--fail-start-rank", str(failing))
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_a_start_that_fails_on_one_rank_fails_on_every_rank(tmp_path: Path, failing: int, wrapper: str) -> None:
+    """start() failing on one rank only raises on every rank (DDP and FSDP2); a script that
+    catches it trains to the end, and no shard file is left in /dev/shm."""
+    before = {p for p in os.listdir("/dev/shm") if p.startswith("train-telemetry-")}
+    flags = ["--fsdp", "full"] if wrapper == "fsdp2" else []
+    out, results = run_example(tmp_path, "--fail-start-rank", str(failing), *flags)
     for rank in (0, 1):
         error = results[rank]["start_error"]
         assert error is not None, rank
@@ -282,8 +286,10 @@ def test_a_start_that_fails_on_one_rank_fails_on_every_rank(tmp_path: Path, fail
             assert "lacks the configured key(s) ['y']" in error
         else:
             assert f"failed on another rank (rank {failing}:" in error
+        assert results[rank]["steps"] == 12
         pid = results[rank]["worker_pid"]  # rank 0 may have started one: it is gone
         assert pid is None or not Path(f"/proc/{pid}").exists()
+    assert {p for p in os.listdir("/dev/shm") if p.startswith("train-telemetry-")} == before
 
 
 @pytest.mark.timeout(150)
