@@ -13,11 +13,15 @@ this machine, measured in the same run:
 - read: one ``_foreach_norm`` pass over the slot's weights (each byte read once);
 - copy: a ``pread`` of the reference file through the same 1 MiB buffer (page cache ->
   buffer), the read the delta pass cannot avoid;
-- write: a ``pwrite`` of the weights' bytes into a file in the page cache.
+- write: a ``pwrite`` of the weights' bytes into a file in the page cache;
+- forward: the model's own no-grad forward of the holdout rows, no hooks, same threads:
+  the arithmetic any holdout prediction must do (it is arithmetic-bound, not memory-bound:
+  50 x 25M multiply-adds on the wide preset take 6x one read of the weights).
 
 Stages: ``delta pass`` (weight norms + deltas: floor = read + copy), ``reference save``
-(floor = write), ``holdout eval`` (floor = read: the forward reads every weight once; its
-arithmetic is extra), ``rest`` (the other metrics, encoding, the line write).
+(floor = write), ``holdout eval`` (floor = forward; the activation statistics' hooks, the
+logits' conversion and the loss are extra), ``rest`` (the other metrics, encoding, the
+line write).
 A benchmark, not a test; docs/benchmarks.md shows its output.
 """
 
@@ -52,8 +56,9 @@ def _best(fn: Any, reps: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
-def floors(weights: list[torch.Tensor], workdir: Path) -> dict[str, float]:
-    """ms to read the weights once, to pread them back from the page cache, to write them to it."""
+def floors(weights: list[torch.Tensor], workdir: Path, forward: Any) -> dict[str, float]:
+    """ms to read the weights once, to pread them back from the page cache, to write them to
+    it, and for one bare holdout forward (``forward()``)."""
     flat = torch.cat([w.reshape(-1) for w in weights])
     data = flat.numpy().tobytes()
     path = workdir / "floor.bin"
@@ -71,7 +76,7 @@ def floors(weights: list[torch.Tensor], workdir: Path) -> dict[str, float]:
             os.pwrite(fd, data, 0)
 
         return {"read": _best(lambda: torch._foreach_norm(weights)), "copy": _best(pread_all),
-                "write": _best(pwrite_all)}
+                "write": _best(pwrite_all), "forward": _best(forward)}
     finally:
         os.close(fd)
 
@@ -121,15 +126,22 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             telemetry.on_batch_end(model, opt, i, 0, None, batch, loss=loss, outputs=out)
         telemetry.stop()
-        floor = floors([p.detach() for p in model.parameters()], Path(tmp))
+        model.eval()
+        holdout_inputs = [preset.holdout[k] for k in preset.input_keys]
+
+        def bare_forward() -> None:
+            with torch.no_grad():
+                model(*holdout_inputs)
+
+        floor = floors([p.detach() for p in model.parameters()], Path(tmp), bare_forward)
     med = {k: statistics.median(v[2:] or v) for k, v in times.items()}
     med["rest"] = med["whole record"] - med["delta pass"] - med["reference save"] - med.get("holdout eval", 0.0)
     stage_floor = {"delta pass": floor["read"] + floor["copy"], "reference save": floor["write"],
-                   "holdout eval": floor["read"], "rest": 0.0}
+                   "holdout eval": floor["forward"], "rest": 0.0}
     stage_floor["whole record"] = sum(stage_floor[k] for k in ("delta pass", "reference save", "holdout eval"))
     print(f"{args.preset}: {preset.describe()}, {preset.state_bytes / 2**20:.1f} MiB of weights; torch threads "
           f"{args.threads}; floors: read {floor['read']:.1f} ms, pread copy {floor['copy']:.1f} ms, "
-          f"write {floor['write']:.1f} ms")
+          f"write {floor['write']:.1f} ms, holdout forward {floor['forward']:.1f} ms")
     print()
     print("| stage | ms (median) | floor ms | x floor |")
     print("|---|---|---|---|")

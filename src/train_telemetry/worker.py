@@ -60,8 +60,8 @@ Protocol per role:
   the last process that maps it.
 * trainer waits (``on_full: block`` with no free slot, or ``stop()`` draining): it raises
   ``Waiting.flag`` (worker_handle.py); we then use one torch thread per core (checked per
-  snapshot and before its delta pass and holdout forward; never in a forked worker,
-  where OpenMP would deadlock), poll every WAITED_POLL_S, and release ``Waiting.freed``
+  snapshot, before its delta pass and before each weighted module of its holdout forward;
+  never in a forked worker, where OpenMP would deadlock), poll every WAITED_POLL_S, and release ``Waiting.freed``
   each time we free a slot, which wakes the trainer. Records are still all ours.
 * worker death: the trainer's watcher thread starts a replacement (sinks.WorkerSink),
   which replays every slot published and not yet released (released only after the
@@ -182,6 +182,8 @@ def worker_loop(
                 if msg.init_slot is not None:
                     channel.release(msg.init_slot)
                 error = processor.check_holdout()
+                if processor.model is not None:
+                    threads.watch(processor.model)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             from_worker.put(SetupDone(error))
@@ -295,6 +297,17 @@ class _Threads:
         """Every core's thread while the trainer waits, worker_threads otherwise."""
         if self.flag is not None:
             self._set(self.boost if self.flag[0] else self.base)
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """Re-check the flag before each module of the eval model that holds weights runs,
+        so a holdout forward begun on worker_threads while the trainer trained switches to
+        every core as soon as the trainer waits (on conv, the forward is most of a record).
+        A pre-hook is a byte read per module call (~1 us): nothing next to the forward."""
+        if self.flag is None or self.boost <= self.base:
+            return
+        for module in model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_pre_hook(lambda _m, _a: self.update())
 
     def poll_s(self) -> float:
         """How long to sleep on the control queue before looking for published slots again."""

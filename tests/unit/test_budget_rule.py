@@ -1,4 +1,5 @@
-"""The overhead budget's rule: the stride doubles over budget, halves well under it, within bounds."""
+"""The overhead budget's rule: over budget the stride grows by the power of two that brings the
+overhead under it, well under it the stride halves, within bounds."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ def _budget(limit: float) -> OverheadBudget:
     return b
 
 
-def test_over_budget_doubles_the_stride_up_to_its_bound() -> None:
-    """Hook time plus worker CPU weighted by the training's pressure over the budget: collect half as often."""
+def test_over_budget_the_stride_grows_enough_in_one_step_up_to_its_bound() -> None:
+    """Hook time plus worker CPU weighted by the training's pressure, over the budget: the
+    stride jumps by the power of two that brings that under the budget (26% / 5% -> x8)."""
     b = _budget(0.05)
     b.update(hook_s=0.02, worker_cpu_s=0.5, wall_s=2.0, pressure=1.0)  # 1% + 25%
-    assert b.stride == 2 and abs((b.last_overhead or 0) - 0.26) < 1e-9
-    for _ in range(20):
+    assert b.stride == 8 and abs((b.last_overhead or 0) - 0.26) < 1e-9
+    b.update(0.0, 0.11, 2.0, 1.0)  # 5.5%: just over, at least double
+    assert b.stride == 16
+    for _ in range(3):
         b.update(0.0, 2.0, 2.0, 1.0)
     assert b.stride == MAX_STRIDE
 
