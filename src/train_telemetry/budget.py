@@ -8,17 +8,19 @@ Runs in: the training process, on a thread of its own (never in the hook). Every
 ``pressure`` (0..1) is how much of the machine training itself keeps busy: the trainer
 process's CPU time per wall second over the number of cores. On a machine whose cores
 training uses (a CPU trainer) every second the worker runs is taken from training; on a
-GPU machine with idle cores it is nearly free. Over ``overhead_budget`` the stride grows
-by the power of two that brings the overhead back under the budget in one step (at
-26% over a 5% budget, every 8th due collection; the overhead a period measures is
-proportional to one over the stride), up to MAX_STRIDE; under a third of the budget it
-halves (the gap is the hysteresis that keeps it from flapping). The first period is
-FIRST_PERIOD_S, so a run over budget is brought under it within about a second, not
-after several doublings of PERIOD_S each (measured on the wide stress preset at every
-step: doubling every 2 s still cost 1.17x over a 9 s segment). The hook then skips due
-collections that are not on the stride, so the records that remain are spread evenly
-over the run, and counts each skip as a drop (``dropped_before``) and in
-``snapshots_skipped``.
+GPU machine with idle cores it is nearly free. The overhead a period measures is close
+to proportional to one over the stride, so each period sets the stride from it directly:
+``target = stride * overhead / budget`` is the stride at which that period would have
+cost exactly the budget. Over the budget the stride becomes the power of two at or above
+``target`` (at most 8x per period, up to MAX_STRIDE); under a third of it, the power of
+two at or above ``2 * target`` (so the next period costs about half the budget); in
+between it holds (the hysteresis that keeps it from flapping). Both ways in one period:
+measured on the wide stress preset at every step, doubling every 2 s still cost 1.17x
+over a 9 s segment, and halving once a period kept a stride raised by the first
+collection's one-time costs long enough to skip the next collection due 13 s later. The
+hook then skips due collections that are not on the stride, so the records that remain
+are spread evenly over the run, and counts each skip as a drop (``dropped_before``) and
+in ``snapshots_skipped``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import threading
 import time
 from collections.abc import Callable
 
-FIRST_PERIOD_S = 0.5
 PERIOD_S = 1.0
 MAX_STRIDE = 64
+MAX_GROWTH = 8  # per period: one noisy period cannot send the stride to MAX_STRIDE
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -42,6 +44,11 @@ def _cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _pow2_at_least(x: float) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << math.ceil(math.log2(x))
 
 
 class OverheadBudget:
@@ -62,9 +69,7 @@ class OverheadBudget:
         wall0, own0, hook0 = time.monotonic(), time.process_time(), self.hook_seconds
         pid = self.worker_pid()
         worker0 = _cpu_seconds(pid) if pid else None
-        period = FIRST_PERIOD_S
-        while not self._stop.wait(period):
-            period = PERIOD_S
+        while not self._stop.wait(PERIOD_S):
             wall1, own1, hook1 = time.monotonic(), time.process_time(), self.hook_seconds
             pid = self.worker_pid()
             worker1 = _cpu_seconds(pid) if pid else None
@@ -80,11 +85,11 @@ class OverheadBudget:
             return
         overhead = hook_s / wall_s + worker_cpu_s / wall_s * pressure
         self.last_overhead = overhead
-        if overhead > self.budget and self.stride < MAX_STRIDE:
-            factor = 1 << max(1, math.ceil(math.log2(overhead / self.budget)))
-            self.stride = min(MAX_STRIDE, self.stride * factor)
-        elif overhead < self.budget / 3 and self.stride > 1:
-            self.stride //= 2
+        target = self.stride * overhead / self.budget
+        if overhead > self.budget:
+            self.stride = min(MAX_STRIDE, self.stride * MAX_GROWTH, _pow2_at_least(target))
+        elif overhead < self.budget / 3:
+            self.stride = min(self.stride, _pow2_at_least(2 * target))
 
     def close(self) -> None:
         self._stop.set()

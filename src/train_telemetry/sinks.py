@@ -177,7 +177,7 @@ class WorkerSink:
         While we wait, training's cores are idle, so the waiting flag tells the worker to
         use all of them (worker._Threads), and it wakes us through ``waiting.freed`` when it
         frees a slot. This makes blocking cost about what building the record inline costs
-        (``mode: sync``), not what a nice +19 one-thread worker takes (docs/benchmarks.md).
+        (``mode: sync``), not what a niced one-thread worker takes (docs/benchmarks.md).
         """
         flag, freed = self.waiting.flag, self.waiting.freed
         flag[0] = 1

@@ -189,8 +189,9 @@ class Telemetry:
                 self._abort_start()
                 raise error
             self._state = _RUNNING
-            if self.config.overhead_budget is not None and self._sink is not None:
-                self._budget = OverheadBudget(self.config.overhead_budget, lambda: self.worker_pid)
+            budget = self.config.effective_overhead_budget
+            if budget is not None and self._sink is not None:
+                self._budget = OverheadBudget(budget, lambda: self.worker_pid)
             self._collecting = True
             _live.add(self)
             atexit.register(self._atexit_stop)

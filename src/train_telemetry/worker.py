@@ -270,7 +270,7 @@ class _Threads:
     Checked (a plain byte read) before each snapshot and before each of its heavy inputs
     (the delta pass, the holdout forward: metrics.api.set_before_input), so a record
     started while the trainer was still training switches when it starts to wait, and
-    back when it resumes (our extra threads would then stall its threads at nice 19).
+    back when it resumes (our extra threads, niced, would then stall its threads).
     ``torch.set_num_threads`` is called only on a change.
     """
 

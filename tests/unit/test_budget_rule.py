@@ -3,7 +3,7 @@ overhead under it, well under it the stride halves, within bounds."""
 
 from __future__ import annotations
 
-from train_telemetry.budget import MAX_STRIDE, OverheadBudget
+from train_telemetry.budget import MAX_GROWTH, MAX_STRIDE, OverheadBudget
 
 
 def _budget(limit: float) -> OverheadBudget:
@@ -12,16 +12,18 @@ def _budget(limit: float) -> OverheadBudget:
     return b
 
 
-def test_over_budget_the_stride_grows_enough_in_one_step_up_to_its_bound() -> None:
+def test_over_budget_the_stride_grows_enough_in_one_period_up_to_its_bound() -> None:
     """Hook time plus worker CPU weighted by the training's pressure, over the budget: the
-    stride jumps by the power of two that brings that under the budget (26% / 5% -> x8)."""
+    stride becomes the power of two that would have kept that period within it (26% / 5%
+    at stride 1 -> 8), by at most MAX_GROWTH a period, up to MAX_STRIDE."""
     b = _budget(0.05)
     b.update(hook_s=0.02, worker_cpu_s=0.5, wall_s=2.0, pressure=1.0)  # 1% + 25%
     assert b.stride == 8 and abs((b.last_overhead or 0) - 0.26) < 1e-9
-    b.update(0.0, 0.11, 2.0, 1.0)  # 5.5%: just over, at least double
+    b.update(0.0, 0.11, 2.0, 1.0)  # 5.5% at stride 8: 8.8 -> 16
     assert b.stride == 16
-    for _ in range(3):
-        b.update(0.0, 2.0, 2.0, 1.0)
+    b.update(0.0, 2.0, 2.0, 1.0)  # 100%: 320 wanted, 8x at most
+    assert b.stride == min(16 * MAX_GROWTH, MAX_STRIDE)
+    b.update(0.0, 2.0, 2.0, 1.0)
     assert b.stride == MAX_STRIDE
 
 
@@ -32,11 +34,16 @@ def test_an_idle_machine_makes_worker_cpu_free() -> None:
     assert b.stride == 1
 
 
-def test_well_under_budget_halves_the_stride_with_hysteresis() -> None:
-    """Under a third of the budget the stride halves; between a third and the budget it holds."""
+def test_well_under_budget_the_stride_falls_in_one_period_with_hysteresis() -> None:
+    """Between a third of the budget and the budget the stride holds; under a third it falls
+    to where the next period would cost about half the budget; a period without any
+    collection (a stride raised by the first collection's one-time costs) brings it to 1."""
     b = _budget(0.06)
     b.stride = 8
     b.update(0.0, 0.06, 2.0, 1.0)  # 3%: held
     assert b.stride == 8
-    b.update(0.0, 0.02, 2.0, 1.0)  # 1%: halved
+    b.update(0.0, 0.02, 2.0, 1.0)  # 1% at stride 8: 2 * 1.33 -> 4
     assert b.stride == 4
+    b.stride = MAX_STRIDE
+    b.update(0.0, 0.0, 1.0, 1.0)
+    assert b.stride == 1
