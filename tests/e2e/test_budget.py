@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from train_telemetry import SnapshotData, Telemetry, TelemetryConfig, metric, read_records
+from train_telemetry import (
+    SnapshotData,
+    Telemetry,
+    TelemetryConfig,
+    TelemetrySummary,
+    metric,
+    read_records,
+)
 
 
 @metric(key="slow", needs={"loss"})
@@ -52,3 +59,44 @@ def test_over_budget_collections_are_skipped_evenly_and_counted(tmp_path: Path) 
     assert late, "no record late in the run"
     stride = late[1] - late[0] if len(late) > 1 else 2
     assert stride >= 2 and all(b % 2 == 0 for b in late), late  # on the stride, not in bursts
+
+
+def _run_for(seconds: float, config: TelemetryConfig) -> tuple[int, TelemetrySummary]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    telemetry = Telemetry(config, metrics=[slow_metric])
+    telemetry.start(model, opt)
+    g = torch.Generator().manual_seed(0)
+    steps = 0
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        telemetry.on_batch_end(model, opt, steps, 0, None, (x, y), loss=loss)
+        steps += 1
+    return steps, telemetry.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("on_full", ["drop", "block"])
+def test_the_default_budget_applies_to_dropping_only(tmp_path: Path, on_full: str) -> None:
+    """overhead_budget 'auto' (the default): 10% with on_full drop, so a worker that costs far
+    more makes the hook skip; off with on_full block, where every collection was asked for."""
+    config = TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, on_full=on_full,  # type: ignore[arg-type]
+                             worker_nice=0, metrics=[])
+    assert config.overhead_budget == "auto"
+    steps, summary = _run_for(4.0, config)
+    records = read_records(tmp_path / "run")
+    assert len(records) == summary.records_written == summary.snapshots_taken
+    if on_full == "drop":
+        assert config.effective_overhead_budget == 0.10
+        assert summary.snapshots_skipped > 0
+        assert summary.snapshots_taken + summary.snapshots_dropped == steps
+    else:
+        assert config.effective_overhead_budget is None
+        assert summary.snapshots_skipped == 0 and summary.snapshots_dropped == 0
+        assert [r["batch_idx"] for r in records] == list(range(steps))
