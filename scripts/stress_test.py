@@ -83,12 +83,14 @@ MODE_CONFIG: dict[str, dict[str, Any]] = {
 TELEMETRY_MODES = tuple(MODE_CONFIG)
 ASYNC_MODES = tuple(m for m, c in MODE_CONFIG.items() if c["mode"] == "async")
 FLOOR_STEPS = 60
+BUDGET_SETTLE_S = 3.0  # warm-up of a segment with an overhead budget: its 1 s periods x 3
 SEED = 0
 
 STRESS_KEYS = {
     "presets": list, "modes": list, "collect_every_n": list, "repeats": int, "threads": int,
     "output_dir": str, "segment_time_limit_s": (int, float), "microbench_calls": int,
     "quiet_wait_s": (int, float), "quiet_cpu": (int, float), "budget": (int, float),
+    "budget_settle_s": (int, float),
 }
 PRESET_KEYS = {
     "kind": str, "width": int, "embed": int, "image_size": int, "in_features": int, "hidden": int,
@@ -97,7 +99,7 @@ PRESET_KEYS = {
 # --quick: every code path, a few steps each, small wide model (tests/e2e/test_stress_script.py).
 # One trainer thread: a CI machine is busy, and a descheduled second thread stalls every op.
 QUICK = {"collect_every_n": [1, 4], "repeats": 1, "segment_time_limit_s": 5.0, "microbench_calls": 2000,
-         "quiet_wait_s": 0.0, "threads": 1}
+         "quiet_wait_s": 0.0, "threads": 1, "budget_settle_s": 0.0}
 QUICK_PRESET = {"steps": 8, "warmup_steps": 2}
 QUICK_SIZES = {"siamese": {"width": 8, "embed": 16, "image_size": 8, "batch_size": 16},
                "mlp": {"in_features": 64, "hidden": 256}}
@@ -160,6 +162,7 @@ class Preset:
     holdout: dict[str, torch.Tensor]
     input_keys: list[str]
     init_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    off_step_s: float | None = None  # mean step of the latest "off" segment
 
     @property
     def num_params(self) -> int:
@@ -361,6 +364,15 @@ def _no_sync() -> None:
     pass
 
 
+def _steps_to_settle(preset: Preset, warmup: int, settle_s: float) -> int:
+    """Warm-up steps that last ``settle_s`` at the preset's step time (the mean of the latest
+    off segment; 50 ms before one has run); at least ``warmup``."""
+    if settle_s <= 0:
+        return warmup
+    step_s = preset.off_step_s or 0.05
+    return max(warmup, math.ceil(settle_s / step_s))
+
+
 def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[str, Any], settings: dict[str, Any],
                 run_dir: Path, keep_runs: bool) -> dict[str, Any]:
     """Train ``steps`` measured steps of ``preset`` with telemetry ``mode``; return every number of it."""
@@ -418,12 +430,18 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     dropped_at: list[bool] = []
     epoch = 0
     nb = len(preset.batches)
-    # Warm-up batch_idx 0..warmup-1 (its collection at 0 pays the one-time costs); then, once the
-    # worker has written what the warm-up took, the measured steps start *at* a collection step
-    # (batch_idx jumps to the next multiple of every), so the window holds steps/every whole
-    # periods and the worker's work on each collection falls inside it.
+    # Warm-up batch_idx 0..warmup-1 (its collection at 0 pays the one-time costs); with an
+    # overhead budget, warm-up goes on at the same cadence for BUDGET_SETTLE_S, the 2-3 budget
+    # periods the budget takes to find its stride (what a run pays once, like the one-time
+    # costs; a 9 s segment would otherwise measure mostly the settling). Then, once the
+    # worker has written what the warm-up took, the measured steps start *at* a collection
+    # step (batch_idx jumps to the next multiple of every), so the window holds steps/every
+    # whole periods and the worker's work on each collection falls inside it.
+    if telemetry is not None and telemetry.config.effective_overhead_budget is not None:
+        warmup = _steps_to_settle(preset, warmup, float(settings.get("budget_settle_s", BUDGET_SETTLE_S)))
     base = every * math.ceil(warmup / every)
     indices = [*range(warmup), *range(base, base + steps)]
+    seg["warmup_steps"] = warmup
     t_start = 0.0
     for i, batch_idx in enumerate(indices):
         measured = i - warmup
@@ -871,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode, every in segment_plan(modes, everies, repeat):
                 waited, load = wait_for_quiet(float(settings.get("quiet_wait_s", 0)), float(settings.get("quiet_cpu", 0.3)))
                 seg = run_segment(preset, mode, every, repeat, tcfg, settings, run_dir, args.keep_runs)
+                if mode == "off" and seg.get("mean_ms"):
+                    preset.off_step_s = seg["mean_ms"] / 1e3
                 seg["quiet_wait"] = {"waited_s": waited, "other_load_cores": load}
                 seg["order"] = len(segments)
                 segments.append(seg)
