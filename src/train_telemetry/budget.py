@@ -1,23 +1,27 @@
 """The overhead budget: collect less often, evenly, when telemetry costs more than its share.
 
-Runs in: the training process, on a thread of its own (never in the hook). Every
-``PERIOD_S`` it estimates what telemetry took from training over the last period:
+Runs in: the training process, on a thread of its own (never in the hook). Over each
+window (at least PERIOD_S, below) it estimates what telemetry took from training:
 
     overhead = hook time / wall time + worker CPU time / wall time * pressure
 
 ``pressure`` (0..1) is how much of the machine training itself keeps busy: the trainer
 process's CPU time per wall second over the number of cores. On a machine whose cores
 training uses (a CPU trainer) every second the worker runs is taken from training; on a
-GPU machine with idle cores it is nearly free. The overhead a period measures is close
-to proportional to one over the stride, so each period sets the stride from it directly:
-``target = stride * overhead / budget`` is the stride at which that period would have
+GPU machine with idle cores it is nearly free. The overhead a window measures is close
+to proportional to one over the stride, so each window sets the stride from it directly:
+``target = stride * overhead / budget`` is the stride at which that window would have
 cost exactly the budget. Over the budget the stride becomes the power of two at or above
-``target`` (at most 8x per period, up to MAX_STRIDE); under a third of it, the power of
-two at or above ``2 * target`` (so the next period costs about half the budget); in
-between it holds (the hysteresis that keeps it from flapping). Both ways in one period:
+``target`` (at most 8x per window, up to MAX_STRIDE); under a third of it, the power of
+two at or above ``2 * target`` (so the next window costs about half the budget); in
+between it holds (the hysteresis that keeps it from flapping). Both ways in one window:
 measured on the wide stress preset at every step, doubling every 2 s still cost 1.17x
 over a 9 s segment, and halving once a period kept a stride raised by the first
-collection's one-time costs long enough to skip the next collection due 13 s later. The
+collection's one-time costs long enough to skip the next collection due 13 s later.
+A window is at least PERIOD_S and holds at least MIN_DUE_PER_WINDOW due collections
+(taken or skipped; up to MAX_WINDOW_S): with collections rarer than the period, a
+1 s window holding one wide collection reads ~10% while the run pays under 1%
+(100 ms every 13 s at every 200th step), and would skip every other one. The
 hook then skips due collections that are not on the stride, so the records that remain
 are spread evenly over the run, and counts each skip as a drop (``dropped_before``) and
 in ``snapshots_skipped``.
@@ -33,7 +37,9 @@ from collections.abc import Callable
 
 PERIOD_S = 1.0
 MAX_STRIDE = 64
-MAX_GROWTH = 8  # per period: one noisy period cannot send the stride to MAX_STRIDE
+MAX_GROWTH = 8  # per window: one noisy window cannot send the stride to MAX_STRIDE
+MIN_DUE_PER_WINDOW = 2  # a window spans at least this many due collections ...
+MAX_WINDOW_S = 60.0  # ... or this long
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -54,33 +60,51 @@ def _pow2_at_least(x: float) -> int:
 class OverheadBudget:
     """Keeps ``stride`` (1, 2, 4, ...) so that telemetry's overhead stays under ``budget``."""
 
-    def __init__(self, budget: float, worker_pid: Callable[[], int | None]) -> None:
+    def __init__(self, budget: float, worker_pid: Callable[[], int | None], sample: bool = True) -> None:
+        """``sample``: start the thread that reads the totals every PERIOD_S (False: the
+        caller feeds ``observe`` or ``update`` itself)."""
         self.budget = budget
         self.worker_pid = worker_pid
         self.stride = 1  # read by the hook: collect one due collection in `stride`
         self.hook_seconds = 0.0  # added to by the hook (plain float: the GIL makes += safe enough here)
+        self.due = 0  # collections due so far (taken or skipped), counted by the hook
         self.last_overhead: float | None = None
         self.cores = os.cpu_count() or 1
+        self._window: tuple[float, float, float, int, float | None] | None = None  # totals at its start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="train-telemetry-budget", daemon=True)
-        self._thread.start()
+        if sample:
+            self._thread.start()
 
     def _run(self) -> None:
-        wall0, own0, hook0 = time.monotonic(), time.process_time(), self.hook_seconds
-        pid = self.worker_pid()
-        worker0 = _cpu_seconds(pid) if pid else None
+        self.observe(time.monotonic(), time.process_time(), self.hook_seconds, self.due, self._worker_cpu())
         while not self._stop.wait(PERIOD_S):
-            wall1, own1, hook1 = time.monotonic(), time.process_time(), self.hook_seconds
-            pid = self.worker_pid()
-            worker1 = _cpu_seconds(pid) if pid else None
-            wall = wall1 - wall0
-            worker = (worker1 - worker0) if worker1 is not None and worker0 is not None else 0.0
-            pressure = min(1.0, max(0.0, (own1 - own0) / wall / self.cores)) if wall > 0 else 1.0
-            self.update(hook1 - hook0, max(0.0, worker), wall, pressure)
-            wall0, own0, hook0, worker0 = wall1, own1, hook1, worker1
+            self.observe(time.monotonic(), time.process_time(), self.hook_seconds, self.due, self._worker_cpu())
+
+    def _worker_cpu(self) -> float | None:
+        pid = self.worker_pid()
+        return _cpu_seconds(pid) if pid else None
+
+    def observe(self, wall: float, own_cpu: float, hook: float, due: int, worker_cpu: float | None) -> bool:
+        """One reading of the running totals (wall clock, our CPU, hook seconds, due
+        collections, the worker's CPU); when the window since the last update is whole
+        (PERIOD_S and MIN_DUE_PER_WINDOW due collections, or MAX_WINDOW_S), update the
+        stride from it and start the next. Returns whether it updated."""
+        if self._window is None:
+            self._window = (wall, own_cpu, hook, due, worker_cpu)
+            return False
+        wall0, own0, hook0, due0, worker0 = self._window
+        span = wall - wall0
+        if span <= 0 or (due - due0 < MIN_DUE_PER_WINDOW and span < MAX_WINDOW_S):
+            return False
+        worker = worker_cpu - worker0 if worker_cpu is not None and worker0 is not None else 0.0
+        pressure = min(1.0, max(0.0, (own_cpu - own0) / span / self.cores))
+        self.update(hook - hook0, max(0.0, worker), span, pressure)
+        self._window = (wall, own_cpu, hook, due, worker_cpu)
+        return True
 
     def update(self, hook_s: float, worker_cpu_s: float, wall_s: float, pressure: float) -> None:
-        """One period's measurements -> the next stride."""
+        """One window's measurements -> the next stride."""
         if wall_s <= 0:
             return
         overhead = hook_s / wall_s + worker_cpu_s / wall_s * pressure

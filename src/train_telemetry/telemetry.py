@@ -230,6 +230,8 @@ class Telemetry:
         if batch_idx % self._every:
             return
         budget = self._budget
+        if budget is not None:
+            budget.due += 1
         if budget is not None and self._skip_for_budget(batch_idx):
             self._ordinal += 1
             return

@@ -29,39 +29,8 @@ def slow_metric(snap: SnapshotData) -> dict[str, float]:
     return {"loss": snap.loss or 0.0}
 
 
-@pytest.mark.timeout(120)
-def test_over_budget_collections_are_skipped_evenly_and_counted(tmp_path: Path) -> None:
-    """Records thin out on a power-of-two stride; records + drops = every due collection."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, overhead_budget=0.01,
-                             worker_nice=0, metrics=[])
-    telemetry = Telemetry(config, metrics=[slow_metric])
-    telemetry.start(model, opt)
-    g = torch.Generator().manual_seed(0)
-    steps = 0
-    t_end = time.monotonic() + 7.0  # several budget periods (1 s each)
-    while time.monotonic() < t_end:
-        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        telemetry.on_batch_end(model, opt, steps, 0, None, (x, y), loss=loss)
-        steps += 1
-    summary = telemetry.stop()
-    records = read_records(tmp_path / "run")
-    assert summary.snapshots_skipped > 0
-    assert summary.snapshots_taken + summary.snapshots_dropped == steps
-    assert len(records) == summary.records_written == summary.snapshots_taken
-    late = [r["batch_idx"] for r in records if r["time"] > records[0]["time"] + 4.5]
-    assert late, "no record late in the run"
-    stride = late[1] - late[0] if len(late) > 1 else 2
-    assert stride >= 2 and all(b % 2 == 0 for b in late), late  # on the stride, not in bursts
-
-
 def _run_for(seconds: float, config: TelemetryConfig) -> tuple[int, TelemetrySummary]:
+    """Train a small MLP with telemetry (slow_metric) for ``seconds``: (steps, summary)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -79,6 +48,22 @@ def _run_for(seconds: float, config: TelemetryConfig) -> tuple[int, TelemetrySum
         telemetry.on_batch_end(model, opt, steps, 0, None, (x, y), loss=loss)
         steps += 1
     return steps, telemetry.stop()
+
+
+@pytest.mark.timeout(120)
+def test_over_budget_collections_are_skipped_evenly_and_counted(tmp_path: Path) -> None:
+    """Records thin out on a power-of-two stride; records + drops = every due collection."""
+    config = TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, overhead_budget=0.01,
+                             worker_nice=0, metrics=[])
+    steps, summary = _run_for(7.0, config)  # several budget periods (1 s each)
+    records = read_records(tmp_path / "run")
+    assert summary.snapshots_skipped > 0
+    assert summary.snapshots_taken + summary.snapshots_dropped == steps
+    assert len(records) == summary.records_written == summary.snapshots_taken
+    late = [r["batch_idx"] for r in records if r["time"] > records[0]["time"] + 4.5]
+    assert late, "no record late in the run"
+    stride = late[1] - late[0] if len(late) > 1 else 2
+    assert stride >= 2 and all(b % 2 == 0 for b in late), late  # on the stride, not in bursts
 
 
 @pytest.mark.timeout(120)

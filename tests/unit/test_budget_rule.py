@@ -3,13 +3,11 @@ overhead under it, well under it the stride halves, within bounds."""
 
 from __future__ import annotations
 
-from train_telemetry.budget import MAX_GROWTH, MAX_STRIDE, OverheadBudget
+from train_telemetry.budget import MAX_GROWTH, MAX_STRIDE, MAX_WINDOW_S, OverheadBudget
 
 
 def _budget(limit: float) -> OverheadBudget:
-    b = OverheadBudget(limit, lambda: None)
-    b.close()  # the sampling thread is not what is tested here
-    return b
+    return OverheadBudget(limit, lambda: None, sample=False)  # the test feeds it, not a thread
 
 
 def test_over_budget_the_stride_grows_enough_in_one_period_up_to_its_bound() -> None:
@@ -47,3 +45,19 @@ def test_well_under_budget_the_stride_falls_in_one_period_with_hysteresis() -> N
     b.stride = MAX_STRIDE
     b.update(0.0, 0.0, 1.0, 1.0)
     assert b.stride == 1
+
+
+def test_a_window_spans_whole_intervals_between_collections() -> None:
+    """Collections rarer than the period (wide at every 200th step: ~100 ms every 13 s): a
+    window waits for two due collections, so one collection's cost is spread over the
+    interval it belongs to (0.8%), not over one second (10%, which would skip every other)."""
+    b = _budget(0.05)
+    assert not b.observe(0.0, 0.0, 0.0, 0, 0.0)  # the window starts
+    assert not b.observe(1.0, 2.0, 0.017, 1, 0.08)  # one collection in 1 s: 9.7% if it counted
+    for t in range(2, 13):
+        assert not b.observe(float(t), 2.0 * t, 0.017, 1, 0.08)
+    assert b.observe(13.0, 26.0, 0.034, 2, 0.16)  # the second one: the window is whole
+    assert b.stride == 1 and abs((b.last_overhead or 0) - 0.194 / 13.0) < 1e-9
+    # ... or MAX_WINDOW_S without two: then it is judged on what it holds (nothing: stride 1).
+    b.stride = 4
+    assert b.observe(13.0 + MAX_WINDOW_S, 26.0 + 2 * MAX_WINDOW_S, 0.034, 2, 0.16) and b.stride == 1
