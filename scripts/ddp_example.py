@@ -116,7 +116,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         holdout_size=24,
         per_rank=args.per_rank,
         on_full=args.on_full,
-        overhead_budget=args.overhead_budget,
+        # the default ("auto": 10% with on_full drop) unless --overhead-budget is given
+        **({"overhead_budget": args.overhead_budget} if args.overhead_budget is not None else {}),
     )
     telemetry = Telemetry(config)
     holdout = holdout_batch()

@@ -31,8 +31,8 @@ DEFAULT_LABEL_KEY = "winner"
 BUILTIN_METRICS = ("layers", "activations", "model_mode")
 DEFAULT_METRICS = ("layers", "activations", "model_mode")
 # overhead_budget "auto" with on_full: drop. On 2 busy CPU cores at every 10th step
-# (python scripts/stress_test.py): 46-60% of the records at 1.07-1.08x the step without
-# telemetry, against 80% at 1.14-1.15x with no budget (docs/benchmarks.md, issue 14).
+# (python scripts/stress_test.py, 2026-12-03): conv 62% of the records at 1.04x the step
+# without telemetry, wide 21% at 1.04x; with no budget 80% at 1.14-1.15x (docs/benchmarks.md).
 AUTO_OVERHEAD_BUDGET = 0.10
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
