@@ -6,10 +6,10 @@
     python scripts/stress_test.py --presets conv --every 10 200 --repeats 5 --modes drop block
 
 Modes (each a telemetry config; ``MODE_CONFIG``): ``drop`` (async, ``on_full: drop``, the
-default config, so ``overhead_budget: auto``, 0.10), ``block`` (async, ``on_full: block``: every collection, waiting for a
-slot; the budget is off there), ``sync`` (records built inline, the seed's design),
-``budget`` (drop with ``overhead_budget`` 0.05 unless ``stress.budget`` says otherwise); ``async`` is read as
-``drop``. Per mode and interval: the mean step and the collection step as ratios to
+default config, so ``overhead_budget: auto``, 0.10), ``block`` (async, ``on_full:
+block``: every collection, waiting for a slot; the budget is off there), ``sync`` (records
+built inline, the seed's design), ``budget`` (drop with ``overhead_budget`` 0.05 unless
+``stress.budget`` says otherwise); ``async`` is read as ``drop``. Per mode and interval: the mean step and the collection step as ratios to
 "off" in the same run, and the share of collections asked for whose record was written.
 
 A benchmark, not a test: it prints ratios against "off" measured in the same run and

@@ -232,9 +232,9 @@ class Telemetry:
         budget = self._budget
         if budget is not None:
             budget.due += 1
-        if budget is not None and self._skip_for_budget(batch_idx):
-            self._ordinal += 1
-            return
+            if self._skip_for_budget(batch_idx):
+                self._ordinal += 1
+                return
         t0 = time.perf_counter()
         try:
             # Grad mode off: outputs, loss (and create_graph grads) require grad; copying them

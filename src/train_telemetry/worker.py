@@ -61,8 +61,9 @@ Protocol per role:
 * trainer waits (``on_full: block`` with no free slot, or ``stop()`` draining): it raises
   ``Waiting.flag`` (worker_handle.py); we then use one torch thread per core (checked per
   snapshot, before its delta pass and before each weighted module of its holdout forward;
-  never in a forked worker, where OpenMP would deadlock), poll every WAITED_POLL_S, and release ``Waiting.freed``
-  each time we free a slot, which wakes the trainer. Records are still all ours.
+  never in a forked worker, where OpenMP would deadlock), poll every WAITED_POLL_S, and
+  release ``Waiting.freed`` each time we free a slot, which wakes the trainer. Records are
+  still all ours.
 * worker death: the trainer's watcher thread starts a replacement (sinks.WorkerSink),
   which replays every slot published and not yet released (released only after the
   line is written), skipping seqs already on disk.
