@@ -19,9 +19,13 @@ measured on the wide stress preset at every step, doubling every 2 s still cost 
 over a 9 s segment, and halving once a period kept a stride raised by the first
 collection's one-time costs long enough to skip the next collection due 13 s later.
 A window is at least PERIOD_S and holds at least MIN_DUE_PER_WINDOW due collections
-(taken or skipped; up to MAX_WINDOW_S): with collections rarer than the period, a
-1 s window holding one wide collection reads ~10% while the run pays under 1%
-(100 ms every 13 s at every 200th step), and would skip every other one. The
+and at least ``stride`` of them (taken or skipped; up to MAX_WINDOW_S): with collections
+rarer than the period, a 1 s window holding one wide collection reads ~10% while the run
+pays under 1% (100 ms every 13 s at every 200th step), and would skip every other one;
+and a window shorter than the stride can hold no taken collection at all: it read 0%
+and sent the stride from 16 to 1 (wide, records built inline, every step: the next
+window then read 54%, so the stride sawed 1 -> 8 -> 32 -> 1 and a third of the run
+paid full price). The
 hook then skips due collections that are not on the stride, so the records that remain
 are spread evenly over the run, and counts each skip as a drop (``dropped_before``) and
 in ``snapshots_skipped``.
@@ -88,14 +92,15 @@ class OverheadBudget:
     def observe(self, wall: float, own_cpu: float, hook: float, due: int, worker_cpu: float | None) -> bool:
         """One reading of the running totals (wall clock, our CPU, hook seconds, due
         collections, the worker's CPU); when the window since the last update is whole
-        (PERIOD_S and MIN_DUE_PER_WINDOW due collections, or MAX_WINDOW_S), update the
+        (PERIOD_S and MIN_DUE_PER_WINDOW due collections, at least one stride of them, or
+        MAX_WINDOW_S), update the
         stride from it and start the next. Returns whether it updated."""
         if self._window is None:
             self._window = (wall, own_cpu, hook, due, worker_cpu)
             return False
         wall0, own0, hook0, due0, worker0 = self._window
         span = wall - wall0
-        if span <= 0 or (due - due0 < MIN_DUE_PER_WINDOW and span < MAX_WINDOW_S):
+        if span <= 0 or (due - due0 < max(MIN_DUE_PER_WINDOW, self.stride) and span < MAX_WINDOW_S):
             return False
         worker = worker_cpu - worker0 if worker_cpu is not None and worker0 is not None else 0.0
         pressure = min(1.0, max(0.0, (own_cpu - own0) / span / self.cores))

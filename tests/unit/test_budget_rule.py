@@ -61,3 +61,16 @@ def test_a_window_spans_whole_intervals_between_collections() -> None:
     # ... or MAX_WINDOW_S without two: then it is judged on what it holds (nothing: stride 1).
     b.stride = 4
     assert b.observe(13.0 + MAX_WINDOW_S, 26.0 + 2 * MAX_WINDOW_S, 0.034, 2, 0.16) and b.stride == 1
+
+
+def test_a_window_holds_at_least_one_stride_of_due_collections() -> None:
+    """At stride 16 a window of two due collections may hold no taken one: it would read 0%
+    and send the stride back to 1 (then every collection is taken until the next window).
+    The window waits for 16 due collections, so it holds the one taken and its cost."""
+    b = _budget(0.10)
+    b.stride = 16
+    assert not b.observe(0.0, 0.0, 0.0, 0, None)
+    assert not b.observe(1.0, 2.0, 0.0, 15, None)  # 15 due, all skipped: not a whole window
+    assert b.stride == 16
+    assert b.observe(1.1, 2.2, 0.076, 16, None)  # the 16th due collection was taken: 76 ms in 1.1 s
+    assert b.stride == 16 and abs((b.last_overhead or 0) - 0.076 / 1.1) < 1e-9  # 6.9%: held
