@@ -116,6 +116,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         holdout_size=24,
         per_rank=args.per_rank,
         on_full=args.on_full,
+        mode=args.mode,
         # the default ("auto": 10% with on_full drop) unless --overhead-budget is given
         **({"overhead_budget": args.overhead_budget} if args.overhead_budget is not None else {}),
     )
@@ -238,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fsdp", choices=["none", "full", "mixed"], default="none",
                         help="FSDP2 instead of DDP: full = fully_shard every Linear and the root; mixed = the "
                         "backbone sharded, the head replicated")
+    parser.add_argument("--mode", choices=["auto", "async", "sync"], default="auto",
+                        help="telemetry.mode (auto: the worker where it has a core of its own, else inline)")
     tests = parser.add_argument_group("for the tests")
     tests.add_argument("--on-full", choices=["drop", "block"], default="drop",
                        help="block: wait for the worker instead of dropping, so runs compare record by record")

@@ -25,9 +25,11 @@ def build_record(
     header: Snapshot,
     errors: list[dict[str, str]],
     on_error: OnError,
+    built_by: str = "worker",
 ) -> dict[str, Any]:
     """The record of one snapshot: its core keys, one key per metric that returned numbers.
 
+    ``built_by``: "worker" or "trainer" (inline), written in ``telemetry``.
     ``errors`` holds what already failed (in the hook, reading the slot); a metric that
     raises adds its entry and costs only its own key. ``on_error(where, exc)`` counts it.
     """
@@ -61,6 +63,7 @@ def build_record(
         "dropped_before": header.dropped_before,
         "dropped_total": header.dropped_total,
         "worker_lag_ms": (time.time() - header.time) * 1000.0,
+        "built_by": built_by,
     }
     nonfinite = nonfinite_keys(record)
     if nonfinite:

@@ -69,7 +69,14 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     layer_depth: Annotated[int, msgspec.Meta(ge=0)] = 0  # layers: module-name components kept (0: whole name)
 
     # --- how collection runs ---------------------------------------------------------
-    mode: Literal["async", "sync"] = "async"
+    # Where records are built. async: in the worker process; sync: inline on the training
+    # thread (the seed's design). auto (the default): the worker where it has a core of its
+    # own (the model on an accelerator, or training's torch threads leave a core idle), inline
+    # where training's threads take every core (a CPU trainer): there a worker only takes
+    # CPU from training, at a worse rate (docs/benchmarks.md, issue 14: at every 10th step,
+    # inline delivered every record at 1.01-1.10x, the worker 21-62% at 1.04x and 1.12x to
+    # deliver all). telemetry.mode says what auto chose; each record's telemetry.built_by too.
+    mode: Literal["auto", "async", "sync"] = "auto"
     on_full: Literal["drop", "block"] = "drop"
     block_timeout_s: PositiveFloat = 60.0
     num_slots: PositiveInt = 2
@@ -85,8 +92,8 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Fraction of training time telemetry may cost (e.g. 0.05); over it, due collections are
     # skipped evenly (every 2nd, 4th, 8th ...), each counted as a drop. "auto" (the default):
     # AUTO_OVERHEAD_BUDGET (0.10) where records are given up anyway to keep training fast
-    # (mode async, on_full drop): they are then given up evenly and the cost is bounded;
-    # off with on_full block and in sync mode, where every record was asked for. null: off.
+    # (on_full drop, mode auto or async): they are then given up evenly and the cost is
+    # bounded; off with on_full block and in mode sync, where every record was asked for. null: off.
     overhead_budget: Annotated[float, msgspec.Meta(gt=0, le=1)] | Literal["auto"] | None = "auto"
     eval_batch_size: PositiveInt = 256
     fsync: bool = True
@@ -132,9 +139,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def effective_overhead_budget(self) -> float | None:
         """The overhead budget in force: ``overhead_budget`` with "auto" resolved (AUTO_OVERHEAD_BUDGET
-        in async mode with on_full drop, else None: off)."""
+        with on_full drop in mode auto or async, else None: off)."""
         if self.overhead_budget == "auto":
-            return AUTO_OVERHEAD_BUDGET if self.mode == "async" and self.on_full == "drop" else None
+            return AUTO_OVERHEAD_BUDGET if self.mode != "sync" and self.on_full == "drop" else None
         return self.overhead_budget
 
     @property
@@ -213,7 +220,7 @@ _ALLOWED: dict[str, str] = {
     "block_timeout_s": "a number of seconds > 0",
     "start_timeout_s": "a number of seconds > 0",
     "stop_timeout_s": "a number of seconds > 0",
-    "mode": "one of 'async', 'sync'",
+    "mode": "one of 'auto', 'async', 'sync'",
     "on_full": "one of 'drop', 'block'",
     "start_method": "one of 'spawn', 'forkserver', 'fork'",
     "output_dir": "a directory path (string) or null",

@@ -41,6 +41,7 @@ class SnapshotProcessor:
         self.setup = setup
         self.writer = writer
         self.log = log
+        self.built_by = "worker"  # "trainer" when the training process runs us inline (sinks.InlineSink)
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
         self.norms, self.scalars, self.counts, self.aux = meta_views(setup.meta, max(setup.num_params, 1))
         self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
@@ -141,7 +142,7 @@ class SnapshotProcessor:
             release(snap.slot)
 
     def _core(self, snap: Snapshot) -> dict[str, Any]:
-        return build_record(self.read_slot(snap, []), [], snap, [], self.count_error)
+        return build_record(self.read_slot(snap, []), [], snap, [], self.count_error, self.built_by)
 
     def process(self, snap: Snapshot) -> dict[str, Any]:
         """The record of ``snap``, read from its slot (which stays taken)."""
@@ -151,7 +152,7 @@ class SnapshotProcessor:
             errors.append({"where": "weight_delta", "type": "ReferenceTorn", "message":
                            "the reference checkpoint was being rewritten when a worker died: no delta "
                            "for this collection (the next one measures from this snapshot)"})
-        record = build_record(data, self.setup.metrics, snap, errors, self.count_error)
+        record = build_record(data, self.setup.metrics, snap, errors, self.count_error, self.built_by)
         if self.setup.restart:
             record["restarts"] = self.setup.restart
         if self.setup.segment:

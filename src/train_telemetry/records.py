@@ -23,7 +23,7 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
                     model at the hook (the snapshot's weights) on the fixed holdout
 ``batch_stats``     {<label_key>_<class>_pct..., batch_size}
 ``train``           {loss, accuracy}: from the hook's optional ``loss`` / ``outputs``
-``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms}: what collecting cost
+``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms, built_by}: what collecting cost, who built it
 ``layers``          {gradient_norm, weight_norm, weight_delta, update_ratio}: each {<module>: float|null}
 ``activations``     {<module>: {kind, mean, std, dead_fraction | saturated_fraction, ...}}
 ``model_mode``      {training, batchnorm_layers, batchnorm_stat_change}
@@ -256,6 +256,7 @@ class TelemetryCost(msgspec.Struct, forbid_unknown_fields=True):
     dropped_before: int = 0
     dropped_total: int = 0
     worker_lag_ms: float | None = None
+    built_by: str | None = None  # "worker" (the worker process) or "trainer" (inline: mode sync, or auto)
 
 
 class Record(msgspec.Struct, omit_defaults=True):

@@ -1,4 +1,5 @@
-"""Where a filled slot goes: built inline (``mode: sync``) or handed to the worker (``async``).
+"""Where a filled slot goes: built inline (``mode: sync``) or handed to the worker (``async``);
+``mode: auto`` picks one of the two at start (``resolve_mode``).
 
 Runs in: the training process. Two classes behind one interface (the DataLoader's
 single-process / multi-process iterator split), so the facade has no ``if mode`` branch:
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -47,7 +49,8 @@ class Finished:
 
 
 class InlineSink:
-    """``mode: sync``: the training thread builds and writes each record itself (the seed's design)."""
+    """``mode: sync`` (or auto on a CPU trainer without a spare core): the training thread
+    builds and writes each record itself (the seed's design), with the worker's code."""
 
     def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path) -> None:
         self.config = config
@@ -63,6 +66,7 @@ class InlineSink:
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.on_cuda = on_cuda
         self.processor = SnapshotProcessor(self.config, self.run_dir, setup, self.writer, self.log)
+        self.processor.built_by = "trainer"
         if setup.init_slot is not None:
             self.channel.release(setup.init_slot)
         error = self.processor.check_holdout()
@@ -301,8 +305,48 @@ class WorkerSink:
 Sink = InlineSink | WorkerSink
 
 
-def open_sink(config: TelemetryConfig, run_dir: Path, records_file: Path) -> Sink:
-    if config.mode == "sync":
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_mode(config: TelemetryConfig, model: torch.nn.Module | None) -> tuple[str, str]:
+    """``mode: auto`` made concrete, and why: ("async" | "sync", reason).
+
+    The worker pays off only where it runs on a core training leaves idle: a model on an
+    accelerator (its trainer mostly waits on the device), or a CPU trainer whose torch
+    threads, times the training processes on this host (LOCAL_WORLD_SIZE under torchrun),
+    are fewer than the usable cores. Where training's threads take every core, each
+    millisecond the worker runs is taken from a training thread, and a torch step whose
+    OpenMP threads wait for the slowest one loses more than that millisecond; building the
+    record inline costs exactly its work (docs/benchmarks.md, issue 14). An explicit
+    ``async`` or ``sync`` is kept as given.
+    """
+    if config.mode != "auto":
+        return config.mode, f"mode: {config.mode} in the config"
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), None) if model is not None else None
+    if device is not None and device.type != "cpu":
+        return "async", f"the model is on {device.type}: the worker runs on a core the trainer leaves idle"
+    if device is None and torch.cuda.is_available():
+        return "async", "CUDA is available (no model at start): the worker runs on a core the trainer leaves idle"
+    threads = torch.get_num_threads()
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    cores = usable_cores()
+    used = f"{threads} torch thread{'s' if threads != 1 else ''}" + (f" x {local} processes" if local > 1 else "")
+    if threads * local >= cores:
+        return "sync", (f"training on the CPU with {used} on {cores} core{'s' if cores != 1 else ''}: no core is left "
+                        "for a worker, so records are built inline (mode: async forces the worker)")
+    return "async", f"training on the CPU with {used} on {cores} cores: the worker has a core of its own"
+
+
+def open_sink(mode: str, config: TelemetryConfig, run_dir: Path, records_file: Path) -> Sink:
+    if mode == "sync":
         return InlineSink(config, run_dir, records_file)
     return WorkerSink(config, run_dir, records_file)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 
-from .config import TelemetryConfig
 from .sinks import Finished
 from .worker_handle import describe_exit, signal_name
 from .writer import count_records
@@ -33,7 +32,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     worker_terminated: bool  # stop() had to SIGTERM/SIGKILL the worker
     clean: bool  # every snapshot taken was written and the worker exited normally
     stop_seconds: float
-    mode: str
+    mode: str  # where records were built: "async" (the worker) or "sync" (inline); config.mode before start
     worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
     segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
     snapshots_skipped: int = 0  # of snapshots_dropped: skipped to keep within overhead_budget
@@ -42,7 +41,7 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
         return msgspec.to_builtins(self)
 
 
-def summarize(finished: Finished, config: TelemetryConfig, output_dir: Path | None, records_file: Path | None, *,
+def summarize(finished: Finished, mode: str, output_dir: Path | None, records_file: Path | None, *,
               taken: int, dropped: int, skipped: int, hook_errors: int, segment: int, seconds: float) -> TelemetrySummary:
     """The summary of a run whose sink closed with ``finished``."""
     done = finished.done
@@ -67,18 +66,18 @@ def summarize(finished: Finished, config: TelemetryConfig, output_dir: Path | No
         worker_terminated=finished.terminated,
         clean=clean,
         stop_seconds=seconds,
-        mode=config.mode,
+        mode=mode,
         worker_restarts=finished.restarts,
         segment=segment,
         snapshots_skipped=skipped,
     )
 
 
-def empty_summary(config: TelemetryConfig, output_dir: Path | None) -> TelemetrySummary:
+def empty_summary(mode: str, output_dir: Path | None) -> TelemetrySummary:
     """The summary of a run that collected nothing (never started, disabled, a forked child)."""
     return TelemetrySummary(
         output_dir=str(output_dir) if output_dir else None, records_written=0,
         snapshots_taken=0, snapshots_dropped=0, hook_errors=0, errors={}, last_errors=[],
         io_errors=0, worker_pid=None, worker_exitcode=None, worker_exit_signal=None,
-        worker_terminated=False, clean=True, stop_seconds=0.0, mode=config.mode,
+        worker_terminated=False, clean=True, stop_seconds=0.0, mode=mode,
     )

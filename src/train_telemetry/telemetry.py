@@ -45,7 +45,7 @@ from .shards import (
     unsupported_sharding,
 )
 from .signals import install_sigterm_drain
-from .sinks import Sink, open_sink
+from .sinks import Sink, open_sink, resolve_mode
 from .snapshot import Layout, SlotPool, build_layout, model_on_slot, unwrap_model
 from .summary import TelemetrySummary, empty_summary, summarize
 from .worker_handle import TelemetryStartError, describe_exit
@@ -120,6 +120,10 @@ class Telemetry:
         self._holdout_format: BatchFormat | None = None
         self._summary: TelemetrySummary | None = None
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
+        # Where records are built: "async" (the worker) or "sync" (inline), config.mode with
+        # "auto" resolved at start() (sinks.resolve_mode), and why.
+        self.mode: str = config.mode
+        self.mode_reason = ""
         self.records_file: Path | None = None
         self._dist = DistInfo()
         self._rundir: RunDir | None = None
@@ -323,7 +327,8 @@ class Telemetry:
         for stale in (self._rundir.checkpoint, self._rundir.checkpoint.with_name(self._rundir.checkpoint.name + ".ok")):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()  # a stale reference would fake a delta
-        self._sink = open_sink(cfg, self.output_dir, self._rundir.records)
+        self.mode, self.mode_reason = resolve_mode(cfg, unwrap_model(model) if model is not None else None)
+        self._sink = open_sink(self.mode, cfg, self.output_dir, self._rundir.records)
         if model is not None:
             self._setup_model(model, optimizers, init_reference=True)
         self._write_run_info()
@@ -408,7 +413,7 @@ class Telemetry:
         # snapshots can wait for the worker: a slow or hung worker then costs drops, never memory.
         copy_weights = "weights" in self.needs
         slot_layout = layout if copy_weights else Layout(specs=[], params=layout.params, buffers=[], on_cuda=layout.on_cuda)
-        pool = SlotPool(slot_layout, sink.channel, shared=cfg.mode == "async")
+        pool = SlotPool(slot_layout, sink.channel, shared=self.mode == "async")
         collector = Collector(cfg, self.needs, layout, pool)
         fmt = self._holdout_format
         eval_model = None
@@ -488,6 +493,8 @@ class Telemetry:
             # ... plus this per slot: grad norms, loss, the batch's labels and outputs
             "slot_meta_bytes": collector.pool.meta[0].numel() if collector else None,
             "worker_pid": self.worker_pid,
+            "mode": self.mode,  # where records are built (mode: auto resolved) ...
+            "mode_reason": self.mode_reason,  # ... and why
             "rank": self._dist.rank,
             "world_size": self._dist.world_size,
             "global_batch_stats": self._dist.global_batch,
@@ -662,7 +669,7 @@ class Telemetry:
             summary.hook_errors = self._hook_errors
             return summary
         finished = self._sink.close(deadline)
-        return summarize(finished, self.config, self.output_dir, self.records_file, taken=self._taken,
+        return summarize(finished, self.mode, self.output_dir, self.records_file, taken=self._taken,
                          dropped=self._dropped, skipped=self._skipped, hook_errors=self._hook_errors,
                          segment=self._resume.segment, seconds=time.monotonic() - t0)
 
@@ -687,7 +694,7 @@ class Telemetry:
             self.stop(timeout=min(self.config.stop_timeout_s, 10.0))
 
     def _empty_summary(self) -> TelemetrySummary:
-        return empty_summary(self.config, self.output_dir)
+        return empty_summary(self.mode, self.output_dir)
 
 
 TrainingTelemetry = Telemetry  # the seed's name for the same class

@@ -153,3 +153,65 @@ def test_weight_norms_come_from_the_delta_pass_and_a_failed_reference_is_reporte
     with pytest.raises(InputFailed):
         data.weight_deltas  # noqa: B018
     assert copy.copy(snap(None)).weight_norms == pytest.approx([float(t.norm()) for t in slot], rel=1e-6)
+
+
+@pytest.fixture
+def torch_threads() -> Any:
+    """Set the trainer's torch thread count for one test; restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(180)
+def test_auto_builds_inline_when_training_takes_every_core_with_the_records_of_the_worker(
+        tmp_path: Path, torch_threads: Any) -> None:
+    """mode: auto, a CPU trainer whose torch threads take every usable core: no core is left
+    for a worker, so the trainer builds each record itself (telemetry.built_by "trainer",
+    summary.mode "sync", no worker process); with on_full: block every collection is written,
+    in order, once, with the values the worker writes for the same run."""
+    from train_telemetry.sinks import usable_cores
+
+    torch_threads(usable_cores())
+    auto, weights, summary = _train(tmp_path, "auto", "block")
+    torch_threads(1)
+    worker, _, worker_summary = _train(tmp_path, "async", "block")
+    assert summary.mode == "sync" and summary.worker_pid is None
+    assert worker_summary.mode == "async" and worker_summary.worker_pid is not None
+    assert [r["seq"] for r in auto] == [r["batch_idx"] for r in auto] == list(range(STEPS))
+    assert {r["telemetry"]["built_by"] for r in auto} == {"trainer"}
+    assert {r["telemetry"]["built_by"] for r in worker} == {"worker"}
+    skip = {"timestamp", "time", "telemetry"}
+    for a, w in zip(auto, worker, strict=True):
+        assert a.keys() == w.keys()
+        for key in a.keys() - skip:
+            assert _close(a[key], w[key]), (key, a[key], w[key])
+    info = __import__("json").loads((tmp_path / "auto" / "block" / "run.json").read_text())
+    assert info["mode"] == "sync" and "no core is left for a worker" in info["mode_reason"]
+    norm = float(torch.linalg.vector_norm(torch.cat([w.reshape(-1) for w in weights[-1]]).double()))
+    assert auto[-1]["weight_norm"]["overall"] == pytest.approx(norm, rel=REL)
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="one core: training's one thread always takes every core")
+@pytest.mark.timeout(120)
+def test_auto_keeps_the_worker_when_training_leaves_a_core_idle(tmp_path: Path, torch_threads: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One torch thread on two or more cores: the worker has a core of its own and builds the
+    records (with the default drop, under the default budget). The same thread count with as
+    many training processes on the host as cores (LOCAL_WORLD_SIZE, set by torchrun) leaves
+    none: inline."""
+    from train_telemetry.sinks import resolve_mode, usable_cores
+
+    torch_threads(1)
+    records, _, summary = _train(tmp_path, "auto", "drop", after_step=0.05)
+    assert summary.mode == "async" and summary.worker_pid is not None
+    assert records and {r["telemetry"]["built_by"] for r in records} == {"worker"}
+    model = nn.Linear(2, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cores()))
+    mode, why = resolve_mode(TelemetryConfig(), model)
+    assert mode == "sync" and f"1 torch thread x {usable_cores()} processes" in why
+    assert resolve_mode(TelemetryConfig(mode="async"), model)[0] == "async"  # as given
+    torch_threads(usable_cores())
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert resolve_mode(TelemetryConfig(mode="sync"), model)[0] == "sync"
+    assert resolve_mode(TelemetryConfig(mode="async"), model)[0] == "async"

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from train_telemetry import Telemetry, TelemetryConfig, read_records
 from train_telemetry.records import read_json
+from train_telemetry.sinks import usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "scripts" / "ddp_example.py"
@@ -69,7 +70,10 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[
     results = workdir / "results"
     results.mkdir(parents=True)
     # on_full: block, so that no collection is dropped and runs compare record by record.
-    script = [str(EXAMPLE), "--out", str(out), "--result-dir", str(results), "--on-full", "block", *flags]
+    # mode: async unless given: the worker under DDP is what GPU training runs (auto would build
+    # inline here: the ranks' threads take every core of this CPU machine).
+    mode = [] if "--mode" in flags else ["--mode", "async"]
+    script = [str(EXAMPLE), "--out", str(out), "--result-dir", str(results), "--on-full", "block", *mode, *flags]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
                "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *script]
@@ -128,10 +132,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 def assert_all_written(summary: dict[str, Any]) -> None:
-    """Every snapshot taken is on disk, none dropped or failed, the worker exited normally."""
+    """Every snapshot taken is on disk, none dropped or failed, the worker (if any) exited normally."""
     assert summary["snapshots_dropped"] == 0 and summary["hook_errors"] == 0, summary
     assert summary["records_written"] == summary["snapshots_taken"] > 0, summary
-    assert summary["worker_exitcode"] == 0 and not summary["worker_terminated"], summary
+    assert summary["clean"] and not summary["worker_terminated"], summary
+    assert summary["worker_exitcode"] == (0 if summary["mode"] == "async" else None), summary
 
 
 def close(a: float | None, b: float | None) -> bool:
@@ -170,13 +175,17 @@ def assert_batch_stats(records: list[dict[str, Any]], rank: int | None) -> None:
 
 
 @pytest.mark.timeout(150)
-def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: list[dict[str, Any]]) -> None:
-    """By default rank 0 alone writes, rank 1 starts no worker, and the records equal a single-process run's."""
-    out, results = run_example(tmp_path)
+@pytest.mark.parametrize("mode", ["async", "auto"])
+def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: list[dict[str, Any]], mode: str) -> None:
+    """By default rank 0 alone writes, rank 1 starts no worker, and the records equal a single-process run's;
+    built by rank 0's worker (async), or inline by rank 0 (auto: 2 ranks x 1 thread take 2 cores)."""
+    out, results = run_example(tmp_path, "--mode", mode)
     assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint.pt", "last_checkpoint.pt.ok", "run.json", "summary.json", "telemetry.jsonl"]
     assert results[1]["worker_pid"] is None
     assert results[1]["summary"]["records_written"] == 0 and results[1]["summary"]["clean"]
-    assert results[0]["worker_pid"] is not None
+    inline = mode == "auto" and usable_cores() <= 2  # OMP_NUM_THREADS=1 (run_example)
+    assert (results[0]["worker_pid"] is None) == inline
+    assert {r["telemetry"]["built_by"] for r in read_records(out)} == {"trainer" if inline else "worker"}
     assert_all_written(results[0]["summary"])
     records = read_records(out)
     assert {(r["rank"], r["world_size"]) for r in records} == {(0, 2)}

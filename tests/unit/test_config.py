@@ -18,7 +18,7 @@ def test_seed_keys_keep_their_names_and_defaults() -> None:
     assert (c.enabled, c.collect_every_n, c.output_dir, c.holdout_size) == (True, 200, None, 50)
     assert c.track_gradients and c.track_weight_delta and c.track_learning_rates
     assert c.track_holdout_logits and c.track_batch_stats
-    assert (c.input_keys, c.label_key, c.mode, c.on_full) == (["img1", "img2"], "winner", "async", "drop")
+    assert (c.input_keys, c.label_key, c.mode, c.on_full) == (["img1", "img2"], "winner", "auto", "drop")
 
 
 def test_default_yaml_lists_every_key_with_its_default() -> None:
@@ -48,7 +48,7 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
     [
         ({"collect_every_n": 0}, r"collect_every_n: 0 .*an integer >= 1"),
         ({"collect_every_n": "10"}, r"collect_every_n: '10' .*an integer >= 1"),
-        ({"mode": "threaded"}, r"mode: 'threaded' .*one of 'async', 'sync'"),
+        ({"mode": "threaded"}, r"mode: 'threaded' .*one of 'auto', 'async', 'sync'"),
         ({"track_gradients": "yes"}, r"track_gradients: 'yes' .*true or false"),
         ({"holdout_size": 2.5}, r"holdout_size: 2.5 "),
         ({"input_keys": []}, r"input_keys: \[\]"),

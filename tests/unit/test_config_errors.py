@@ -68,5 +68,5 @@ def test_invalid_values_in_code_are_rejected_like_files() -> None:
         TelemetryConfig(collect_every_n=0)
     with pytest.raises(TelemetryConfigError, match=r"input_keys\[1\]: 3.5 is not valid: expected a list of batch keys"):
         TelemetryConfig.from_dict({"input_keys": ["img1", 3.5]})
-    with pytest.raises(TelemetryConfigError, match=r"^my.yaml: mode: 'fast' is not valid: expected one of 'async', 'sync'"):
+    with pytest.raises(TelemetryConfigError, match=r"^my.yaml: mode: 'fast' is not valid: expected one of 'auto', 'async', 'sync'"):
         TelemetryConfig.from_dict({"mode": "fast"}, source="my.yaml")
