@@ -70,18 +70,21 @@ from train_telemetry.snapshot import pin_in_place
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "stress.yaml"
-MODES = ("off", "drop", "block", "sync", "budget")
+MODES = ("off", "drop", "block", "sync", "budget", "worker-drop", "worker-block")
 ALIASES = {"async": "drop"}  # the old name of the default mode
 DEFAULT_BUDGET = 0.05
 # What each telemetry mode sets on top of the telemetry section of configs/stress.yaml.
+# drop, block and budget keep telemetry's default mode (auto: where the records are built
+# is telemetry's choice, written in each record); worker-* force the worker (mode: async).
 MODE_CONFIG: dict[str, dict[str, Any]] = {
-    "drop": {"mode": "async", "on_full": "drop"},
-    "block": {"mode": "async", "on_full": "block"},
+    "drop": {"mode": "auto", "on_full": "drop"},
+    "block": {"mode": "auto", "on_full": "block"},
     "sync": {"mode": "sync"},
-    "budget": {"mode": "async", "on_full": "drop", "overhead_budget": DEFAULT_BUDGET},
+    "budget": {"mode": "auto", "on_full": "drop", "overhead_budget": DEFAULT_BUDGET},
+    "worker-drop": {"mode": "async", "on_full": "drop"},
+    "worker-block": {"mode": "async", "on_full": "block"},
 }
 TELEMETRY_MODES = tuple(MODE_CONFIG)
-ASYNC_MODES = tuple(m for m, c in MODE_CONFIG.items() if c["mode"] == "async")
 FLOOR_STEPS = 60
 BUDGET_SETTLE_S = 3.0  # warm-up of a segment with an overhead budget: its 1 s periods x 3
 SEED = 0
@@ -446,7 +449,7 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
     for i, batch_idx in enumerate(indices):
         measured = i - warmup
         if measured == 0:
-            if telemetry is not None and mode in ASYNC_MODES:
+            if telemetry is not None and telemetry.worker_pid is not None:
                 seg["settle_s"] = wait_for_worker(telemetry, sum(1 for j in range(warmup) if j % every == 0))
             t_start = time.perf_counter()
         elif measured > 0 and measured % every == 0 and time.perf_counter() - t_start > limit_s:
@@ -508,7 +511,8 @@ def run_segment(preset: Preset, mode: str, every: int, repeat: int, tcfg: dict[s
         asked = sum(collect)
         seg["records_in_window"] = sum(1 for r in records if r["batch_idx"] in window)
         seg["delivered"] = seg["records_in_window"] / asked if asked else None
-        seg["built_by"] = sorted({str(r.get("built_by", "worker" if mode in ASYNC_MODES else "trainer")) for r in records})
+        seg["built_by"] = sorted({str(r.get("telemetry", {}).get("built_by")) for r in records})
+        seg["resolved_mode"] = telemetry.mode
         if not keep_runs:
             shutil.rmtree(out, ignore_errors=True)
     else:
@@ -594,6 +598,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
                   "hook_collect_p50_ms", "hook_drop_mean_ms", "start_s", "stop_s", "worker_cpu_s",
                   "train_cpu_s", "record_hook_ms_median", "delivered"):
             row[k] = _median([s.get(k) for s in group])
+        row["built_by"] = sorted({b for s in group for b in s.get("built_by", ())})
         for k in ("mean_ms", "p50_ms", "p99_ms", "max_ms"):
             row[k.replace("_ms", "_x_off")] = _median([_ratio(s[k], bases[id(s)].get(k)) for s in group])
         row["collect_x_off"] = _median([_ratio(s.get("collect_taken_mean_ms"), bases[id(s)].get("mean_ms"))
@@ -622,7 +627,8 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         rows.append(row)
     slot_bytes = next((s["slot_bytes"] for s in segs if s.get("slot_bytes")), None)
     slot_meta_bytes = next((s["slot_meta_bytes"] for s in segs if s.get("slot_meta_bytes")), 0)
-    idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] in ASYNC_MODES and "idle_hook_added_ns" in r), None)
+    idle_async = next((r.get("idle_hook_added_ns") for r in rows if r["mode"] in TELEMETRY_MODES and r["mode"] != "sync"
+                       and "idle_hook_added_ns" in r), None)
     return {
         "preset": preset.name,
         "description": preset.describe(),
@@ -644,7 +650,7 @@ def _floor_mean(seg: dict[str, Any]) -> float | None:
 
 
 def _row_order(key: tuple[str, int]) -> tuple[int, int]:
-    order = {"off": 0, "floor": 1, "drop": 2, "block": 3, "sync": 4, "budget": 5}
+    order = {"off": 0, "floor": 1, **{m: i + 2 for i, m in enumerate(TELEMETRY_MODES)}}
     return order.get(key[0], 9), key[1]
 
 
@@ -683,7 +689,7 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
             r = rows.get(("drop", every))
             if r:
                 add(f"drop: collection hook / floor (every {every})", r["hook_x_floor"], 1.5, "{:.2f}x", name)
-        r = rows.get(("drop", 1)) or next((r for r in p["rows"] if r["mode"] in ASYNC_MODES), None)
+        r = next((r for r in p["rows"] if r.get("worker_added_mb") is not None), None)
         if r and r.get("worker_added_mb") is not None and p["slot_bytes"]:
             # Both processes' RSS count the slot pages: subtract the pool once.
             pool = num_slots * (p["slot_bytes"] + p.get("slot_meta_bytes", 0)) / 2**20
@@ -705,7 +711,8 @@ def summary_table(p: dict[str, Any]) -> list[str]:
     rows = {(r["mode"], r["every"]): r for r in p["rows"]}
     modes = [m for m in TELEMETRY_MODES if any(k[0] == m for k in rows)]
     everies = sorted({k[1] for k in rows if k[0] in TELEMETRY_MODES})
-    head = ["every"] + [f"{m}: mean / collection step (x off), delivered" for m in modes]
+    built = {m: "/".join(sorted({b for r in p["rows"] if r["mode"] == m for b in r.get("built_by", ())})) for m in modes}
+    head = ["every"] + [f"{m} (built by {built[m] or '-'}): mean / collection step (x off), delivered" for m in modes]
     if "block" in modes and "sync" in modes:
         head.append("block / sync (mean)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

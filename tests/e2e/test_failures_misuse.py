@@ -44,7 +44,7 @@ def tiny_run() -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
 
 
 def config(tmp_path: Path, **overrides: Any) -> TelemetryConfig:
-    base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "on_full": "block",
+    base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "on_full": "block", "mode": "async",
                             "stop_timeout_s": 30.0, "worker_nice": 0}
     base.update(overrides)
     return TelemetryConfig(**base)

@@ -108,8 +108,9 @@ def config(tmp_path: Path, **overrides: Any) -> TelemetryConfig:
     """Collect at every step; block rather than drop, so that the counts are deterministic.
 
     worker_nice 0 and long deadlines: on a loaded machine a niced worker can be starved.
+    mode async: the worker is what these tests break (auto builds inline on a busy CPU).
     """
-    base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "stop_timeout_s": 30.0,
+    base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "stop_timeout_s": 30.0, "mode": "async",
                             "on_full": "block", "block_timeout_s": 30.0, "worker_nice": 0}
     base.update(overrides)
     return TelemetryConfig(**base)

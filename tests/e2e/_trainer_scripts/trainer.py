@@ -56,7 +56,7 @@ def main(output_dir: str, scenario: str) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
     restarts = 0 if scenario == "kill_worker" else 3
     telemetry = Telemetry(TelemetryConfig(output_dir=output_dir, collect_every_n=EVERY, max_worker_restarts=restarts,
-                                          on_full="block", stop_timeout_s=20.0, worker_nice=0))
+                                          on_full="block", stop_timeout_s=20.0, worker_nice=0, mode="async"))
     telemetry.set_holdout_data(batch(g, 16))
     telemetry.start(model, opt)
     print(f"worker_pid {telemetry.worker_pid}", flush=True)
