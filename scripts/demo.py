@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--collect-every-n", type=int, default=None)
-    parser.add_argument("--mode", choices=["async", "sync"], default=None)
+    parser.add_argument("--mode", choices=["auto", "async", "sync"], default=None)
     parser.add_argument("--on-full", choices=["drop", "block"], default=None,
                         help="block: record every collection even if the worker lags (tests use it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +89,9 @@ def print_brief(records: list[dict]) -> None:
         print(f"  train loss       {fmt(first['train']['loss'])} -> {fmt(last['train']['loss'])}")
     dropped = last.get("telemetry", {}).get("dropped_total", 0)
     hook = [r["telemetry"]["hook_ms"] for r in records if "telemetry" in r]
-    print(f"  telemetry        hook {sum(hook) / len(hook):.2f} ms per collection, {dropped} snapshots dropped")
+    built = "/".join(sorted({str(r.get("telemetry", {}).get("built_by")) for r in records}))
+    print(f"  telemetry        hook {sum(hook) / len(hook):.2f} ms per collection, {dropped} snapshots dropped, "
+          f"records built by the {built}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The telemetry worker process: its loop, from published slots to written records.
 
 Runs in: the worker process (``worker_loop``). What it does with one snapshot is
-processor.py's, which ``mode: sync`` runs inline in the training process instead.
+processor.py's, which ``mode: sync`` (and ``auto`` where training's threads take every
+core: sinks.resolve_mode) runs inline in the training process instead.
 
 NOTE [worker lifecycle]
 =======================
