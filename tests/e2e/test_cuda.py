@@ -30,7 +30,7 @@ class Net(nn.Module):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["auto", "async", "sync"])
 def test_cuda_records_equal_torch_and_the_async_hook_never_synchronizes(tmp_path: Path, mode: str) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -52,7 +52,7 @@ def test_cuda_records_equal_torch_and_the_async_hook_never_synchronizes(tmp_path
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if mode == "async" and step >= 2:  # after the first collection's one-time setup
+        if mode != "sync" and step >= 2:  # after the first collection's one-time setup
             torch.cuda.set_sync_debug_mode("error")  # any synchronizing op in the hook raises
         try:
             telemetry.on_batch_end(model, opt, step, 0, device, batch, loss=loss, outputs=outputs)
@@ -74,6 +74,7 @@ def test_cuda_records_equal_torch_and_the_async_hook_never_synchronizes(tmp_path
             })
     summary = telemetry.stop()
     assert summary.clean and summary.hook_errors == 0
+    assert summary.mode == ("sync" if mode == "sync" else "async")  # auto: a CUDA model keeps the worker
     records = read_records(tmp_path / "run")
     assert [r["batch_idx"] for r in records] == [0, 2, 4, 6]
     for rec, exp in zip(records, expected, strict=True):
