@@ -248,3 +248,19 @@ def test_comparison_has_a_resumed_at_row_only_when_a_run_was_resumed(tmp_path: P
     row = [line for line in render_comparison([resumed, plain]).splitlines() if line.startswith("resumed at")]
     assert row and row[0].split()[2:] == ["140", "-"]
     assert "resumed at" not in render_comparison([plain, plain])
+
+
+def test_the_report_says_who_built_the_records_and_why_inline(tmp_path: Path) -> None:
+    """telemetry.built_by of the records (and run.json's mode_reason when the trainer built
+    them all) appear with the collector's health; records without it (older runs) add no line."""
+    run = load_run(write_pathology(tmp_path / "run", "healthy"))
+    assert "records built by" not in render_report(report_data(run))
+    reason = "training on the CPU with 2 torch threads on 2 cores: no core is left for a worker"
+    run.meta = {**(run.meta or {}), "mode_reason": reason}
+    for record in run.records:
+        record["telemetry"]["built_by"] = "trainer"
+    data = report_data(run)
+    assert f"    records built by the training thread (inline): {reason}" in render_report(data)
+    assert data["summary"]["telemetry"]["built_by"] == ["trainer"]
+    run.records[-1]["telemetry"]["built_by"] = "worker"  # a resumed run that changed mode
+    assert "    records built by the training thread (inline) and the worker process\n" in render_report(report_data(run))

@@ -349,6 +349,10 @@ def _telemetry_summary(run: Run) -> dict[str, Any]:
         "worker_exitcode": summary.get("worker_exitcode"),
         "worker_restarts": run.worker_restarts,
         "records_after_restart": run.records_after_restart(),
+        # who built the records: "worker", "trainer" (inline) or both (a resumed run that changed)
+        "built_by": sorted({str(b) for r in run.records
+                            if isinstance(r.get("telemetry"), dict) and (b := r["telemetry"].get("built_by"))}),
+        "mode_reason": (run.meta or {}).get("mode_reason"),
     }
 
 
@@ -600,6 +604,11 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
     errors = sum(int(v) for v in t["errors"].values() if number(v)) or t["record_errors"]
     counts.append(f"{errors} metric errors")
     lines = ["", "  telemetry: " + ", ".join(counts)]
+    built = t.get("built_by") or []
+    if built:
+        where = " and ".join("the worker process" if b == "worker" else "the training thread (inline)" for b in built)
+        reason = t.get("mode_reason")
+        lines.append(f"    records built by {where}" + (f": {reason}" if reason and built == ["trainer"] else ""))
     if parts:
         lines.append("    " + "; ".join(parts))
     restarts = t.get("worker_restarts") or 0
