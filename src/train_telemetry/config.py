@@ -73,9 +73,10 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # thread (the seed's design). auto (the default): the worker where it has a core of its
     # own (the model on an accelerator, or training's torch threads leave a core idle), inline
     # where training's threads take every core (a CPU trainer): there a worker only takes
-    # CPU from training, at a worse rate (docs/benchmarks.md, issue 14: at every 10th step,
-    # inline delivered every record at 1.01-1.10x, the worker 21-62% at 1.04x and 1.12x to
-    # deliver all). telemetry.mode says what auto chose; each record's telemetry.built_by too.
+    # CPU from training, at a worse rate (docs/benchmarks.md, issue 14, 2 cores, default
+    # budget, every 10th step: inline delivered 100% of conv's records at 1.06x and 55% of
+    # wide's at 1.05x, the worker 57% and 21% at 1.01x and 1.05x). Telemetry.mode and
+    # run.json say what auto chose and why; each record's telemetry.built_by who built it.
     mode: Literal["auto", "async", "sync"] = "auto"
     on_full: Literal["drop", "block"] = "drop"
     block_timeout_s: PositiveFloat = 60.0
