@@ -40,6 +40,10 @@ def batch(g: torch.Generator, n: int = 8) -> dict[str, torch.Tensor]:
 
 
 def main(output_dir: str, scenario: str) -> None:
+    # "<scenario>+inline": the records built on the training thread (mode sync, what the
+    # default auto chooses on a CPU trainer whose threads take every core); else the worker.
+    scenario, _, variant = scenario.partition("+")
+    mode = "sync" if variant == "inline" else "async"
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = SiameseNet(width=4, embed=8)
@@ -56,7 +60,7 @@ def main(output_dir: str, scenario: str) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
     restarts = 0 if scenario == "kill_worker" else 3
     telemetry = Telemetry(TelemetryConfig(output_dir=output_dir, collect_every_n=EVERY, max_worker_restarts=restarts,
-                                          on_full="block", stop_timeout_s=20.0, worker_nice=0, mode="async"))
+                                          on_full="block", stop_timeout_s=20.0, worker_nice=0, mode=mode))
     telemetry.set_holdout_data(batch(g, 16))
     telemetry.start(model, opt)
     print(f"worker_pid {telemetry.worker_pid}", flush=True)
