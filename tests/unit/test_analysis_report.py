@@ -260,7 +260,9 @@ def test_the_report_says_who_built_the_records_and_why_inline(tmp_path: Path) ->
     for record in run.records:
         record["telemetry"]["built_by"] = "trainer"
     data = report_data(run)
-    assert f"    records built by the training thread (inline): {reason}" in render_report(data)
+    text = render_report(data)
+    assert f"    records built by the training thread (inline): {reason}" in text
+    assert "; build on the training thread " in text and "worker lag" not in text
     assert data["summary"]["telemetry"]["built_by"] == ["trainer"]
     run.records[-1]["telemetry"]["built_by"] = "worker"  # a resumed run that changed mode
     assert "    records built by the training thread (inline) and the worker process\n" in render_report(report_data(run))

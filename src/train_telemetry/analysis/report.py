@@ -587,7 +587,9 @@ def _batch_lines(s: dict[str, Any]) -> list[str]:
 def _telemetry_lines(s: dict[str, Any]) -> list[str]:
     t = s["telemetry"]
     parts = []
-    for key, label in (("hook_ms", "hook"), ("worker_lag_ms", "worker lag")):
+    # inline, the "lag" from snapshot to record is the record's building on the training thread
+    lag = "build on the training thread" if t.get("built_by") == ["trainer"] else "worker lag"
+    for key, label in (("hook_ms", "hook"), ("worker_lag_ms", lag)):
         v = t[key]
         if v:
             parts.append(
