@@ -3,12 +3,18 @@
 Runs in: the training process, on a thread of its own (never in the hook). Over each
 window (at least PERIOD_S, below) it estimates what telemetry took from training:
 
-    overhead = hook time / wall time + worker CPU time / wall time * pressure
+    overhead = hook time / wall time + max(0, worker cores - idle cores)
 
-``pressure`` (0..1) is how much of the machine training itself keeps busy: the trainer
-process's CPU time per wall second over the number of cores. On a machine whose cores
-training uses (a CPU trainer) every second the worker runs is taken from training; on a
-GPU machine with idle cores it is nearly free. The overhead a window measures is close
+``worker cores`` is the worker's CPU time per wall second; ``idle cores`` the cores
+training leaves idle: the usable cores minus the trainer process's CPU time per wall
+second (its spinning OpenMP threads count as busy, as they are to the scheduler). The
+worker's CPU costs training only where it does not fit into the idle cores: on a CPU
+trainer whose threads take every core, every second it runs is taken from training; on a
+GPU machine, or a CPU trainer with a core to spare, it is free. (The first version
+charged it in proportion to the share of the machine training keeps busy: with one
+trainer thread on two cores, a worker on the idle core was charged half its CPU, and the
+budget kept 20% of conv's records at every step where the worker kept up with all of them
+at 0.95x of off; measured with ``scripts/stress_test.py --threads 1``.) The overhead a window measures is close
 to proportional to one over the stride, so each window sets the stride from it directly:
 ``target = stride * overhead / budget`` is the stride at which that window would have
 cost exactly the budget. Over the budget the stride becomes the power of two at or above
@@ -56,6 +62,14 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _pow2_at_least(x: float) -> int:
     """The smallest power of two >= x (1 for x <= 1)."""
     return 1 if x <= 1 else 1 << math.ceil(math.log2(x))
@@ -73,7 +87,7 @@ class OverheadBudget:
         self.hook_seconds = 0.0  # added to by the hook (plain float: the GIL makes += safe enough here)
         self.due = 0  # collections due so far (taken or skipped), counted by the hook
         self.last_overhead: float | None = None
-        self.cores = os.cpu_count() or 1
+        self.cores = usable_cores()
         self._window: tuple[float, float, float, int, float | None] | None = None  # totals at its start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="train-telemetry-budget", daemon=True)
@@ -103,16 +117,17 @@ class OverheadBudget:
         if span <= 0 or (due - due0 < max(MIN_DUE_PER_WINDOW, self.stride) and span < MAX_WINDOW_S):
             return False
         worker = worker_cpu - worker0 if worker_cpu is not None and worker0 is not None else 0.0
-        pressure = min(1.0, max(0.0, (own_cpu - own0) / span / self.cores))
-        self.update(hook - hook0, max(0.0, worker), span, pressure)
+        idle_cores = max(0.0, self.cores - (own_cpu - own0) / span)
+        self.update(hook - hook0, max(0.0, worker), span, idle_cores)
         self._window = (wall, own_cpu, hook, due, worker_cpu)
         return True
 
-    def update(self, hook_s: float, worker_cpu_s: float, wall_s: float, pressure: float) -> None:
-        """One window's measurements -> the next stride."""
+    def update(self, hook_s: float, worker_cpu_s: float, wall_s: float, idle_cores: float) -> None:
+        """One window's measurements -> the next stride. ``idle_cores``: the cores training
+        left idle over the window (its CPU seconds per wall second, from the usable cores)."""
         if wall_s <= 0:
             return
-        overhead = hook_s / wall_s + worker_cpu_s / wall_s * pressure
+        overhead = hook_s / wall_s + max(0.0, worker_cpu_s / wall_s - idle_cores)
         self.last_overhead = overhead
         target = self.stride * overhead / self.budget
         if overhead > self.budget:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .budget import usable_cores
 from .config import TelemetryConfig
 from .messages import Done, Groups, Setup, SetupDone, read_header
 from .processor import SnapshotProcessor
@@ -303,14 +304,6 @@ class WorkerSink:
 
 
 Sink = InlineSink | WorkerSink
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_mode(config: TelemetryConfig, model: torch.nn.Module | None) -> tuple[str, str]:
