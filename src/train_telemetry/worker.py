@@ -87,6 +87,7 @@ from typing import Any
 
 import torch
 
+from .budget import usable_cores
 from .config import TelemetryConfig
 from .messages import Done, Groups, Ready, Setup, SetupDone, Stop, read_header
 from .metrics.api import set_before_input
@@ -259,10 +260,7 @@ def worker_loop(
 
 def boost_threads() -> int:
     """Torch threads while the trainer waits for us: one per core we may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 class _Threads:
