@@ -5,12 +5,14 @@
     python scripts/stress_test.py --quick                  # a few steps of everything (CI)
     python scripts/stress_test.py --presets conv --every 10 200 --repeats 5 --modes drop block
 
-Modes (each a telemetry config; ``MODE_CONFIG``): ``drop`` (async, ``on_full: drop``, the
-default config, so ``overhead_budget: auto``, 0.10), ``block`` (async, ``on_full:
-block``: every collection, waiting for a slot; the budget is off there), ``sync`` (records
-built inline, the seed's design), ``budget`` (drop with ``overhead_budget`` 0.05 unless
-``stress.budget`` says otherwise); ``async`` is read as ``drop``. Per mode and interval: the mean step and the collection step as ratios to
-"off" in the same run, and the share of collections asked for whose record was written.
+Modes (each a telemetry config; ``MODE_CONFIG``): ``drop`` (the default config: ``mode:
+auto``, ``on_full: drop``, ``overhead_budget: auto``, 0.10), ``block`` (``on_full: block``:
+every collection; the budget is off there), ``sync`` (records built inline, the seed's
+design), ``budget`` (drop with ``overhead_budget`` 0.05 unless ``stress.budget`` says
+otherwise), ``worker-drop`` / ``worker-block`` (drop / block with ``mode: async``: the
+worker, whatever auto would choose); ``async`` is read as ``drop``. Per mode and interval:
+the mean step and the collection step as ratios to "off" in the same run, the share of
+collections asked for whose record was written, and who built the records.
 
 A benchmark, not a test: it prints ratios against "off" measured in the same run and
 writes ``stress.json`` (every number) and ``stress.md`` (the table docs/benchmarks.md and
@@ -690,7 +692,7 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
             if r:
                 add(f"drop: collection hook / floor (every {every})", r["hook_x_floor"], 1.5, "{:.2f}x", name)
         r = next((r for r in p["rows"] if r.get("worker_added_mb") is not None), None)
-        if r and r.get("worker_added_mb") is not None and p["slot_bytes"]:
+        if r and p["slot_bytes"]:
             # Both processes' RSS count the slot pages: subtract the pool once.
             pool = num_slots * (p["slot_bytes"] + p.get("slot_meta_bytes", 0)) / 2**20
             budget = pool + p["state_bytes"] / 2**20
