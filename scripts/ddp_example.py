@@ -39,7 +39,7 @@ NUM_CLASSES = 3
 
 
 class TinyNet(nn.Module):
-    """backbone -> head; module level so the telemetry worker (spawned) can unpickle it."""
+    """backbone -> head."""
 
     def __init__(self) -> None:
         super().__init__()

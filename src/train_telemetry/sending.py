@@ -5,17 +5,23 @@ in the worker process by plain ``pickle.loads``; cloudpickle must be importable 
 (it is a core dependency).
 
 Under ``spawn`` the worker is a fresh interpreter. Standard pickling sends a class or a
-function as a name to import there, which fails for classes defined in a function or a
-notebook, for lambdas and for closures. So:
+function as a name to import there, which fails for classes defined in a function, for
+lambdas and closures, and for everything the trainer's ``__main__`` defines: the worker
+is started without running the trainer's main script (worker_handle.without_main_rerun,
+so that a script with no ``if __name__ == "__main__":`` guard is not trained a second
+time), and a notebook or ``python -c`` has no script to run anyway. So:
 
 1. :class:`multiprocessing.reduction.ForkingPickler` first, the pickler torch extends so
    a tensor in shared memory travels as a handle to the same memory, not as its bytes.
    It is refused (and step 2 taken) when it would name a class or function of
-   ``__main__`` that the worker cannot import: in a notebook or ``python -c`` the worker
-   has no such ``__main__``, and a class defined under ``if __name__ == "__main__":`` is
-   not there either. Plain pickling would succeed here and fail in the worker.
-2. Otherwise cloudpickle, which sends those classes and functions by value, with
-   ForkingPickler's reducers kept: shared-memory tensors are still sent as handles.
+   ``__main__`` (or of ``__mp_main__``, its name in a trainer that is itself a spawned
+   child): plain pickling would succeed here and fail in the worker. Under ``fork`` the
+   worker would have them in memory; they go by value all the same.
+2. Otherwise cloudpickle, which sends those classes and functions by value (a script's
+   model class, forward_fn and metrics among them), with ForkingPickler's reducers
+   kept: shared-memory tensors are still sent as handles. What the script imports from
+   its other modules (``from model import GPT``) still goes by name: the worker keeps the
+   trainer's ``sys.path`` and working directory.
 3. What neither can send (an open file, a lock) raises :class:`UnpicklableError`, naming
    the attribute that holds it (``model.logger.stream: cannot pickle '_io.TextIOWrapper'
    object``), found by pickling the object's parts one by one with a pickler that shares
@@ -24,11 +30,12 @@ notebook, for lambdas and for closures. So:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
 import io
 import pickle
 import sys
+import threading
 import types
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
@@ -40,6 +47,12 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reducers on ForkingPickler)
 
 __all__ = ["UnpicklableError", "dumps_for_worker"]
+
+# The names the trainer's main script has: "__main__", or "__mp_main__" where the trainer
+# is itself a spawned child (torch.multiprocessing.spawn(train, ...)): multiprocessing ran
+# the launcher script again there under that name, and its classes carry it.
+_MAIN_MODULES = ("__main__", "__mp_main__")
+_REGISTRY_LOCK = threading.RLock()  # cloudpickle's by-value registry is process-wide
 
 # The live table ForkingPickler.register fills (torch's tensor, storage and event reducers
 # among them); private in the stubs, stable in CPython since 3.4.
@@ -80,22 +93,26 @@ def _dump(pickler: type[pickle.Pickler], obj: Any) -> bytes:
 
 
 class _NeedsValue(pickle.PicklingError):
-    """Plain pickling would name a ``__main__`` object the worker cannot import."""
+    """Plain pickling would name a main-script object, which the worker cannot import."""
 
 
 class _ReferencePickler(ForkingPickler):
-    """ForkingPickler that refuses to send ``__main__`` classes/functions the worker lacks."""
+    """ForkingPickler that refuses to send the main script's classes and functions by name."""
 
     def reducer_override(self, obj: Any) -> Any:
         # Called for every non-atomic object: keep it to an attribute read for the rest.
-        if getattr(obj, "__module__", None) == "__main__" and isinstance(obj, (type, types.FunctionType)) \
-                and not _worker_can_import(obj):
-            raise _NeedsValue(f"{obj.__qualname__} lives in a __main__ the worker cannot import")
+        if getattr(obj, "__module__", None) in _MAIN_MODULES and isinstance(obj, (type, types.FunctionType)):
+            raise _NeedsValue(f"{obj.__qualname__} lives in {obj.__module__}, which the worker does not run")
         return NotImplemented
 
 
 class _ValuePickler(cloudpickle.Pickler):
-    """cloudpickle, plus ForkingPickler's reducers: shared-memory tensors go as handles."""
+    """cloudpickle, plus ForkingPickler's reducers: shared-memory tensors go as handles.
+
+    cloudpickle itself sends ``__main__``'s classes and functions by value, and whatever
+    they reference from ``__main__`` with them; ``__mp_main__`` it would send by name, so
+    ``dump`` registers it by value for the time of the dump (:func:`_spawned_main_by_value`).
+    """
 
     # Tensors and storages are never classes or functions, so cloudpickle's reducer_override
     # passes them on to this table, where torch's reducers come first. A class attribute:
@@ -103,11 +120,34 @@ class _ValuePickler(cloudpickle.Pickler):
     # shadows the C slot, so assigning self.dispatch_table afterwards would change nothing.
     dispatch_table = ChainMap(_FORKING_REDUCERS, cloudpickle.Pickler.dispatch_table)
 
-    def reducer_override(self, obj: Any) -> Any:
-        if getattr(obj, "__module__", None) == "__main__" and isinstance(obj, (type, types.FunctionType)) \
-                and _worker_can_import(obj):
-            return NotImplemented  # a script's module-level class: by name, as plain pickle does
-        return super().reducer_override(obj)
+    def dump(self, obj: Any) -> None:
+        with _spawned_main_by_value():
+            super().dump(obj)
+
+
+@contextlib.contextmanager
+def _spawned_main_by_value() -> Iterator[None]:
+    """cloudpickle sends ``__mp_main__`` (where the trainer has one) by value inside the block.
+
+    cloudpickle sends by value only a module named ``__main__``; in a trainer started by
+    ``torch.multiprocessing.spawn`` the launcher script's classes (the DDP tutorial's
+    ToyModel) live in ``__mp_main__``, which our worker does not have. The registry is
+    process-wide: another thread's cloudpickle sends ``__mp_main__`` by value too while
+    the block lasts, which its receiver can load as well.
+    """
+    module = sys.modules.get("__mp_main__")
+    if getattr(module, "__name__", None) != "__mp_main__":  # none, or one register_ would refuse
+        yield
+        return
+    with _REGISTRY_LOCK:
+        registered = "__mp_main__" in cloudpickle.list_registry_pickle_by_value()
+        if not registered:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            if not registered:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def _reduce_without_sharing(obj: Any) -> Any:
@@ -122,48 +162,6 @@ class _ProbePickler(_ValuePickler):
         _FORKING_REDUCERS,
         cloudpickle.Pickler.dispatch_table,
     )
-
-
-# -- can the worker import this __main__ object? -----------------------------------------
-
-
-def _main_rerun_by_spawn() -> bool:
-    """Whether a spawned worker runs the trainer's main script as its own ``__main__``.
-
-    Mirrors ``multiprocessing.spawn``: main is re-imported by module name (unless it is a
-    package's ``__main__``) or from its file (unless that is IPython); a notebook kernel,
-    ``python -c`` and the REPL have neither.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        return False
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    if spec_name is not None:
-        return not (spec_name == "__main__" or spec_name.endswith(".__main__"))
-    path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or path.startswith("<"):
-        return False
-    return not path.rsplit("/", 1)[-1].startswith("ipython")
-
-
-def _worker_can_import(obj: Any) -> bool:
-    """A ``__main__`` class/function is importable in the worker: module level, outside any block."""
-    if "<locals>" in obj.__qualname__ or not _main_rerun_by_spawn():
-        return False
-    parts = obj.__qualname__.split(".")
-    top: Any = getattr(sys.modules["__main__"], parts[0], None)
-    found = top
-    for part in parts[1:]:
-        found = getattr(found, part, None)
-    if found is not obj:
-        return False
-    try:
-        first_line = inspect.getsourcelines(top)[0][0]  # of the outermost name: a method's class
-    except (OSError, TypeError, IndexError):
-        return True  # no source to look at: trust the name, as plain pickle would
-    # Indented: defined inside a block, typically `if __name__ == "__main__":`, which the
-    # worker's re-run of the script (as __mp_main__) skips.
-    return not first_line[:1].isspace()
 
 
 # -- what exactly cannot be pickled --------------------------------------------------------

@@ -3,18 +3,23 @@
 Runs in: the training process. The protocol is NOTE [worker lifecycle] in worker.py.
 Every wait here has a deadline; none runs in the hook (the hook reads one flag,
 ``exited``, set by a watcher thread that sleeps until the worker ends).
+
+The worker is started without re-running the trainer's main script
+(:func:`without_main_rerun`): under ``spawn`` and ``forkserver`` multiprocessing would
+otherwise execute that script again in the worker, as ``__mp_main__``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing.connection
+import multiprocessing.spawn
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,11 @@ from .snapshot import Channel
 from .worker import worker_loop
 
 TERM_GRACE_S = 2.0  # after the stop deadline: SIGTERM, this long, then SIGKILL
+
+# What multiprocessing.spawn.prepare() reads to run the parent's __main__ in a new process:
+# by module name (``python -m pkg.train``) or by file (``python train.py``).
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+_PREPARATION_LOCK = threading.Lock()  # one start at a time swaps get_preparation_data
 
 
 class TelemetryStartError(RuntimeError):
@@ -93,7 +103,8 @@ class WorkerHandle:
         ``on_exit(self)`` is called from the watcher thread when the process ends.
         """
         try:
-            self.proc.start()
+            with without_main_rerun():
+                self.proc.start()
         except Exception as exc:
             raise TelemetryStartError(f"could not start the telemetry worker: {type(exc).__name__}: {exc}") from exc
         self.await_reply(Ready, timeout, "start")
@@ -172,6 +183,52 @@ class WorkerHandle:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(TERM_GRACE_S)
+
+
+@contextlib.contextmanager
+def without_main_rerun() -> Iterator[None]:
+    """Processes started by this thread inside the block do not run the parent's ``__main__``.
+
+    Why: under ``spawn`` (and ``forkserver``) a child first runs ``spawn.prepare()`` on the
+    parent's preparation data, and that data names the main script, which the child then
+    executes from the top as ``__mp_main__``. A script without an
+    ``if __name__ == "__main__":`` guard (nanoGPT's train.py, most research scripts) would
+    run its whole training again in our worker: its start-up output printed twice, its
+    ``init_process_group`` called by a process that is no rank, and ``Telemetry.start()``
+    inside it refused by multiprocessing. The worker needs nothing from that script:
+    ``worker_loop`` is ours, and whatever the script defines (its model class, forward_fn,
+    metrics) sending.py sends by value. So the main-script keys are dropped from the
+    preparation data; ``sys_path``, ``dir``, ``sys_argv`` and the rest stay, so the worker
+    still imports the script's sibling modules (``from model import GPT``) by name.
+
+    How: popen_spawn_posix, popen_forkserver and popen_spawn_win32 (CPython 3.10 to 3.14)
+    all call ``spawn.get_preparation_data`` through the module attribute, from
+    ``Process.start()`` on the starting thread; so does ``forkserver.ensure_running`` when
+    that start launches the fork server, which on CPython releases with the fix of
+    gh-126631 would otherwise preload (run) the script there. The attribute is swapped for
+    the block's duration under a lock, and the replacement drops the keys only for calls
+    from this thread: a DataLoader starting its own workers from another thread meanwhile
+    gets the usual data. ``fork`` never calls it: a forked worker has the parent's memory
+    and re-runs nothing.
+    """
+    with _PREPARATION_LOCK:
+        original = multiprocessing.spawn.get_preparation_data
+        starter = threading.get_ident()
+        active = True
+
+        def get_preparation_data(name: str) -> dict[str, Any]:
+            data: dict[str, Any] = original(name)
+            if active and threading.get_ident() == starter:
+                data = {key: value for key, value in data.items() if key not in _MAIN_KEYS}
+            return data
+
+        multiprocessing.spawn.get_preparation_data = get_preparation_data
+        try:
+            yield
+        finally:
+            active = False  # if someone wrapped ours meanwhile and keeps it, it is a no-op now
+            if multiprocessing.spawn.get_preparation_data is get_preparation_data:
+                multiprocessing.spawn.get_preparation_data = original
 
 
 def describe_exit(code: int | None) -> str:

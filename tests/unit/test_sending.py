@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.spawn
 import pickle
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from train_telemetry.sending import UnpicklableError, dumps_for_worker
+from train_telemetry.worker_handle import without_main_rerun
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
@@ -209,8 +211,8 @@ def test_submodule_attribute_path_with_a_name_prefix() -> None:
 
 
 @pytest.mark.timeout(180)
-def test_script_class_under_the_main_guard_goes_by_value_and_module_level_ones_by_name(tmp_path: Path) -> None:
-    """In a script, a class defined under `if __name__ == "__main__":` is not in the worker's re-run: by value."""
+def test_flat_script_classes_go_by_value_to_a_worker_that_does_not_rerun_the_script(tmp_path: Path) -> None:
+    """A script's top-level class and function (no main guard) reach a child started as the worker is, and the script runs once."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import json, pickle, sys
@@ -221,41 +223,60 @@ def test_script_class_under_the_main_guard_goes_by_value_and_module_level_ones_b
         from torch import nn
         from test_sending import Payload, _forward_in_child
         from train_telemetry.sending import dumps_for_worker
+        from train_telemetry.worker_handle import without_main_rerun
 
-        def double(model, x):  # module level: the worker re-runs this file and finds it by name
+        print("script ran", flush=True)  # twice if the child re-ran this file
+
+        class FlatNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        def double(model, x):
             return model(x) * 2
 
-        if __name__ == "__main__":
-            class GuardedNet(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.fc = nn.Linear(4, 2)
-
-                def forward(self, x):
-                    return self.fc(x)
-
-            torch.manual_seed(0)
-            payload = Payload(GuardedNet(), double)
-            x = torch.randn(3, 4)
-            with torch.no_grad():
-                want = double(payload.model, x)
-            ours = dumps_for_worker(payload)
-            ctx = mp.get_context("spawn")
-            # a second pickling, loaded here (the handles in `ours` are for one loader only): by value
-            # double would come back as a copy
-            results = {{"double_by_name": pickle.loads(dumps_for_worker(payload)).forward_fn is double}}
-            for how, data in (("plain", bytes(ForkingPickler.dumps(payload))), ("ours", ours)):
-                out = ctx.Queue()
-                proc = ctx.Process(target=_forward_in_child, args=(data, x, out), daemon=True)
+        torch.manual_seed(0)
+        payload = Payload(FlatNet(), double)
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            want = double(payload.model, x)
+        ctx = mp.get_context("spawn")
+        results = {{}}
+        for how, data in (("plain", bytes(ForkingPickler.dumps(payload))), ("ours", dumps_for_worker(payload))):
+            out = ctx.Queue()
+            # _forward_in_child still comes by name: the child keeps this script's sys.path
+            proc = ctx.Process(target=_forward_in_child, args=(data, x, out), daemon=True)
+            with without_main_rerun():
                 proc.start()
-                status, got = out.get(timeout=60)
-                proc.join(30)
-                results[how] = [status, got if status == "error" else got == want.tolist()]
-            print(json.dumps(results))
+            status, got = out.get(timeout=60)
+            proc.join(30)
+            results[how] = [status, got if status == "error" else got == want.tolist()]
+        print(json.dumps(results))
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("script ran") == 1, done.stdout
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert results["plain"][0] == "error" and "GuardedNet" in results["plain"][1]
+    assert results["plain"][0] == "error" and "FlatNet" in results["plain"][1]
     assert results["ours"] == ["ok", True], results
-    assert results["double_by_name"] is True
+
+
+def test_without_main_rerun_drops_the_main_script_for_its_own_thread_only() -> None:
+    """Inside the block this thread's preparation data names no main script, another thread's still does; after it, this one's does again."""
+    main_keys = {"init_main_from_name", "init_main_from_path"}
+
+    def names_main() -> bool:
+        return bool(main_keys & set(multiprocessing.spawn.get_preparation_data("probe")))
+
+    assert names_main()  # pytest's own __main__: by module name or by file
+    other: list[bool] = []
+    with without_main_rerun():
+        assert not names_main()
+        thread = threading.Thread(target=lambda: other.append(names_main()))
+        thread.start()
+        thread.join(10)
+    assert other == [True]
+    assert names_main()
