@@ -9,19 +9,26 @@ microbenchmark. So a collection runs two fused torch calls (the gradient norms, 
 numbers into the slot's header and hands the slot to the sink (sinks.py). Label counts
 and accuracy are the worker's work (processor.py). What is copied follows the metrics'
 ``needs`` (metrics/api.py): a run without weight metrics copies no weights.
+
+What is decided once per shape of (labels, outputs), not per step (``_plan_aux``): where
+they go in the aux bytes, the label name of the batch's format (batch_stats keys), and
+whether accuracy compares shifted positions (a Hugging Face causal LM whose labels are its
+input_ids). The plan's pickled ``extra`` carries all three in every header at no cost.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Sequence
+from collections import UserDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .batches import BatchFormatCache, logits_of
+from .batches import BatchFormat, BatchFormatCache, logits_of
+from .clipping import PreClip
 from .config import TelemetryConfig
 from .messages import (
     ALL_MISSING,
@@ -33,7 +40,7 @@ from .messages import (
     Snapshot,
     write_header,
 )
-from .metrics.batch import batch_accuracy, count_vector, label_counts
+from .metrics.batch import TOP_LABELS, batch_accuracy, count_vector, label_counts
 from .records import error_entry
 from .snapshot import AUX_BYTES, Layout, SlotPool, aux_view, grad_norms
 
@@ -48,9 +55,11 @@ class _AuxPlan:
     labels_fit: bool  # labels are copied; else counted in the hook
     outputs: bool  # outputs are copied too (the worker computes accuracy from both)
     accuracy_kind: int
+    shift: bool  # accuracy scores logits[:, :-1] against labels[:, 1:] (labels_are_inputs)
+    fmt: BatchFormat  # the plan is keyed by id(fmt): this object, to tell a reused id
     views: list[list[torch.Tensor]]  # per slot: the aux views labels (and outputs) are copied into
     same_device: bool  # copied in the hook's one fused copy; else in a second one
-    extra: dict[str, Any]  # the aux layout, for the header
+    extra: dict[str, Any]  # the aux layout, label name and shift, for the header
     extra_bytes: bytes  # ... pickled once
 
 
@@ -92,14 +101,17 @@ class Collector:
         self.on_cuda = layout.on_cuda
         self.formats = BatchFormatCache(config.input_keys, config.label_key, config.keys_are_default, need_inputs=False)
         self._aux_plans: dict[tuple[Any, ...], _AuxPlan] = {}
+        self._param_index: dict[int, int] | None = None  # id(param) -> layout index, for pre-clip norms
+        self._minus_one = torch.tensor(-1.0, dtype=torch.float64)
 
     def fill(self, slot: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], batch: Any,
              loss: Any, outputs: Any, counts: torch.Tensor | None,
-             reduced: dict[str, torch.Tensor | None] | None = None) -> Fill:
+             reduced: dict[str, torch.Tensor | None] | None = None, pre_clip: PreClip | None = None) -> Fill:
         """Copy this step's data into ``slot`` (one fused copy; asynchronous on CUDA).
 
         ``reduced`` (FSDP2, shards.ShardSync): the global gradient norms, loss and accuracy
-        the collective summed over ranks, recorded instead of this rank's own.
+        the collective summed over ranks, recorded instead of this rank's own. ``pre_clip``:
+        what ``Telemetry.clip_grad_norm_`` measured before this step's clip.
         """
         # Each Python call here costs a few us with cold caches: the common cases are inline.
         fill = Fill(list(self.layout.live_sources() if self.copy_weights else ()), list(self.dsts[slot]))
@@ -114,6 +126,8 @@ class Collector:
                     fill.grads = IN_SLOT
                 else:
                     self._add_grad_norms(fill, slot, norms)
+            if pre_clip is not None and self.want_grads:
+                self._add_pre_clip(fill, slot, pre_clip)
             if loss is not None and self.want_loss:
                 if type(loss) is torch.Tensor and loss.numel() == 1:
                     fill.src.append(loss)
@@ -188,6 +202,27 @@ class Collector:
             fill.dst.append(self.pool.norms[slot][: norms.shape[0]])
             fill.grads = IN_SLOT
 
+    def _add_pre_clip(self, fill: Fill, slot: int, pre: PreClip) -> None:
+        """The pre-clip norms, in layout order (-1 for a parameter the clip did not see), and the total."""
+        index = self._param_index
+        if index is None:
+            index = self._param_index = {id(p): i for i, p in enumerate(self.layout.params)}
+        found = {i: norm for p, norm in zip(pre.params, pre.norms, strict=True) if (i := index.get(id(p))) is not None}
+        if not found:
+            return
+        n = len(self.layout.params)
+        if self.on_cuda:  # one device-to-host copy, as for the gradient norms
+            device = pre.total.device
+            missing = torch.full((), -1.0, device=device)
+            fill.src.append(torch.stack([found.get(i, missing).to(device) for i in range(n)]))
+            fill.dst.append(self.pool.pre_clip[slot][:n])
+        else:
+            fill.src += [found.get(i, self._minus_one) for i in range(n)]
+            fill.dst += self.pool.pre_clip_views[slot]
+        fill.src.append(pre.total.reshape(()))
+        fill.dst.append(self.pool.scalars[slot][2])
+        fill.extra = {**(fill.extra or {}), "clip_max_norm": pre.max_norm}
+
     def _add_loss(self, fill: Fill, slot: int, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):
             if loss.numel() == 1:
@@ -217,13 +252,15 @@ class Collector:
             fill.dst.append(self.pool.counts[slot])
             fill.counts_kind = IN_SLOT
         if isinstance(labels, torch.Tensor):
-            self._add_labels(fill, slot, labels, outputs, track)
-        elif track and labels is not None:
-            try:  # a list of class ids, say: counted here (rare, and not a tensor op we can defer)
-                fill.extra = {"label_counts": label_counts(torch.as_tensor(labels))}
-                fill.counts_kind = IN_EXTRA
-            except Exception as exc:
-                fill.fail("batch_stats", exc)
+            self._add_labels(fill, slot, batch, fmt, labels, outputs, track)
+        elif labels is not None:
+            fill.extra = {"label_name": fmt.label_name}  # no plan to carry it: pickled per step (rare)
+            if track:
+                try:  # a list of class ids, say: counted here (rare, and not a tensor op we can defer)
+                    fill.extra["label_counts"] = label_counts(torch.as_tensor(labels), top=TOP_LABELS)
+                    fill.counts_kind = IN_EXTRA
+                except Exception as exc:
+                    fill.fail("batch_stats", exc)
         if fill.batch_size < 0 and counts is None:
             try:
                 size = fmt.batch_size(batch)
@@ -231,7 +268,8 @@ class Collector:
             except Exception as exc:
                 fill.fail("batch_size", exc)
 
-    def _add_labels(self, fill: Fill, slot: int, labels: torch.Tensor, outputs: Any, track: bool) -> None:
+    def _add_labels(self, fill: Fill, slot: int, batch: Any, fmt: BatchFormat, labels: torch.Tensor, outputs: Any,
+                    track: bool) -> None:
         out = outputs if outputs is None or type(outputs) is torch.Tensor else None
         if outputs is not None and out is None:
             try:
@@ -239,11 +277,12 @@ class Collector:
             except TypeError as exc:
                 fill.fail("train_accuracy", exc)
         # is_cuda, not .device (which builds a new object each time): a plan is per device type
-        key = (labels.shape, labels.dtype, labels.is_cuda, None if out is None else out.shape,
+        # id(fmt), not fmt: hashing the dataclass costs a few us per step; a reused id is caught below
+        key = (id(fmt), labels.shape, labels.dtype, labels.is_cuda, None if out is None else out.shape,
                None if out is None else out.dtype, out is not None and out.is_cuda)
         plan = self._aux_plans.get(key)
-        if plan is None:
-            plan = self._plan_aux(key, labels, out)
+        if plan is None or plan.fmt is not fmt:
+            plan = self._plan_aux(key, batch, fmt, labels, out)
         fill.plan = plan
         fill.batch_size = plan.batch_size
         if plan.labels_fit:
@@ -254,7 +293,7 @@ class Collector:
         fill.acc_kind = plan.accuracy_kind
         if fill.acc_kind == IN_SLOT and out is not None:
             try:
-                fill.src.append(batch_accuracy(out, labels))
+                fill.src.append(batch_accuracy(out, labels, plan.shift))
                 fill.dst.append(self.pool.scalars[slot][1])
             except Exception as exc:
                 fill.acc_kind = NONE
@@ -263,14 +302,18 @@ class Collector:
             fill.counts_kind = IN_AUX
             if not plan.labels_fit:
                 fill.counts_kind = IN_EXTRA
+                # A sync and a copy of the labels on CUDA (~2 ms on CPU for 64 x 4096 ids); the
+                # summary keeps the top ids only: a vocabulary's counts would overflow HEADER_BYTES.
                 try:
-                    fill.extra = {"label_counts": label_counts(labels.detach().cpu())}
+                    fill.extra = {"label_counts": label_counts(labels.detach().cpu(), top=TOP_LABELS)}
                 except Exception as exc:
                     fill.fail("batch_stats", exc)
                     fill.counts_kind = NONE
 
-    def _plan_aux(self, key: tuple[Any, ...], labels: torch.Tensor, outputs: torch.Tensor | None) -> _AuxPlan:
-        """Where this shape of labels/outputs goes in each slot's aux bytes (once per shape)."""
+    def _plan_aux(self, key: tuple[Any, ...], batch: Any, fmt: BatchFormat, labels: torch.Tensor,
+                  outputs: torch.Tensor | None) -> _AuxPlan:
+        """Where this shape of labels/outputs goes in each slot's aux bytes, how accuracy is
+        scored, and the label name (once per batch format and shape)."""
         pool = self.pool
         if len(self._aux_plans) > 64:  # shapes that never repeat (e.g. variable sequence lengths)
             self._aux_plans.clear()
@@ -280,7 +323,10 @@ class Collector:
         out_at = (lab_bytes + 63) // 64 * 64
         labels_fit = lab_bytes <= AUX_BYTES
         outputs_fit = outputs is not None and labels_fit and out_at + out_bytes <= AUX_BYTES
-        extra: dict[str, Any] = {}
+        shift = outputs is not None and labels_are_inputs(batch, labels, outputs)
+        extra: dict[str, Any] = {"label_name": fmt.label_name}
+        if shift:
+            extra["shift"] = True
         views: list[list[torch.Tensor]] = [[] for _ in pool.aux]
         if labels_fit:
             specs: list[tuple[str, int, torch.Tensor]] = [("labels", 0, labels)]
@@ -299,10 +345,31 @@ class Collector:
         device = self.layout.sources[0].device if self.layout.sources else torch.device("cpu")
         same_device = labels.device == device and (not outputs_fit or outputs.device == device)  # type: ignore[union-attr]
         plan = _AuxPlan(batch_size=batch_size, labels_fit=labels_fit, outputs=outputs_fit, accuracy_kind=accuracy_kind,
-                        views=views, same_device=same_device,
-                        extra=extra, extra_bytes=pickle.dumps(extra, pickle.HIGHEST_PROTOCOL) if extra else b"")
+                        shift=shift, fmt=fmt, views=views, same_device=same_device,
+                        extra=extra, extra_bytes=pickle.dumps(extra, pickle.HIGHEST_PROTOCOL))
         self._aux_plans[key] = plan
         return plan
+
+
+def labels_are_inputs(batch: Any, labels: torch.Tensor, outputs: torch.Tensor) -> bool:
+    """Whether the labels are the batch's ``input_ids`` at every position they score.
+
+    A Hugging Face causal LM is given labels equal to its input_ids (-100 where ignored)
+    and shifts them inside its forward: its logits at t predict the token at t + 1. nanoGPT
+    style targets are shifted already (they differ from the inputs) and are compared as
+    they are. Called once per batch format and shape (``_plan_aux``): the comparison is a
+    sync on CUDA, paid once, never per step.
+    """
+    if not isinstance(batch, (Mapping, UserDict)):
+        return False
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.shape != labels.shape or labels.dim() < 2:
+        return False
+    if outputs.dim() != labels.dim() + 1 or outputs.shape[:2] != labels.shape[:2]:
+        return False  # not one logit vector per position: nothing to shift
+    if ids.device != labels.device:
+        ids = ids.to(labels.device)
+    return bool(((labels == ids) | (labels < 0)).all())  # a sync on CUDA: once per shape
 
 
 def global_counts(formats: BatchFormatCache | None, batch: Any, device: torch.device) -> torch.Tensor:

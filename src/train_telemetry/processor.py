@@ -12,6 +12,7 @@ new delta reference (reference.py), the slot is released, and the record is writ
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .build import build_record
 from .config import TelemetryConfig
 from .messages import ALL_MISSING, IN_AUX, IN_EXTRA, IN_SLOT, Groups, Setup, Snapshot
 from .metrics.api import RunInfo, SnapshotData, _Lazy
-from .metrics.batch import batch_accuracy, label_counts, unpack_count_vector
+from .metrics.batch import LabelCounts, batch_accuracy, label_counts, unpack_count_vector
 from .metrics.holdout import evaluate_holdout
 from .records import encode_record, error_entry
 from .reference import ReferenceCheckpoint
@@ -43,7 +44,9 @@ class SnapshotProcessor:
         self.log = log
         self.built_by = "worker"  # "trainer" when the training process runs us inline (sinks.InlineSink)
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
-        self.norms, self.scalars, self.counts, self.aux = meta_views(setup.meta, max(setup.num_params, 1))
+        views = meta_views(setup.meta, max(setup.num_params, 1))
+        self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
+        self.counts, self.aux = views["counts"], views["aux"]
         self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self.errors: dict[str, int] = {}
         self.last_errors: list[str] = []
@@ -71,7 +74,7 @@ class SnapshotProcessor:
         num_classes = 0
         if isinstance(setup.holdout_labels, torch.Tensor):
             counts = label_counts(setup.holdout_labels)
-            num_classes = max(counts) + 1 if counts else 0
+            num_classes = counts.num_classes if counts is not None else 0
         info = RunInfo(config=config, param_names=self.param_names, buffer_names=self.buffer_names,
                        module_types=setup.module_types, rank=setup.rank, world_size=setup.world_size,
                        num_classes=num_classes, label_name=setup.label_name)
@@ -94,7 +97,8 @@ class SnapshotProcessor:
                     raise RuntimeError(why)
                 self.evaluate(slot)
             except Exception as exc:
-                return (f"the holdout forward failed in the telemetry worker: {type(exc).__name__}: {exc}. "
+                where = "on the training thread" if self.built_by == "trainer" else "in the telemetry worker"
+                return (f"the holdout forward failed {where}: {type(exc).__name__}: {exc}. "
                         "Check input_keys/label_key, or pass forward_fn=(model, batch) -> logits")
             for m in self.setup.metrics:
                 m.instrument(self.model)
@@ -193,22 +197,31 @@ class SnapshotProcessor:
             data.grad_norms = [None if v < 0 else v for v in self.norms[i][:n].tolist()]  # NaN stays NaN
         elif snap.grads == ALL_MISSING:
             data.grad_norms = [None] * n
+        if "clip_max_norm" in snap.extra:  # the loop clipped with Telemetry.clip_grad_norm_
+            data.pre_clip_norms = [None if v < 0 else v for v in self.pre_clip[i][:n].tolist()]
+            data.clipping = {"max_norm": snap.extra["clip_max_norm"], "pre_clip_norm": float(self.scalars[i][2])}
         if snap.loss_kind == IN_SLOT:
             data.loss = float(self.scalars[i][0])
-        views = self._views(i, snap.extra) if "labels" in snap.extra else {}
+        extra = snap.extra
+        views = self._views(i, extra) if "labels" in extra else {}
         data.labels, data.outputs = views.get("labels"), views.get("outputs")
+        accuracy = None
         if snap.accuracy_kind == IN_AUX:
             with self._guard("train_accuracy", errors):
-                data.train_accuracy = float(batch_accuracy(views["outputs"], views["labels"]))
+                accuracy = float(batch_accuracy(views["outputs"], views["labels"], extra.get("shift", False)))
         elif snap.accuracy_kind == IN_SLOT:
-            data.train_accuracy = float(self.scalars[i][1])
+            accuracy = float(self.scalars[i][1])
+        if accuracy is not None and not math.isnan(accuracy):  # NaN: every label was ignored
+            data.train_accuracy = accuracy
         if snap.counts_kind == IN_SLOT:  # DDP: the all_reduced count vector
             data.label_counts, data.batch_size = unpack_count_vector(self.counts[i].tolist())
         elif snap.counts_kind == IN_AUX:
             with self._guard("batch_stats", errors):
                 data.label_counts = label_counts(views["labels"])
         elif snap.counts_kind == IN_EXTRA:
-            data.label_counts = snap.extra.get("label_counts")
+            data.label_counts = extra.get("label_counts")
+        if isinstance(data.label_counts, LabelCounts):
+            data.label_counts.name = extra.get("label_name")  # the hook's batch format: keys <name>_<id>_pct
         return data
 
     def evaluate(self, slot: list[torch.Tensor]) -> dict[str, Any]:
