@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--per-example",
         action="store_true",
-        help="also write the holdout's per-example predictions (<output>.holdout.<format>)",
+        help="also write the holdout's per-example predictions, or per-sequence loss and "
+        "accuracy for token labels (<output>.holdout.<format>)",
     )
     export.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard scalars to DIR (needs tensorboard)"

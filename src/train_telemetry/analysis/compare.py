@@ -98,6 +98,10 @@ def _rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[[dict[s
         ("holdout best", best),
         ("chance", chance),
         ("holdout loss", _first_last("holdout", "loss")),
+    ]
+    if any(_get(d["summary"], "holdout", "perplexity") for d in reports):  # token holdouts
+        rows.append(("holdout perplexity", _first_last("holdout", "perplexity")))
+    rows += [
         ("train loss", _first_last("train", "loss")),
         ("train acc", _first_last("train", "accuracy")),
     ]

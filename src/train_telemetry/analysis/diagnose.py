@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from train_telemetry.analysis.load import (
+    PRE_CLIP,
+    UNASSIGNED,
     Run,
     class_sort_key,
     format_number,
     holdout_accuracy,
     holdout_chance,
     holdout_class_count,
+    holdout_is_sequence,
     number,
 )
 from train_telemetry.records import OVERALL, nonfinite_keys
@@ -96,6 +99,15 @@ EXPLODING_UPDATE_RATIO = 10.0
 # not a serious "lower the LR"; an unstable optimiser shows as growth alone, Inf/NaN, or
 # exploding updates.
 LOSS_SURGE_GROWTH = 10.0
+# With clipping recorded, the pre-clip norm jumping 10x its early level (the growth that
+# EXPLODING_BEFORE_NAN_GROWTH already counts as a blow-up) and past max_norm in at least 2
+# records is a warning even when it settles again: the applied norm cannot show it (clipping
+# caps it at max_norm), and each such step is a loss spike that clipping only bounds. One
+# spike alone is left alone, as it is without clipping. The early level is the larger of the
+# first value and the first third's median, so the large norms of the first steps from
+# initialisation raise the bar instead of counting as spikes.
+CLIP_SPIKE_GROWTH = 10.0
+CLIP_SPIKE_MIN_RECORDS = 2
 # A gradient norm that turns NaN after growing this much since the early records was
 # exploding, not poisoned by a bad input (that shows as NaN without growth: code nonfinite).
 EXPLODING_BEFORE_NAN_GROWTH = 10.0
@@ -147,6 +159,19 @@ OVERFIT_DROP_MIN = 0.05
 # The demo's frozen backbone (head slowly fitting random features: train 0.53 -> 0.67,
 # holdout 0.52) stays below it.
 OVERFIT_TRAIN_GAP = 0.20
+
+# --- sequence (language-model) holdouts -----------------------------------------------------
+# Token labels have no chance accuracy to compare with (a vocabulary whose token frequencies
+# the records do not hold), so learning is judged on the holdout's per-token loss. It is
+# deterministic (the same sequences, eval mode) and moves only when the weights do, so small
+# margins are real: a late-third mean less than 1% below the early third's (and per-token
+# accuracy up less than 1 point) is a holdout that did not move; a fine-tune at a low LR
+# still moves it a few percent over a run.
+SEQ_LOSS_FALL = 0.01
+SEQ_ACC_RISE = 0.01
+# A late-third mean 5% above the smoothed minimum (reached before the end) is a holdout loss
+# that rose again: what overfitting looks like for an LM (eval loss up while train loss falls).
+SEQ_LOSS_RISE = 0.05
 
 # --- holdout predictions -------------------------------------------------------------------
 # One class for >= 95% of the holdout, 20 points more than that class's true share: collapsed.
@@ -412,15 +437,36 @@ def _growth(values: Sequence[float]) -> tuple[float, float]:
     return max(values[0], statistics.median(early_vals)), statistics.median(late_vals)
 
 
+def _grad_words(run: Run, group: str) -> tuple[str, str]:
+    """(evidence key, words) for the gradient norms the diagnoses read: pre-clip when recorded."""
+    if run.gradient_norm_source(group) == "gradient_norm":
+        return "gradient_norm", "gradient norm"
+    return PRE_CLIP, "pre-clip gradient norm"
+
+
+def _clip_spikes(
+    run: Run, group: str, finite: Sequence[tuple[int, float]], base: float
+) -> list[tuple[int, float]]:
+    """The records where ``group``'s pre-clip norm jumped CLIP_SPIKE_GROWTH x its early level
+    (``base``) and past max_norm; [] when the run recorded no clipping."""
+    if run.gradient_norm_source(group) == "gradient_norm" or base <= 0:
+        return []
+    max_norm = run.clip_max_norm()
+    return [
+        (s, v)
+        for s, v in finite
+        if v >= CLIP_SPIKE_GROWTH * base and (max_norm is None or v > max_norm)
+    ]
+
+
 def _exploding(run: Run, group: str) -> Diagnosis | None:
-    series = run.series("gradient_norm", group)
+    series = run.gradient_norm_series(group)
+    key, words = _grad_words(run, group)
     first_bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), None)
     finite = series[:first_bad] if first_bad is not None else series
     severity: Severity = "serious"
     why = None
-    points = [
-        Evidence(s, {"gradient_norm": v, "lr": _lr_at(run, s, group)}) for s, v in _pick(finite)
-    ]
+    points = [Evidence(s, {key: v, "lr": _lr_at(run, s, group)}) for s, v in _pick(finite)]
     base, late = _growth([v for _, v in finite]) if finite else (0.0, 0.0)
     if first_bad is not None:
         bad_step, bad_value = series[first_bad]
@@ -430,12 +476,10 @@ def _exploding(run: Run, group: str) -> Diagnosis | None:
             or bad_value == math.inf
             or (base > 0 and peak / base >= EXPLODING_BEFORE_NAN_GROWTH)
         ):
-            why = f"gradient norm became {bad_value} at step {bad_step}" + (
+            why = f"{words} became {bad_value} at step {bad_step}" + (
                 f" (from {format_number(base)} early)" if finite else ""
             )
-            points.append(
-                Evidence(bad_step, {"gradient_norm": bad_value, "lr": _lr_at(run, bad_step, group)})
-            )
+            points.append(Evidence(bad_step, {key: bad_value, "lr": _lr_at(run, bad_step, group)}))
     if why is None:
         big = [
             (s, v)
@@ -467,7 +511,7 @@ def _exploding(run: Run, group: str) -> Diagnosis | None:
         and late / base >= EXPLODING_GROWTH
     ):
         why = (
-            f"gradient norm grew {late / base:.3g}x: from {format_number(base)} early to {format_number(late)} "
+            f"{words} grew {late / base:.3g}x: from {format_number(base)} early to {format_number(late)} "
             f"(median of the last {max(1, len(finite) // 3)} records)"
         )
         losses = [v for _, v in run.series("train", "loss", finite=True)]
@@ -475,26 +519,53 @@ def _exploding(run: Run, group: str) -> Diagnosis | None:
         if loss_base > 0 and loss_late / loss_base >= LOSS_SURGE_GROWTH:
             severity = "warning"
             why += f", with the train loss ({format_number(loss_base)} -> {format_number(loss_late)}): a loss surge"
+    spikes = (
+        _clip_spikes(run, group, finite, base)
+        if why is None and len(finite) >= MIN_TREND_RECORDS
+        else []
+    )
+    if len(spikes) >= CLIP_SPIKE_MIN_RECORDS:
+        severity = "warning"
+        peak_step, peak = max(spikes, key=lambda sv: sv[1])
+        max_norm = run.clip_max_norm()
+        why = (
+            f"{words} spiked to {format_number(peak)} at step {peak_step} ({peak / base:.3g}x its "
+            f"early {format_number(base)}), {len(spikes)} records at {CLIP_SPIKE_GROWTH:g}x or more"
+            + (f"; clipping at max_norm {format_number(max_norm)} hid them from the applied norm"
+               if max_norm is not None else "")
+        )
+        points = [
+            Evidence(s, {key: v, "gradient_norm": _applied_at(run, s, group), "lr": _lr_at(run, s, group)})
+            for s, v in _pick(spikes)
+        ]
     if why is None:
         return None
+    hint = (
+        "lower this group's LR (or add warm-up), clip gradients (clip_grad_norm_), "
+        "check the loss scale and normalisation layers"
+        if severity == "serious"
+        else "the gradients follow the loss: find what changed in the data at the surge "
+        "(batch balance, single-class batches) before touching the LR"
+    )
+    if spikes:
+        hint = (
+            "clipping bounds each step, but steps whose gradient is many times the usual are "
+            "loss spikes: look at the batches at those steps (bad or very long examples), "
+            "lower the LR or lengthen the warm-up, check the loss scale under AMP"
+        )
     return Diagnosis(
         code="exploding_gradients",
         severity=severity,
         subject=group,
         title=f"group '{group}': {why}",
         evidence=points,
-        hint=(
-            "lower this group's LR (or add warm-up), clip gradients (clip_grad_norm_), "
-            "check the loss scale and normalisation layers"
-            if severity == "serious"
-            else "the gradients follow the loss: find what changed in the data at the surge "
-            "(batch balance, single-class batches) before touching the LR"
-        ),
+        hint=hint,
     )
 
 
 def _vanishing(run: Run, group: str, converged: bool) -> Diagnosis | None:
-    finite = run.series("gradient_norm", group, finite=True)
+    finite = run.gradient_norm_series(group, finite=True)
+    key, words = _grad_words(run, group)
     if len(finite) < MIN_TREND_RECORDS or converged:
         return None
     early_vals, late_vals = _thirds([v for _, v in finite])
@@ -513,8 +584,8 @@ def _vanishing(run: Run, group: str, converged: bool) -> Diagnosis | None:
         code="vanishing_gradients",
         severity="serious",
         subject=group,
-        title=f"gradient norm of group '{group}' {why}",
-        evidence=[Evidence(s, {"gradient_norm": v}) for s, v in _pick(finite)],
+        title=f"{words} of group '{group}' {why}",
+        evidence=[Evidence(s, {key: v}) for s, v in _pick(finite)],
         hint="gradients are not reaching this group: check saturating or dead activations (an LR "
         "too high kills ReLUs), initialisation, missing normalisation/residual paths",
     )
@@ -617,6 +688,11 @@ def detect_gradients(run: Run) -> list[Diagnosis]:
     return out
 
 
+def _applied_at(run: Run, step: int, group: str) -> float | None:
+    index = run.index_of(step)
+    return run.value(run.records[index], "gradient_norm", group) if index is not None else None
+
+
 def _lr_at(run: Run, step: int, group: str) -> float | None:
     index = run.index_of(step)
     return run.learning_rate(run.records[index], group) if index is not None else None
@@ -653,6 +729,9 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
                 points.append(Evidence(run.step(i), values))
         if any(moved):
             continue  # it moved at some point: whatever the grads/LR say, it is not frozen
+        if group == UNASSIGNED:
+            out.extend(_unassigned_with_gradients(grads, points))
+            continue
         no_grads = len(grads) >= MIN_FROZEN_RECORDS and all(g is None or g == 0 for g in grads)
         zero_lr = len(lrs) >= MIN_FROZEN_RECORDS and all(lr == 0 for lr in lrs)
         still = bool(moved)
@@ -681,7 +760,33 @@ def detect_frozen(run: Run) -> list[Diagnosis]:
                 "the optimizer",
             )
         )
-    return [_with_layer(run, d, "frozen") for d in out]
+    # Layers are not tagged by group, and no module belongs to "unassigned" by name.
+    return [d if d.subject == UNASSIGNED else _with_layer(run, d, "frozen") for d in out]
+
+
+def _unassigned_with_gradients(
+    grads: Sequence[float | None], points: Sequence[Evidence]
+) -> list[Diagnosis]:
+    """The ``unassigned`` group (parameters in no optimizer group) never moves by design; it
+    is a problem only when its parameters receive gradients: backward pays for them and no
+    optimizer step uses them (records cannot tell requires_grad, so null gradients count
+    as frozen on purpose, e.g. a LoRA model's base)."""
+    got = [g for g in grads if g is not None and g != 0]
+    if not got:
+        return []
+    return [
+        Diagnosis(
+            code="frozen_group",
+            severity="warning",
+            subject=UNASSIGNED,
+            title=f"parameters in no optimizer group receive gradients (norm up to "
+            f"{format_number(max(got))} in {len(got)} of {len(grads)} records) but no optimizer "
+            "updates them",
+            evidence=_pick([e for e in points if e.values.get("gradient_norm")]),
+            hint="if they should train, add them to the optimizer's param groups; if not, set "
+            "requires_grad=False on them (saves their backward compute and memory)",
+        )
+    ]
 
 
 def detect_lr_ratio(run: Run) -> list[Diagnosis]:
@@ -802,9 +907,119 @@ def detect_update_inversion(run: Run) -> list[Diagnosis]:
     return out
 
 
+def _sequence_holdout_trend(run: Run) -> dict[str, Any] | None:
+    """A sequence holdout's per-token loss over the run: early/late third means, the smoothed
+    minimum and where, and the verdicts ``flat`` and ``rising``; None without enough records
+    (or for a classifier's holdout)."""
+    holdout = run.holdout()
+    if not holdout or not holdout_is_sequence(holdout[-1][2]):
+        return None
+    losses = [
+        (s, v) for s, _, h in holdout if (v := number(h.get("loss"))) is not None and math.isfinite(v)
+    ]
+    if len(losses) < MIN_TREND_RECORDS:
+        return None
+    values = [v for _, v in losses]
+    early_vals, late_vals = _thirds(values)
+    early, late = statistics.fmean(early_vals), statistics.fmean(late_vals)
+    w = len(late_vals)
+    smoothed = [statistics.fmean(values[i : i + w]) for i in range(len(values) - w + 1)]
+    low_i = min(range(len(smoothed)), key=smoothed.__getitem__)
+    low = smoothed[low_i]
+    accs = [
+        a for _, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)
+    ]
+    acc_rise = (
+        statistics.fmean(_thirds(accs)[1]) - statistics.fmean(_thirds(accs)[0])
+        if len(accs) >= MIN_TREND_RECORDS
+        else None
+    )
+    return {
+        "losses": losses,
+        "early": early,
+        "late": late,
+        "low": low,
+        # the step of the window's middle record
+        "low_step": losses[low_i + w // 2][0],
+        "flat": late > early * (1 - SEQ_LOSS_FALL) and (acc_rise is None or acc_rise < SEQ_ACC_RISE),
+        "rising": low_i < len(smoothed) - 1 and late >= low * (1 + SEQ_LOSS_RISE),
+    }
+
+
+def _perplexity_text(a: float, b: float) -> str:
+    """Per-token losses a -> b as perplexities (what LM users compare)."""
+
+    def ppl(x: float) -> str:
+        return format_number(math.exp(x)) if x < 700 else "Inf"
+
+    return f"perplexity {ppl(a)} -> {ppl(b)}"
+
+
+def _detect_sequence_learning(run: Run, trend: dict[str, Any]) -> list[Diagnosis]:
+    """detect_learning for a sequence holdout: judged on its per-token loss (no chance level)."""
+    train = _train_trend(run)
+    train_by_step = {
+        run.step(i): r.get("train")
+        for i, r in enumerate(run.records)
+        if isinstance(r.get("train"), dict)
+    }
+    acc_by_step = {s: holdout_accuracy(h) for s, _, h in run.holdout()}
+    evidence = []
+    for s, v in _pick(trend["losses"]):
+        values_at: dict[str, Any] = {
+            "holdout_loss": v, "holdout_accuracy": acc_by_step.get(s)
+        }
+        t = train_by_step.get(s)
+        if isinstance(t, dict):
+            values_at["train_loss"] = number(t.get("loss"))
+        evidence.append(Evidence(s, values_at))
+    train_text = _train_text(train)
+    early, late, low = trend["early"], trend["late"], trend["low"]
+    if train["improving"] and (trend["flat"] or trend["rising"]):
+        what = (
+            f"holdout per-token loss rose from {low:.4g} (step {trend['low_step']}) to {late:.4g} "
+            f"({_perplexity_text(low, late)})"
+            if trend["rising"]
+            else f"holdout per-token loss did not fall ({early:.4g} -> {late:.4g}, "
+            f"{_perplexity_text(early, late)})"
+        )
+        return [
+            Diagnosis(
+                code="overfitting",
+                severity="serious",
+                title=f"{what} while {train_text}",
+                evidence=evidence,
+                hint="the model fits the training text but not the holdout: stop earlier (the "
+                "holdout's best step), lower the LR or the number of epochs, add data or "
+                "regularisation; check that train and holdout come from the same distribution",
+            )
+        ]
+    if trend["flat"]:
+        return [
+            Diagnosis(
+                code="no_learning",
+                severity="serious",
+                title=f"holdout per-token loss does not fall ({early:.4g} -> {late:.4g}, "
+                f"{_perplexity_text(early, late)})"
+                + (f" and {train_text}" if train["known"] else "; no train loss recorded"),
+                evidence=evidence,
+                hint="nothing is being learned: a serious diagnosis listed above this one is the likely "
+                "cause; else check the LR (too low, or a scheduler stuck at 0), that the trainable "
+                "parameters (e.g. LoRA adapters) are in the optimizer, and that the labels are the "
+                "tokens to predict",
+            )
+        ]
+    return []
+
+
 def detect_learning(run: Run) -> list[Diagnosis]:
     """Overfitting (train improving, holdout at chance or falling) or no learning at all."""
     holdout = run.holdout()
+    if holdout and holdout_is_sequence(holdout[-1][2]):
+        trend = _sequence_holdout_trend(run)
+        if trend is None:
+            return _no_learning_from_train(run, _train_trend(run))
+        return _detect_sequence_learning(run, trend)
     accs = [
         (s, a) for s, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)
     ]
@@ -899,7 +1114,7 @@ def _no_learning_from_train(run: Run, train: dict[str, Any]) -> list[Diagnosis]:
             title=f"train loss does not fall ({train['loss_early']:.3g} -> {train['loss_late']:.3g}); "
             "no holdout recorded to confirm",
             evidence=points,
-            hint="check the LR, frozen groups and the labels; call set_holdout() to let the "
+            hint="check the LR, frozen groups and the labels; call set_holdout_data() to let the "
             "report judge learning on fixed examples",
         )
     ]
@@ -1002,7 +1217,12 @@ def detect_batches(run: Run) -> list[Diagnosis]:
             )
 
     samples = sum(sizes) if sizes else len(batches)
-    if len(classes) >= 2 and samples / len(classes) >= IMBALANCE_MIN_PER_CLASS:
+    # Labels per token (a tagger: batch_stats counts ``tokens``) are imbalanced by nature
+    # ("O" outnumbers every entity tag) and no sampler can rebalance tokens within a sequence.
+    per_token = any(
+        isinstance(stats := r.get("batch_stats"), dict) and "tokens" in stats for r in run.records
+    )
+    if not per_token and len(classes) >= 2 and samples / len(classes) >= IMBALANCE_MIN_PER_CLASS:
         most = max(classes, key=lambda c: prior[c])
         least = min(classes, key=lambda c: prior[c])
         absent = [c for c in holdout_labels if c not in present]
@@ -1137,8 +1357,9 @@ def _steadiness(values: Sequence[float]) -> float:
 
 def detect_not_zeroed(run: Run) -> list[Diagnosis]:
     """Gradients that are summed over steps (no zero_grad): norm growing steadily with the step."""
-    key = OVERALL if run.series("gradient_norm", OVERALL) else (run.groups or [OVERALL])[0]
-    series = run.series("gradient_norm", key)
+    # Clipping caps the applied norm at max_norm: an accumulating sum shows only before it.
+    key = OVERALL if run.gradient_norm_series(OVERALL) else (run.groups or [OVERALL])[0]
+    series = run.gradient_norm_series(key)
     if len(series) < NOT_ZEROED_MIN_RECORDS or any(
         not math.isfinite(v) or v <= 0 for _, v in series
     ):
@@ -1166,6 +1387,7 @@ def detect_not_zeroed(run: Run) -> list[Diagnosis]:
     if loss_early > 0 and loss_late / loss_early >= LOSS_SURGE_GROWTH:
         return []
     # Once the loss is ~0 the batches add ~nothing and the sum stays where it got to.
+    grad_key = _grad_words(run, key)[0]
     jitter = statistics.median(
         abs(math.log(b / a)) for (_, a), (_, b) in zip(half, half[1:], strict=False)
     )
@@ -1187,7 +1409,7 @@ def detect_not_zeroed(run: Run) -> list[Diagnosis]:
     evidence = [
         Evidence(
             s,
-            {"gradient_norm": v, "gradient_norm_per_step": v / s if s else None}
+            {grad_key: v, f"{grad_key}_per_step": v / s if s else None}
             | ({"train_loss": loss_by_step[s]} if s in loss_by_step else {}),
         )
         for s, v in _pick(series)
@@ -1196,7 +1418,7 @@ def detect_not_zeroed(run: Run) -> list[Diagnosis]:
         Diagnosis(
             code="gradients_not_zeroed",
             severity="serious",
-            title=f"the gradient norm behaves as a sum of every batch's gradients: "
+            title=f"the {_grad_words(run, key)[1]} behaves as a sum of every batch's gradients: "
             f"{format_number(values[0])} at step {steps[0]} -> {format_number(g_last)} at step {s_last}, "
             + how,
             evidence=evidence,
@@ -1380,9 +1602,13 @@ def detect_unstable(run: Run) -> list[Diagnosis]:
     # examples dominate it): the gradient norm counts only while the train loss is not improving.
     sources = [("train", "loss", "train loss")]
     if not _train_trend(run)["improving"]:
-        sources.append(("gradient_norm", OVERALL, "gradient norm"))
+        sources.append(("gradient_norm", OVERALL, _grad_words(run, OVERALL)[1]))
     for family, key, what in sources:
-        series = run.series(family, key, finite=True)
+        series = (
+            run.gradient_norm_series(key, finite=True)
+            if family == "gradient_norm"
+            else run.series(family, key, finite=True)
+        )
         if len(series) < UNSTABLE_MIN_RECORDS:
             continue
         values = [v for _, v in series]
@@ -1408,7 +1634,7 @@ def detect_unstable(run: Run) -> list[Diagnosis]:
                 f"{format_number(early)} early -> {format_number(late)} late (level {format_number(level)}), "
                 f"changing direction in {turn_share:.0%} of the second half",
                 evidence=[
-                    Evidence(s, {what.replace(" ", "_"): v})
+                    Evidence(s, {(_grad_words(run, key)[0] if family == "gradient_norm" else "train_loss"): v})
                     for s, v in _pick(series, 2 * EVIDENCE_POINTS)
                 ],
                 hint="the optimiser overshoots: lower the LR (or add warm-up/decay), clip gradients, "
@@ -1429,11 +1655,6 @@ def detect_non_convergence(run: Run) -> list[Diagnosis]:
     middle, late = statistics.fmean(values[k : len(values) - k]), statistics.fmean(values[-k:])
     if late < middle * (1 - NONCONV_STALL):
         return []  # still improving
-    chance, n = holdout_chance(holdout[-1][2])
-    accs = [a for _, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)]
-    if accs and statistics.fmean(_thirds(accs)[1]) <= chance + _chance_margin(chance, n):
-        return []  # the holdout stays at chance: that is no_learning
-    chance_loss = math.log(holdout_class_count(holdout[-1][2]))
     best = [
         (s, v)
         for s, _, h in holdout
@@ -1441,6 +1662,22 @@ def detect_non_convergence(run: Run) -> list[Diagnosis]:
     ]
     if not best:
         return []
+    if holdout_is_sequence(holdout[-1][2]):
+        trend = _sequence_holdout_trend(run)
+        if trend is None or trend["flat"]:
+            return []  # the holdout does not move: that is no_learning
+        # No chance level for tokens: the holdout's starting loss stands in for it (a train
+        # loss near 0 next to it is noise, not a stall).
+        chance_loss, chance_words = best[0][1], "holdout's first loss"
+    else:
+        chance, n = holdout_chance(holdout[-1][2])
+        accs = [
+            a for _, _, h in holdout if (a := holdout_accuracy(h)) is not None and math.isfinite(a)
+        ]
+        if accs and statistics.fmean(_thirds(accs)[1]) <= chance + _chance_margin(chance, n):
+            return []  # the holdout stays at chance: that is no_learning
+        chance_loss = math.log(holdout_class_count(holdout[-1][2]))
+        chance_words = "chance level"
     best_step, best_loss = min(best, key=lambda sv: sv[1])
     if not (
         late >= NONCONV_HOLDOUT_GAP * best_loss and late >= NONCONV_MIN_CHANCE_SHARE * chance_loss
@@ -1454,7 +1691,7 @@ def detect_non_convergence(run: Run) -> list[Diagnosis]:
             severity="serious",
             title=f"train loss stopped improving at {format_number(late)} (last third; middle third "
             f"{format_number(middle)}), {gap} the holdout's best loss "
-            f"{format_number(best_loss)} (step {best_step}); chance level {format_number(chance_loss)}",
+            f"{format_number(best_loss)} (step {best_step}); {chance_words} {format_number(chance_loss)}",
             evidence=[
                 Evidence(
                     s,

@@ -34,7 +34,13 @@ __all__ = [
 TableFormat = Literal["csv", "parquet"]
 # The per-example holdout lists would be one column per example; they get their own long
 # table (holdout_dataframe) instead.
-_PER_EXAMPLE = ("holdout_logits.logits", "holdout_logits.labels", "holdout_logits.predictions")
+_PER_EXAMPLE = (
+    "holdout_logits.logits",
+    "holdout_logits.labels",
+    "holdout_logits.predictions",
+    "holdout_logits.example_loss",
+    "holdout_logits.example_accuracy",
+)
 _LEADING = ("batch_idx", "epoch", "seq", "timestamp", "segment", "superseded")
 # Bookkeeping that is not a training signal: left out of TensorBoard scalars.
 _NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size", "segment", "restarts"}
@@ -102,10 +108,29 @@ def to_dataframe(
 
 
 def holdout_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
-    """One row per (record, holdout example): step, example, label, prediction, correct, logit_<k>."""
+    """One row per (record, holdout example): step, example, label, prediction, correct, logit_<k>.
+
+    For sequence labels (tokens) the row is the example's mean loss and accuracy per token
+    (columns ``loss`` and ``accuracy``) instead.
+    """
     pd_ = require("pandas", extra="export", purpose="holdout_dataframe()")
     rows = []
     for step, record, holdout in _as_run(run).holdout():
+        example_loss = holdout.get("example_loss")
+        if isinstance(example_loss, list) and not isinstance(holdout.get("predictions"), list):
+            accuracy = holdout.get("example_accuracy") or []
+            rows += [
+                {
+                    "batch_idx": step,
+                    "epoch": record.get("epoch"),
+                    "seq": record.get("seq"),
+                    "example": i,
+                    "loss": loss,
+                    "accuracy": accuracy[i] if i < len(accuracy) else None,
+                }
+                for i, loss in enumerate(example_loss)
+            ]
+            continue
         labels = holdout.get("labels") or []
         logits = holdout.get("logits") or []
         for i, pred in enumerate(holdout.get("predictions") or []):

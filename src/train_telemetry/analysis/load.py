@@ -38,9 +38,13 @@ from train_telemetry.records import (
 )
 
 __all__ = [
+    "GRADIENT_SOURCES",
     "GROUP_FAMILIES",
     "OVERALL",
+    "PRE_CLIP",
     "SECTION_KEYS",
+    "SEQUENCE_SCORED",
+    "UNASSIGNED",
     "Record",
     "Run",
     "RunNotFoundError",
@@ -51,6 +55,8 @@ __all__ = [
     "holdout_accuracy",
     "holdout_chance",
     "holdout_class_count",
+    "holdout_is_sequence",
+    "holdout_perplexity",
     "load_run",
     "load_runs",
     "number",
@@ -66,10 +72,35 @@ Record = dict[str, Any]
 # value is a dict is a metric shown generically (Run.metric_keys), so a new metric needs no
 # change here.
 SECTION_KEYS = BOOKKEEPING_KEYS | {
-    *GROUP_FAMILIES, "learning_rates", "holdout_logits", "batch_stats", "train"
+    *GROUP_FAMILIES, "learning_rates", "holdout_logits", "batch_stats", "train",
+    "gradient_norm_pre_clip", "gradient_clipping",
 }
 
+PRE_CLIP = "gradient_norm_pre_clip"
+"""The per-group family of gradient norms before clipping (``gradient_norm`` is then what
+the optimizer applied)."""
+# Where a run's gradient norms before any clipping come from, best first (see
+# Run.gradient_norm_source): our clip helper's per-group norms; the Hugging Face integration's
+# (or the helper's) total norm before clipping; the applied norms, when nothing was clipped.
+GRADIENT_SOURCES = (PRE_CLIP, "gradient_clipping.pre_clip_norm", "gradient_norm")
+
+UNASSIGNED = "unassigned"
+"""The group the collector puts the parameters that no optimizer group holds in (a LoRA
+model's frozen base): never updated, so a zero weight delta there is by design."""
+
+# The holdout_logits keys only a sequence-label (token) evaluation writes.
+_SEQUENCE_KEYS = ("perplexity", "tokens", "example_loss", "example_accuracy", "scored")
+SEQUENCE_SCORED = {
+    "all": "every labelled position",
+    "shifted": "the next token at each position (the labels are the inputs, shifted by the model)",
+    "last": "only the model's last position",
+}
+"""What each ``holdout_logits.scored`` value means, in the report's words."""
+
 _RANK_FILE = re.compile(r"^telemetry\.rank(\d+)\.jsonl$")
+_ANY_CLASS_KEY = re.compile(r"^(?:.+)_(.+?)_pct$")
+# math.exp overflows a float above ~709.78.
+_MAX_EXP = 709.0
 _GROUP_INDEX = re.compile(r"^group_(\d+)$")
 
 
@@ -412,23 +443,43 @@ class Run:
                 out.append((self.step(i), record, holdout))
         return out
 
+    def _label_pattern(self, stats: dict[str, Any]) -> re.Pattern[str]:
+        """``<label>_<class>_pct`` for the config's label_key when the record's keys use it,
+        else any ``<key>_<class>_pct`` (the label name of a batch format found at start(),
+        e.g. "labels" for Hugging Face batches, differs from the default label_key)."""
+        label_key = self.config.get("label_key")
+        if isinstance(label_key, str):
+            own = re.compile(rf"^{re.escape(label_key)}_(.+)_pct$")
+            if any(own.match(k) for k in stats):
+                return own
+        return _ANY_CLASS_KEY
+
+    def batch_label(self) -> str | None:
+        """The label name the batch stats are keyed by (``<label>_<class>_pct``), else the
+        config's label_key, else None."""
+        for record in self.records:
+            stats = record.get("batch_stats")
+            if isinstance(stats, dict):
+                pattern = self._label_pattern(stats)
+                for key in stats:
+                    if match := pattern.match(key):
+                        return key[: match.start(1) - 1]
+        label_key = self.config.get("label_key")
+        return str(label_key) if label_key is not None else None
+
     def batch_classes(self) -> list[tuple[int, dict[str, float], float | None]]:
         """(step, {class: pct of the batch}, batch_size) for each record with batch stats.
 
-        The class keys are ``<label_key>_<class>_pct``; label_key comes from run.json's
-        config, else any ``<key>_<class>_pct`` key counts.
+        The class keys are ``<label_key>_<class>_pct`` (see :meth:`_label_pattern`). Records
+        of the many-class layout (:meth:`token_batches`) are left out: their shares are the
+        top few labels only, not the batch's class balance.
         """
-        label_key = self.config.get("label_key")
-        pattern = re.compile(
-            rf"^{re.escape(label_key)}_(.+)_pct$"
-            if isinstance(label_key, str)
-            else r"^(?:.+)_(.+?)_pct$"
-        )
         out = []
         for i, record in enumerate(self.records):
             stats = record.get("batch_stats")
-            if not isinstance(stats, dict):
+            if not isinstance(stats, dict) or "distinct_labels" in stats:
                 continue
+            pattern = self._label_pattern(stats)
             classes = {}
             for key, value in stats.items():
                 match = pattern.match(key)
@@ -438,6 +489,102 @@ class Run:
             if classes:
                 out.append((self.step(i), classes, number(stats.get("batch_size"))))
         return out
+
+    def token_batches(self) -> list[tuple[int, dict[str, Any], dict[str, float]]]:
+        """(step, batch_stats, {label: pct}) for each record of the many-class layout.
+
+        Labels with more than 64 values (token ids) are recorded as ``batch_size``,
+        ``tokens``, ``ignored_pct``, ``distinct_labels`` (its presence marks the layout) and
+        ``<label>_<id>_pct`` for the batch's 5 most common ids only.
+        """
+        out = []
+        for i, record in enumerate(self.records):
+            stats = record.get("batch_stats")
+            if not isinstance(stats, dict) or "distinct_labels" not in stats:
+                continue
+            pattern = self._label_pattern(stats)
+            top = {
+                match.group(1): pct
+                for key, value in stats.items()
+                if (match := pattern.match(key)) and (pct := number(value)) is not None
+                and math.isfinite(pct)
+            }
+            out.append((self.step(i), stats, top))
+        return out
+
+    def gradient_norm_source(self, key: str = OVERALL) -> str:
+        """Where ``key``'s gradient norms before clipping come from: one of :data:`GRADIENT_SOURCES`.
+
+        Clipping bounds the applied norm (``gradient_norm``) at max_norm, which hides the
+        spikes and growth the gradient diagnoses look for: the pre-clip norms are read
+        whenever the run recorded them.
+        """
+        if any(self.value(r, PRE_CLIP, key) is not None for r in self.records):
+            return PRE_CLIP
+        if any(self.value(r, "gradient_clipping", "pre_clip_norm") is not None for r in self.records):
+            return GRADIENT_SOURCES[1]
+        return "gradient_norm"
+
+    def pre_clip_norm(self, record: Record, key: str) -> float | None:
+        """``key``'s gradient norm before clipping in ``record``; None when it was not recorded.
+
+        From ``gradient_norm_pre_clip``, else from ``gradient_clipping``: its ``pre_clip_norm``
+        is the overall norm, and a group's is its applied norm scaled back up by
+        ``pre_clip_norm / gradient_norm.overall`` (clip_grad_norm_ scales every gradient by
+        that one factor) when the step was clipped.
+        """
+        if isinstance(record.get(PRE_CLIP), dict):
+            return self.value(record, PRE_CLIP, key)
+        total = self.value(record, "gradient_clipping", "pre_clip_norm")
+        if total is None:
+            return None
+        if key == OVERALL:
+            return total
+        applied = self.value(record, "gradient_norm", key)
+        applied_total = self.value(record, "gradient_norm", OVERALL)
+        max_norm = self.value(record, "gradient_clipping", "max_norm")
+        clipped = max_norm is None or total > max_norm
+        if (
+            applied is None
+            or not clipped
+            or not math.isfinite(total)
+            or applied_total is None
+            or not math.isfinite(applied_total)
+            or applied_total <= 0
+        ):
+            return applied
+        return applied * total / applied_total
+
+    def gradient_norm_series(self, key: str, *, finite: bool = False) -> list[tuple[int, float]]:
+        """(step, gradient norm of ``key`` before clipping) per record: see :meth:`gradient_norm_source`.
+
+        A record without clipping data (in a run that has some) contributes its applied norm.
+        """
+        if self.gradient_norm_source(key) == "gradient_norm":
+            return self.series("gradient_norm", key, finite=finite)
+        out: list[tuple[int, float]] = []
+        for i, record in enumerate(self.records):
+            clipping = isinstance(record.get(PRE_CLIP), dict) or isinstance(
+                record.get("gradient_clipping"), dict
+            )
+            v = (
+                self.pre_clip_norm(record, key)
+                if clipping
+                else self.value(record, "gradient_norm", key)
+            )
+            if v is not None and (not finite or math.isfinite(v)):
+                out.append((self.step(i), v))
+        return out
+
+    def clip_max_norm(self) -> float | None:
+        """The largest ``gradient_clipping.max_norm`` the run recorded, None if none."""
+        values = [
+            v
+            for r in self.records
+            if (v := self.value(r, "gradient_clipping", "max_norm")) is not None
+            and math.isfinite(v)
+        ]
+        return max(values) if values else None
 
     def median_lrs(self) -> dict[str, float]:
         """Each group's median finite LR over the run (groups without LRs left out)."""
@@ -499,6 +646,23 @@ def holdout_accuracy(holdout: dict[str, Any]) -> float | None:
     ):
         return sum(p == t for p, t in zip(preds, labels, strict=True)) / len(labels)
     return None
+
+
+def holdout_is_sequence(holdout: dict[str, Any]) -> bool:
+    """Whether a holdout evaluation is of sequence labels (tokens): per-token loss and
+    accuracy, perplexity and per-sequence values, no per-example logits or predictions."""
+    return any(holdout.get(key) is not None for key in _SEQUENCE_KEYS)
+
+
+def holdout_perplexity(holdout: dict[str, Any]) -> float | None:
+    """A sequence holdout's perplexity: the recorded one, else exp of its per-token loss."""
+    recorded = number(holdout.get("perplexity"))
+    if recorded is not None:
+        return recorded
+    loss = number(holdout.get("loss"))
+    if loss is None or not holdout_is_sequence(holdout):
+        return None
+    return math.exp(loss) if loss < _MAX_EXP else math.inf
 
 
 def holdout_class_count(holdout: dict[str, Any]) -> int:

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from train_telemetry.analysis.diagnose import Diagnosis, diagnose
 from train_telemetry.analysis.extras import require
-from train_telemetry.analysis.load import OVERALL, Run, class_sort_key, holdout_chance
+from train_telemetry.analysis.load import (
+    OVERALL,
+    UNASSIGNED,
+    Run,
+    class_sort_key,
+    holdout_chance,
+    holdout_is_sequence,
+    number,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -146,27 +154,45 @@ def _plot_log_series(
     return bool(series)
 
 
+def _family_series(run: Run, family: str, key: str) -> list[tuple[int, float]]:
+    if family == "lr":
+        return run.lr_series(key)
+    if family == "gradient_norm":
+        # Clipping caps the applied norm at max_norm: the spikes show only before it.
+        return run.gradient_norm_series(key)
+    return run.series(family, key)
+
+
 def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
-    ax.set_title(title)
+    pre_clip = family == "gradient_norm" and run.gradient_norm_source() != "gradient_norm"
+    ax.set_title(title + (" before clipping" if pre_clip else ""))
     colours = _colours(len(run.groups))
     drawn = False
     missing = []
     for group, colour in zip(run.groups, colours, strict=True):
-        series = run.lr_series(group) if family == "lr" else run.series(family, group)
+        series = _family_series(run, family, group)
         if series:
             drawn |= _plot_log_series(ax, series, group, colour)
         else:
             missing.append(group)
     if family != "lr":
-        overall = run.series(family, OVERALL)
+        overall = _family_series(run, family, OVERALL)
         if overall and len(run.groups) > 1:
             drawn |= _plot_log_series(ax, overall, OVERALL, "0.3", ":")
     if not drawn:
         return _empty(ax, f"no {title.lower()} recorded")
+    max_norm = run.clip_max_norm() if pre_clip else None
+    if max_norm is not None and max_norm > 0:
+        ax.axhline(max_norm, color="tab:red", linestyle="--", linewidth=1.0,
+                   label=f"clip max_norm {max_norm:g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
+    frozen = [g for g in missing if g == UNASSIGNED]
+    missing = [g for g in missing if g != UNASSIGNED]
     if missing:
         ax.plot([], [], " ", label="no data: " + ", ".join(missing))
+    if frozen:  # no optimizer group holds them: no LR, no gradients, by design
+        ax.plot([], [], " ", label=f"{UNASSIGNED}: in no optimizer group (frozen)")
     _mark_resumes(ax, run.resumes)
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, which="major", alpha=0.3)
@@ -240,15 +266,22 @@ def _colours(n: int) -> list[Any]:
     return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
 
 
+def _is_sequence_run(run: Run) -> bool:
+    holdout = run.holdout()
+    return bool(holdout) and holdout_is_sequence(holdout[-1][2])
+
+
 def _accuracy_panel(ax: Axes, run: Run) -> bool:
-    ax.set_title("accuracy")
+    sequence = _is_sequence_run(run)
+    ax.set_title("per-token accuracy" if sequence else "accuracy")
     holdout = run.holdout()
     drawn = False
     acc = [(s, a) for s, _, h in holdout if isinstance(a := h.get("accuracy"), (int, float))]
     if acc:
         ax.plot(*zip(*acc, strict=True), color="tab:blue", marker=".", label="holdout")
-        chance, _ = holdout_chance(holdout[-1][2])
-        ax.axhline(chance, color="0.5", linestyle="--", label=f"chance {chance:.2f}")
+        if not sequence:  # a vocabulary has no chance level the records could tell
+            chance, _ = holdout_chance(holdout[-1][2])
+            ax.axhline(chance, color="0.5", linestyle="--", label=f"chance {chance:.2f}")
         drawn = True
     train = run.series("train", "accuracy", finite=True)
     if train:
@@ -265,7 +298,8 @@ def _accuracy_panel(ax: Axes, run: Run) -> bool:
 
 
 def _loss_panel(ax: Axes, run: Run) -> bool:
-    ax.set_title("loss")
+    sequence = _is_sequence_run(run)
+    ax.set_title("loss per token (right axis: perplexity)" if sequence else "loss")
     drawn = False
     for family, label, colour in (
         ("holdout_logits", "holdout", "tab:blue"),
@@ -282,6 +316,18 @@ def _loss_panel(ax: Axes, run: Run) -> bool:
             drawn = True
     if not drawn:
         return _empty(ax, "no loss recorded")
+    if sequence:
+        import numpy as np
+
+        # Perplexity is exp(loss): a second scale on the same line, not another line.
+        def to_ppl(x: Any) -> Any:
+            return np.exp(np.clip(x, -50.0, 50.0))
+
+        def to_loss(x: Any) -> Any:
+            return np.log(np.clip(x, 1e-300, None))
+
+        ax.secondary_yaxis("right", functions=(to_ppl, to_loss)).set_ylabel("perplexity")
+        ax.set_ylabel("cross-entropy per token")
     _mark_resumes(ax, run.resumes)
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
@@ -316,6 +362,84 @@ def _balance_panel(ax: Axes, run: Run) -> bool:
     return True
 
 
+def _token_batch_panel(ax: Axes, run: Run) -> bool:
+    """Many-class labels: labelled tokens and distinct labels per batch, and the ignored share
+    (a vocabulary's thousands of class shares would be unreadable)."""
+    label = run.batch_label()
+    ax.set_title("batch tokens" + (f" ('{label}')" if label else ""))
+    batches = run.token_batches()
+    lines: list[Any] = []
+    for key, name, colour in (
+        ("tokens", "labelled tokens", "tab:blue"),
+        ("distinct_labels", "distinct labels", "tab:green"),
+    ):
+        points = [(s, v) for s, stats, _ in batches if (v := number(stats.get(key))) is not None]
+        if points:
+            lines += ax.plot(*zip(*points, strict=True), color=colour, label=name,
+                             marker="." if len(points) < 30 else None)
+    ignored = [(s, v) for s, stats, _ in batches if (v := number(stats.get("ignored_pct"))) is not None]
+    if ignored:
+        right = ax.twinx()
+        lines += right.plot(*zip(*ignored, strict=True), color="tab:red", linestyle="--",
+                            label="ignored labels (%)")
+        right.set_ylim(0, 100)
+        right.set_ylabel("% of label elements < 0")
+    if not lines:
+        return _empty(ax, "no batch token counts recorded")
+    _mark_resumes(ax, run.resumes)
+    ax.set_ylabel("per batch")
+    ax.set_xlabel("step")
+    ax.legend(handles=lines, fontsize="x-small", loc="best")
+    ax.grid(True, alpha=0.3)
+    return True
+
+
+def _sequence_heatmap_panel(ax: Axes, run: Run) -> bool:
+    """Each holdout sequence's mean loss at each record: the same examples followed over time."""
+    ax.set_title("holdout loss per sequence (rows sorted by first loss)")
+    holdout = [
+        (s, h["example_loss"])
+        for s, _, h in run.holdout()
+        if isinstance(h.get("example_loss"), list) and h["example_loss"]
+    ]
+    if not holdout:
+        return _empty(ax, "no per-sequence holdout loss recorded")
+    import numpy as np
+
+    size = len(holdout[-1][1])
+    holdout = [(s, v) for s, v in holdout if len(v) == size]
+    grid = np.array(
+        [[number(v[i]) if number(v[i]) is not None else np.nan for _, v in holdout]
+         for i in range(size)],
+        dtype=float,
+    )
+    first = np.nan_to_num(grid[:, 0], nan=np.inf)
+    grid = grid[np.argsort(first, kind="stable")]
+    mesh = ax.pcolormesh(_column_edges([s for s, _ in holdout]), np.arange(size + 1) - 0.5,
+                         np.ma.masked_invalid(grid), cmap="viridis")
+    ax.figure.colorbar(mesh, ax=ax, label="loss per token")
+    ax.set_ylim(size - 0.5, -0.5)
+    _mark_resumes(ax, run.resumes, colour="white")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sequence")
+    ax.set_yticks([])
+    return True
+
+
+def _column_edges(steps_list: Sequence[int]) -> Any:
+    """Column edges halfway between collections, so that a dropped snapshot (a longer gap)
+    shows as a wider column at the right steps rather than shifting every later column."""
+    import numpy as np
+
+    steps = np.array(steps_list, dtype=float)
+    if len(steps) > 1:
+        mids = (steps[1:] + steps[:-1]) / 2
+        return np.concatenate(
+            [[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]]
+        )
+    return np.array([steps[0] - 0.5, steps[0] + 0.5])
+
+
 def _heatmap_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("holdout predictions per example (rows sorted by label; left strip: label)")
     holdout = [
@@ -337,16 +461,7 @@ def _heatmap_panel(ax: Axes, run: Run) -> bool:
     cmap = ListedColormap(colours)
     norm = BoundaryNorm(np.arange(-0.5, classes + 0.5), cmap.N)
     grid = np.array([[h["predictions"][i] for _, h in holdout] for i in order], dtype=float)
-    # Column edges halfway between collections, so that a dropped snapshot (a longer gap)
-    # shows as a wider column at the right steps rather than shifting every later column.
-    steps = np.array([s for s, _ in holdout], dtype=float)
-    if len(steps) > 1:
-        mids = (steps[1:] + steps[:-1]) / 2
-        x_edges = np.concatenate(
-            [[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]]
-        )
-    else:
-        x_edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    x_edges = _column_edges([s for s, _ in holdout])
     ax.pcolormesh(x_edges, np.arange(size + 1) - 0.5, grid, cmap=cmap, norm=norm)
     ax.set_ylim(size - 0.5, -0.5)
     strip = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
@@ -465,8 +580,18 @@ def save_dashboard(run: Run, path: str | os.PathLike[str], *, dpi: int = DEFAULT
         "learning rate": _group_panel(axes[1][1], run, "lr", "Learning rate"),
         "accuracy": _accuracy_panel(axes[2][0], run),
         "loss": _loss_panel(axes[2][1], run),
-        "batch balance": _balance_panel(axes[3][0], run),
-        "holdout predictions": _heatmap_panel(axes[3][1], run),
+    }
+    # Token labels: tokens per batch instead of a share per class, and each holdout
+    # sequence's loss instead of its predicted class.
+    if run.token_batches() and not run.batch_classes():
+        panels["batch tokens"] = _token_batch_panel(axes[3][0], run)
+    else:
+        panels["batch balance"] = _balance_panel(axes[3][0], run)
+    if _is_sequence_run(run):
+        panels["holdout loss per sequence"] = _sequence_heatmap_panel(axes[3][1], run)
+    else:
+        panels["holdout predictions"] = _heatmap_panel(axes[3][1], run)
+    panels |= {
         "telemetry cost": _telemetry_panel(axes[4][0], run),
         "diagnoses": _diagnoses_panel(axes[4][1], diagnoses),
     }

@@ -19,11 +19,16 @@ from train_telemetry.analysis.diagnose import Diagnosis, diagnose, is_serious
 from train_telemetry.analysis.load import (
     GROUP_FAMILIES,
     OVERALL,
+    PRE_CLIP,
+    SEQUENCE_SCORED,
+    UNASSIGNED,
     Run,
     format_number,
     holdout_accuracy,
     holdout_chance,
     holdout_class_count,
+    holdout_is_sequence,
+    holdout_perplexity,
     number,
 )
 from train_telemetry.records import to_strict_json_value
@@ -36,6 +41,13 @@ TREND_WIDTH = 24
 # carries them all.
 MAX_METRIC_ROWS = 10
 MAX_LAYER_ROWS = 10
+# A sequence holdout's per-example section names at most this many sequences that got worse;
+# a many-class batch section this many of the most common labels (--json carries them all).
+MAX_WORSE_EXAMPLES = 3
+MAX_TOP_LABELS = 5
+# A sequence's loss within 1% of where it was counts as unchanged: the holdout is evaluated
+# deterministically, so this only hides changes too small to matter, not noise.
+EXAMPLE_CHANGE_TOLERANCE = 0.01
 # The per-layer table's columns: (family under ``layers``, heading).
 LAYER_COLUMNS = (
     ("gradient_norm", "grad norm"),
@@ -143,6 +155,8 @@ def summarize(run: Run) -> dict[str, Any]:
     per_group: dict[str, dict[str, Any]] = {}
     for group in [*groups, OVERALL]:
         entry = {family: _stats(run.series(family, group)) for family in GROUP_FAMILIES}
+        # Clipping caps the applied norm: the trend that shows spikes is the one before it.
+        entry["gradient_norm"] = _stats(run.gradient_norm_series(group))
         if group != OVERALL:
             entry["lr"] = _stats(run.lr_series(group))
         per_group[group] = entry
@@ -171,6 +185,9 @@ def summarize(run: Run) -> dict[str, Any]:
             "group_sizes": meta.get("groups") if isinstance(meta.get("groups"), dict) else None,
         },
         "groups": per_group,
+        "gradient_norm_source": run.gradient_norm_source(),
+        "clipping": _clipping_summary(run),
+        "unassigned": _unassigned_summary(run),
         "lr_ratios": _lr_ratios(run),
         "holdout": _holdout_summary(run),
         "train": {
@@ -189,7 +206,7 @@ def summarize(run: Run) -> dict[str, Any]:
             "to let the report tell overfitting from no learning"
         )
     if run.records and summary["holdout"] is None:
-        notes.append("no holdout recorded: call set_holdout() to track fixed examples")
+        notes.append("no holdout recorded: call set_holdout_data() to track fixed examples")
     if run.meta is None:
         notes.append("no run.json: group sizes, config and expected LR ratios are unknown")
     return summary
@@ -287,15 +304,119 @@ def _lr_ratios(run: Run) -> dict[str, Any] | None:
     }
 
 
+def _clipping_summary(run: Run) -> dict[str, Any] | None:
+    """How clipping acted: max_norm, and in how many records the pre-clip norm exceeded it."""
+    source = run.gradient_norm_source()
+    if source == "gradient_norm":
+        return None
+    max_norm = run.clip_max_norm()
+    pre = [v for _, v in run.gradient_norm_series(OVERALL)]
+    return {
+        "source": source,
+        "max_norm": max_norm,
+        "records": len(pre),
+        "clipped": sum(1 for v in pre if max_norm is not None and v > max_norm),
+        "pre_clip_max": max((v for v in pre if math.isfinite(v)), default=None),
+    }
+
+
+def _unassigned_summary(run: Run) -> dict[str, Any] | None:
+    """The parameters in no optimizer group: frozen by design unless gradients reach them."""
+    if UNASSIGNED not in run.groups:
+        return None
+    grads = run.series("gradient_norm", UNASSIGNED, finite=True)
+    sizes = (run.meta or {}).get("groups")
+    size = sizes.get(UNASSIGNED) if isinstance(sizes, dict) else None
+    return {
+        "num_params": size.get("num_params") if isinstance(size, dict) else None,
+        "gradient_records": sum(1 for _, v in grads if v != 0),
+    }
+
+
+def _example_changes(holdout: list[tuple[int, Any, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Each holdout sequence's mean loss at the first and at the last record: how many got
+    better and worse, and the ones that got worse most."""
+    lists = [(s, h["example_loss"]) for s, _, h in holdout if isinstance(h.get("example_loss"), list)]
+    if len(lists) < 2:
+        return None
+    last_step, last = lists[-1]
+    # The holdout is fixed, so the lists line up; a run resumed with another holdout does not.
+    first_step, first = next((s, v) for s, v in lists if len(v) == len(last))
+    if first_step == last_step:
+        return None
+    pairs = [
+        (i, a, b)
+        for i, (x, y) in enumerate(zip(first, last, strict=True))
+        if (a := number(x)) is not None and (b := number(y)) is not None
+        and math.isfinite(a) and math.isfinite(b)
+    ]
+    if not pairs:
+        return None
+    worse = [(i, a, b) for i, a, b in pairs if b > a + EXAMPLE_CHANGE_TOLERANCE * abs(a)]
+    better = [(i, a, b) for i, a, b in pairs if b < a - EXAMPLE_CHANGE_TOLERANCE * abs(a)]
+    return {
+        "first_step": first_step,
+        "last_step": last_step,
+        "compared": len(pairs),
+        "better": len(better),
+        "worse": len(worse),
+        "unchanged": len(pairs) - len(better) - len(worse),
+        "median_change": statistics.median(b - a for _, a, b in pairs),
+        "worst": [
+            {"example": i, "first": a, "last": b}
+            for i, a, b in sorted(worse, key=lambda e: e[1] - e[2])
+        ],
+    }
+
+
+def _best(series: Sequence[tuple[int, float]], lowest: bool) -> tuple[int, float] | None:
+    finite = [sv for sv in series if math.isfinite(sv[1])]
+    if not finite:
+        return None
+    return min(finite, key=lambda sv: sv[1]) if lowest else max(finite, key=lambda sv: sv[1])
+
+
+def _sequence_holdout_summary(holdout: list[tuple[int, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """A token holdout's summary: per-token loss, accuracy and perplexity, and per sequence."""
+    last = holdout[-1][2]
+    accs = [(s, v) for s, _, h in holdout if (v := holdout_accuracy(h)) is not None]
+    losses = [(s, v) for s, _, h in holdout if (v := number(h.get("loss"))) is not None]
+    ppl = [(s, v) for s, _, h in holdout if (v := holdout_perplexity(h)) is not None]
+    best_acc, best_loss, best_ppl = _best(accs, False), _best(losses, True), _best(ppl, True)
+    examples = last.get("example_loss")
+    tokens = number(last.get("tokens"))
+    return {
+        "kind": "sequence",
+        "examples": len(examples) if isinstance(examples, list) else None,
+        "tokens": int(tokens) if tokens is not None and math.isfinite(tokens) else None,
+        "scored": last.get("scored") if isinstance(last.get("scored"), str) else None,
+        "classes": None,
+        "chance": None,
+        "accuracy": _stats(accs),
+        "best_accuracy": best_acc[1] if best_acc else None,
+        "best_step": best_acc[0] if best_acc else None,
+        "loss": _stats(losses),
+        "best_loss": best_loss[1] if best_loss else None,
+        "best_loss_step": best_loss[0] if best_loss else None,
+        "perplexity": _stats(ppl),
+        "best_perplexity": best_ppl[1] if best_ppl else None,
+        "best_perplexity_step": best_ppl[0] if best_ppl else None,
+        "per_example": _example_changes(holdout),
+    }
+
+
 def _holdout_summary(run: Run) -> dict[str, Any] | None:
     holdout = run.holdout()
     if not holdout:
         return None
     last = holdout[-1][2]
+    if holdout_is_sequence(last):
+        return _sequence_holdout_summary(holdout)
     chance, n = holdout_chance(last)
     accs = [(s, v) for s, _, h in holdout if (v := holdout_accuracy(h)) is not None]
     best = max((a for a in accs if math.isfinite(a[1])), key=lambda a: a[1], default=None)
     return {
+        "kind": "classes",
         "examples": n,
         "classes": holdout_class_count(last),
         "chance": chance,
@@ -306,13 +427,69 @@ def _holdout_summary(run: Run) -> dict[str, Any] | None:
     }
 
 
+def _range(values: Sequence[float]) -> dict[str, float] | None:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    return {"mean": statistics.fmean(finite), "min": min(finite), "max": max(finite)}
+
+
+def _token_batch_summary(run: Run) -> dict[str, Any] | None:
+    """Many-class labels (token ids): tokens per batch, ignored share, distinct labels, and
+    the most common labels, instead of a share per class (a vocabulary has thousands)."""
+    batches = run.token_batches()
+    if not batches:
+        return None
+
+    def values(key: str) -> list[float]:
+        return [v for _, stats, _ in batches if (v := number(stats.get(key))) is not None]
+
+    sizes = values("batch_size")
+    tokens = values("tokens")
+    # Pooled by each batch's tokens; a label outside a batch's top 5 counts 0 there, so
+    # these shares are lower bounds.
+    weights = [number(stats.get("tokens")) or 1.0 for _, stats, _ in batches]
+    pooled: dict[str, float] = {}
+    for (_, _, top), w in zip(batches, weights, strict=True):
+        for label, pct in top.items():
+            pooled[label] = pooled.get(label, 0.0) + pct * w
+    total = sum(weights) or 1.0
+    top_labels = dict(
+        sorted(((k, v / total) for k, v in pooled.items()), key=lambda kv: -kv[1])
+    )
+    return {
+        "kind": "tokens",
+        "label_key": run.batch_label(),
+        "records": len(batches),
+        "batch_size": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)}
+        if sizes
+        else None,
+        "tokens": _range(tokens),
+        "ignored_pct": _range(values("ignored_pct")),
+        "distinct_labels": _range(values("distinct_labels")),
+        "top_label_pct": top_labels,
+    }
+
+
 def _batch_summary(run: Run) -> dict[str, Any] | None:
     batches = run.batch_classes()
     if not batches:
-        return None
+        return _token_batch_summary(run)
     sizes = [bs for _, _, bs in batches if bs]
-    return {
-        "label_key": run.config.get("label_key"),
+    # A label per token (token classification) also counts tokens and ignored labels.
+    token_stats = [
+        stats for r in run.records
+        if isinstance(stats := r.get("batch_stats"), dict) and "tokens" in stats
+    ]
+    tokens = {
+        "tokens": _range([v for st in token_stats if (v := number(st.get("tokens"))) is not None]),
+        "ignored_pct": _range(
+            [v for st in token_stats if (v := number(st.get("ignored_pct"))) is not None]
+        ),
+    } if token_stats else {}
+    return tokens | {
+        "kind": "classes",
+        "label_key": run.batch_label(),
         "records": len(batches),
         "batch_size": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)}
         if sizes
@@ -494,7 +671,10 @@ def _group_table(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
         rows = [(g, stats[family]) for g, stats in groups.items() if stats.get(family) is not None]
         if not rows:
             continue
-        lines.append(f"  {_FAMILY_TITLES[family]}")
+        title = _FAMILY_TITLES[family]
+        if family == "gradient_norm" and s.get("gradient_norm_source", "gradient_norm") != "gradient_norm":
+            title += " (pre-clip)"
+        lines.append(f"  {title}")
         lines.extend(_row(g, st, family, ascii_only) for g, st in rows)
     ratios = s["lr_ratios"]
     if ratios:
@@ -519,13 +699,94 @@ def _group_table(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
                 if isinstance(v, dict)
             )
         )
+    lines.extend(_clipping_lines(s.get("clipping")))
+    unassigned = s.get("unassigned")
+    if unassigned:
+        lines.append(
+            f"  '{UNASSIGNED}': parameters not in any optimizer group (frozen)"
+            + (
+                f"; yet gradients reached them in {unassigned['gradient_records']} records"
+                if unassigned["gradient_records"]
+                else ""
+            )
+        )
+    return lines
+
+
+def _clipping_lines(clip: Mapping[str, Any] | None) -> list[str]:
+    if not clip:
+        return []
+    source = "gradient_norm_pre_clip" if clip["source"] == PRE_CLIP else clip["source"]
+    if clip["max_norm"] is None:
+        return [f"  clipping: gradient norms above are before clipping (from {source})"]
+    return [
+        f"  clipping at max_norm {format_number(clip['max_norm'])}: {clip['clipped']} of "
+        f"{clip['records']} records clipped, pre-clip norm up to {format_number(clip['pre_clip_max'])} "
+        f"(from {source}; 'gradient_norm' holds the applied norms)"
+    ]
+
+
+def _first_last_best(
+    label: str, stats: Mapping[str, Any], best: Any, step: Any, trend: str, digits: int = 3
+) -> str:
+    def fmt(value: Any) -> str:
+        return format_number(value, digits)
+
+    best_text = f" (best {fmt(best)} at step {step})" if step is not None else ""
+    return f"    {label:<19} {fmt(stats['first'])} -> {fmt(stats['last'])}{best_text}  {trend}"
+
+
+def _sequence_holdout_lines(h: Mapping[str, Any], *, ascii_only: bool) -> list[str]:
+    parts = []
+    if h["examples"] is not None:
+        parts.append(f"{h['examples']} sequences")
+    if h["tokens"] is not None:
+        parts.append(f"{h['tokens']} tokens scored")
+    lines = ["", "  holdout (" + ", ".join(parts) + ")" if parts else "  holdout"]
+    if h["scored"]:
+        lines.append(f"    scored: {SEQUENCE_SCORED.get(h['scored'], h['scored'])}")
+    if h["loss"]:
+        lines.append(_first_last_best(
+            "per-token loss", h["loss"], h["best_loss"], h["best_loss_step"],
+            sparkline(h["loss"]["trend"], ascii_only=ascii_only),
+            # An LM's loss moves in its second decimal over a fine-tune: 3 digits hide it.
+            digits=4,
+        ))
+    if h["perplexity"]:
+        lines.append(_first_last_best(
+            "perplexity", h["perplexity"], h["best_perplexity"], h["best_perplexity_step"],
+            sparkline(h["perplexity"]["trend"], log=True, ascii_only=ascii_only),
+        ))
+    if h["accuracy"]:
+        lines.append(_first_last_best(
+            "per-token accuracy", h["accuracy"], h["best_accuracy"], h["best_step"],
+            sparkline(h["accuracy"]["trend"], ascii_only=ascii_only),
+        ))
+    ex = h.get("per_example")
+    if ex:
+        lines.append(
+            f"    per sequence, step {ex['first_step']} -> {ex['last_step']}: {ex['better']} better, "
+            f"{ex['worse']} worse, {ex['unchanged']} unchanged of {ex['compared']} "
+            f"(median loss change {format_number(ex['median_change'])})"
+        )
+        worst = ex["worst"][:MAX_WORSE_EXAMPLES]
+        if worst:
+            lines.append(
+                "      worse most: "
+                + ", ".join(
+                    f"#{w['example']} {format_number(w['first'])} -> {format_number(w['last'])}"
+                    for w in worst
+                )
+            )
     return lines
 
 
 def _holdout_lines(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
     lines: list[str] = []
     h = s["holdout"]
-    if h:
+    if h and h.get("kind") == "sequence":
+        lines.extend(_sequence_holdout_lines(h, ascii_only=ascii_only))
+    elif h:
         lines.append("")
         lines.append(
             f"  holdout ({h['examples']} examples, {h['classes']} classes, chance {format_number(h['chance'])})"
@@ -560,10 +821,54 @@ def _holdout_lines(s: dict[str, Any], *, ascii_only: bool) -> list[str]:
     return lines
 
 
+def _count_range(r: Mapping[str, float] | None, unit: str = "") -> str:
+    if not r:
+        return "-"
+    span = f" ({r['min']:.0f}{unit}..{r['max']:.0f}{unit})" if r["min"] != r["max"] else ""
+    return f"{r['mean']:.0f}{unit} mean{span}"
+
+
+def _token_batch_lines(b: Mapping[str, Any]) -> list[str]:
+    size = b["batch_size"]
+    size_text = (
+        f"{format_number(size['median'])} sequences per batch"
+        + (
+            f" ({format_number(size['min'])}..{format_number(size['max'])})"
+            if size["min"] != size["max"]
+            else ""
+        )
+        if size
+        else "batch size unknown"
+    )
+    label = f"'{b['label_key']}', " if b["label_key"] else ""
+    ignored = b["ignored_pct"]
+    ignored_text = (
+        f"{ignored['mean']:.1f}% mean"
+        + (f" ({ignored['min']:.1f}..{ignored['max']:.1f}%)" if ignored["min"] != ignored["max"] else "")
+        if ignored
+        else "-"
+    )
+    lines = [
+        "",
+        f"  batch tokens ({label}{size_text}, {b['records']} batches recorded)",
+        f"    labelled tokens per batch {_count_range(b['tokens'])}; ignored (label < 0) {ignored_text}",
+        f"    distinct labels per batch {_count_range(b['distinct_labels'])}",
+    ]
+    top = list(b["top_label_pct"].items())[:MAX_TOP_LABELS]
+    if top:
+        lines.append(
+            "    most common labels (each batch's top 5, pooled): "
+            + "  ".join(f"{label_id}: {pct:.1f}%" for label_id, pct in top)
+        )
+    return lines
+
+
 def _batch_lines(s: dict[str, Any]) -> list[str]:
     b = s["batches"]
     if not b:
         return []
+    if b.get("kind") == "tokens":
+        return _token_batch_lines(b)
     size = b["batch_size"]
     size_text = (
         f"batch size {format_number(size['median'])}"
@@ -577,6 +882,12 @@ def _batch_lines(s: dict[str, Any]) -> list[str]:
     )
     label = f"'{b['label_key']}', " if b["label_key"] else ""
     lines = ["", f"  batch balance ({label}{size_text}, {b['records']} batches recorded)"]
+    if b.get("tokens"):
+        ignored = b.get("ignored_pct")
+        lines.append(
+            f"    labelled tokens per batch {_count_range(b['tokens'])}"
+            + (f"; ignored (label < 0) {ignored['mean']:.1f}% mean" if ignored else "")
+        )
     shares = [f"{c}: {v:.1f}%" for c, v in b["class_pct"].items()]
     for i in range(0, len(shares), 8):
         lines.append("    " + "  ".join(shares[i : i + 8]))

@@ -19,10 +19,13 @@ import msgspec
 from train_telemetry.analysis.diagnose import Diagnosis, diagnose
 from train_telemetry.analysis.load import (
     OVERALL,
+    PRE_CLIP,
     Record,
     Run,
     find_record_files,
     format_number,
+    holdout_is_sequence,
+    holdout_perplexity,
     number,
     record_segment,
 )
@@ -90,7 +93,8 @@ def _values(run: Run, record: Record, family: str, label: str) -> str | None:
 
 
 def format_record_line(run: Run, record: Record, index: int) -> str:
-    """One line of a record's key values: grads, deltas, LRs, holdout and train accuracy, cost."""
+    """One line of a record's key values: grads (pre-clip too when clipped), deltas, LRs,
+    holdout (loss and perplexity for token labels) and train accuracy, cost."""
     epoch = record.get("epoch")
     raw = record.get("batch_idx")
     head = f"step {run.step(index)}" + (
@@ -99,6 +103,7 @@ def format_record_line(run: Run, record: Record, index: int) -> str:
     parts = [head]
     for family, label in (
         ("gradient_norm", "grad"),
+        (PRE_CLIP, "pre-clip"),
         ("weight_delta", "dw"),
         ("update_ratio", "upd"),
         ("lr", "lr"),
@@ -106,8 +111,17 @@ def format_record_line(run: Run, record: Record, index: int) -> str:
         text = _values(run, record, family, label)
         if text:
             parts.append(text)
+    clip = record.get("gradient_clipping")
+    if isinstance(clip, dict) and not isinstance(record.get(PRE_CLIP), dict):
+        parts.append(f"pre-clip {format_number(number(clip.get('pre_clip_norm')))}")
     holdout = record.get("holdout_logits")
-    if isinstance(holdout, dict):
+    if isinstance(holdout, dict) and holdout_is_sequence(holdout):
+        parts.append(
+            f"holdout loss {format_number(number(holdout.get('loss')))} "
+            f"ppl {format_number(holdout_perplexity(holdout))} "
+            f"acc {format_number(number(holdout.get('accuracy')))}"
+        )
+    elif isinstance(holdout, dict):
         parts.append(f"holdout acc {format_number(number(holdout.get('accuracy')))}")
     train = record.get("train")
     if isinstance(train, dict):
