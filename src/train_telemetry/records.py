@@ -20,8 +20,13 @@ Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis exam
 ``update_ratio``    {overall, <group>...}: weight_delta / weight norm at the previous collection
 ``learning_rates``  {group_0.., <name>...}: the LR of each param group at the hook
 ``holdout_logits``  {logits, labels, predictions, accuracy, loss}: eval-mode forward of the
-                    model at the hook (the snapshot's weights) on the fixed holdout
-``batch_stats``     {<label_key>_<class>_pct..., batch_size}
+                    model at the hook (the snapshot's weights) on the fixed holdout; for
+                    sequence labels {loss, accuracy, perplexity, tokens, example_loss,
+                    example_accuracy, scored} (per token, per sequence; :class:`HoldoutLogits`)
+``batch_stats``     {<label>_<class>_pct..., batch_size}; many-class labels (tokens):
+                    {batch_size, tokens, ignored_pct, distinct_labels, top 5 <label>_<id>_pct}
+``gradient_norm_pre_clip``  {overall, <group>...}: before clipping, when the loop clipped with
+                    ``Telemetry.clip_grad_norm_`` (``gradient_norm`` is then what was applied)
 ``train``           {loss, accuracy}: from the hook's optional ``loss`` / ``outputs``
 ``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms, built_by}: what collecting cost, who built it
 ``layers``          {gradient_norm, weight_norm, weight_delta, update_ratio}: each {<module>: float|null}
@@ -232,14 +237,29 @@ class ErrorEntry(msgspec.Struct, forbid_unknown_fields=True):
     message: str
 
 
-class HoldoutLogits(msgspec.Struct, forbid_unknown_fields=True):
-    """``holdout_logits``: the eval-mode forward on the fixed holdout."""
+class HoldoutLogits(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``holdout_logits``: the eval-mode forward on the fixed holdout.
 
-    logits: list[Any]
-    labels: list[int]
-    predictions: list[int]
+    One label per example (a classifier): ``logits``, ``labels``, ``predictions`` (one
+    entry per example), ``accuracy`` and ``loss``. Sequence labels (tokens ``[B, T]``):
+    never ``B x T x V`` logits; ``loss`` and ``accuracy`` per scored token, ``perplexity``
+    (exp of that loss), ``tokens`` scored, ``example_loss`` / ``example_accuracy`` per
+    holdout sequence (the same examples at every record), and ``scored``: which positions
+    were scored ("all"; "shifted": the labels are the inputs and the model predicts the
+    next one, as Hugging Face causal LMs do; "last": the model returned only its last
+    position). Ignored labels (< 0, e.g. -100 and padding) are never scored.
+    """
+
     accuracy: float | None
     loss: float | None
+    logits: list[Any] | UnsetType = UNSET
+    labels: list[int] | UnsetType = UNSET
+    predictions: list[int] | UnsetType = UNSET
+    perplexity: float | None | UnsetType = UNSET
+    tokens: int | UnsetType = UNSET
+    example_loss: list[float | None] | UnsetType = UNSET
+    example_accuracy: list[float | None] | UnsetType = UNSET
+    scored: str | UnsetType = UNSET
 
 
 class TrainMetrics(msgspec.Struct, forbid_unknown_fields=True):
@@ -286,6 +306,7 @@ class Record(msgspec.Struct, omit_defaults=True):
     activations: dict[str, dict[str, float | str | None]] | UnsetType = UNSET
     model_mode: dict[str, float | None] | UnsetType = UNSET
     gradient_clipping: dict[str, float | None] | UnsetType = UNSET
+    gradient_norm_pre_clip: dict[str, float | None] | UnsetType = UNSET
     segment: int | UnsetType = UNSET
     restarts: int | UnsetType = UNSET
     built_by: str | UnsetType = UNSET

@@ -68,14 +68,11 @@ class RunDir:
         return self.file(CHECKPOINT_FILE)
 
     def check_writable(self) -> None:
-        """Create the directory (its parent must exist) and prove it writable, or raise with the fix."""
+        """Create the directory and its parents (as the seed, TensorBoard's writer and wandb do)
+        and prove it writable, or raise with the fix."""
         out = self.path
-        if not out.parent.exists():
-            raise TelemetryConfigError(
-                f"output_dir {str(out)!r}: its parent directory {str(out.parent)!r} does not exist; create it first"
-            )
         try:
-            out.mkdir(exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -30,6 +30,7 @@ import torch
 from .budget import usable_cores
 from .config import TelemetryConfig
 from .messages import Done, Groups, Setup, SetupDone, read_header
+from .metrics.holdout import plain_numerics
 from .processor import SnapshotProcessor
 from .records import repair_torn_tail
 from .sending import dumps_for_worker
@@ -70,7 +71,8 @@ class InlineSink:
         self.processor.built_by = "trainer"
         if setup.init_slot is not None:
             self.channel.release(setup.init_slot)
-        error = self.processor.check_holdout()
+        with plain_numerics():
+            error = self.processor.check_holdout()
         if error:
             raise TelemetryStartError(error)
 
@@ -85,7 +87,8 @@ class InlineSink:
         assert self.processor is not None
         if self.on_cuda:  # the copies into the slot are asynchronous: wait for them here
             torch.cuda.current_stream().synchronize()
-        self.processor.handle(read_header(self.channel.headers_view, slot), self.channel.release)
+        with plain_numerics():  # the same record as the worker's, whatever the caller's autocast
+            self.processor.handle(read_header(self.channel.headers_view, slot), self.channel.release)
 
     def send_groups(self, groups: Groups) -> None:
         if self.processor is not None:

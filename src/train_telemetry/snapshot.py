@@ -253,7 +253,8 @@ class SlotPool:
 
     Per slot: ``slots[i]``, one tensor per layout tensor (weights and buffers, views into
     one flat buffer per dtype); ``meta[i]``, one flat byte buffer holding ``norms[i]``
-    (float64 per parameter, -1 = no gradient), ``scalars[i]`` (float64: loss, accuracy),
+    (float64 per parameter, -1 = no gradient), ``pre_clip[i]`` (the same before clipping),
+    ``scalars[i]`` (float64: loss, accuracy, total pre-clip norm),
     ``counts[i]`` (int64, the DDP label-count vector) and ``aux[i]`` (AUX_BYTES for the
     batch's labels and outputs).
     """
@@ -291,8 +292,11 @@ class SlotPool:
                 tensors.append(flats[src.dtype][start : start + src.numel()].view(src.shape))
             self.slots.append(tensors)
             self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
-        self.norms, self.scalars, self.counts, self.aux = meta_views(self.meta, n_params)
+        views = meta_views(self.meta, n_params)
+        self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
+        self.counts, self.aux = views["counts"], views["aux"]
         self.norm_views = [list(norms[: len(layout.params)].unbind()) for norms in self.norms]  # 0-d each
+        self.pre_clip_views = [list(norms[: len(layout.params)].unbind()) for norms in self.pre_clip]
         self.nbytes = need
         self._views: dict[tuple[Any, ...], torch.Tensor] = {}
         for i in range(num_slots):
@@ -311,7 +315,9 @@ class SlotPool:
 # name, dtype, number of elements (None: one per parameter, -1 = no gradient).
 META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
     ("norms", torch.float64, None),  # each parameter's gradient norm
-    ("scalars", torch.float64, 2),  # the loss, the batch accuracy (when reduced in the hook)
+    ("pre_clip", torch.float64, None),  # ... before Telemetry.clip_grad_norm_ scaled it (-1: none)
+    # the loss, the batch accuracy (when reduced in the hook), the total pre-clip norm
+    ("scalars", torch.float64, 3),
     ("counts", torch.int64, COUNT_VECTOR_LEN),  # DDP: the all_reduced label-count vector
     ("aux", torch.uint8, AUX_BYTES),  # the batch's labels and the model's outputs, when they fit
 )
@@ -333,14 +339,12 @@ def meta_size(n_params: int) -> int:
     return offset + _align(numel * _itemsize(dtype))
 
 
-def meta_views(
-    meta: Sequence[torch.Tensor], n_params: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(norms, scalars, counts, aux) of each slot's meta buffer (the worker rebuilds them too)."""
+def meta_views(meta: Sequence[torch.Tensor], n_params: int) -> dict[str, list[torch.Tensor]]:
+    """Each META_FIELDS name -> its view in each slot's meta buffer (the worker rebuilds them too)."""
     views: dict[str, list[torch.Tensor]] = {}
     for name, dtype, numel, offset in _meta_layout(n_params):
         views[name] = [m[offset : offset + numel * _itemsize(dtype)].view(dtype) for m in meta]
-    return views["norms"], views["scalars"], views["counts"], views["aux"]
+    return views
 
 
 def aux_view(aux: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

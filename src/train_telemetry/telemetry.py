@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 
 from .batches import BatchFormat, BatchFormatCache, merge_batches, slice_batch
 from .budget import OverheadBudget
+from .clipping import PreClip, clip_grad_norm
 from .collect import Collector, global_counts
 from .config import TelemetryConfig, TelemetryConfigError
 from .distributed import DistInfo, agree_on_start, detect_distributed
@@ -131,6 +132,9 @@ class Telemetry:
         self._sink: Sink | None = None
         self._collector: Collector | None = None  # set once the model is set up
         self._setup_thread: threading.Thread | None = None
+        self._auto_start: threading.Thread | None = None  # start() run by the first on_batch_end
+        self._auto_start_tried = False
+        self._pre_clip: PreClip | None = None  # kept by clip_grad_norm_ for the next collection
         self._layout: Layout | None = None
         self._worker_dead = False
         self._groups = ParamGroups()
@@ -172,6 +176,11 @@ class Telemetry:
         Raises :class:`TelemetryConfigError` / :class:`TelemetryStartError` for anything that
         would make collection fail later: after ``start()`` returns, nothing raises.
         """
+        auto = self._auto_start
+        if auto is not None and auto is not threading.current_thread():
+            auto.join()  # the first hook is starting it (bounded by start()'s own timeouts)
+            if self._state == _RUNNING:
+                return self  # started already, with the model and optimizer the hook was given
         with self._lock:
             if self._state == _RUNNING:
                 raise RuntimeError("Telemetry.start() called twice: it is already running; call stop() first")
@@ -229,7 +238,7 @@ class Telemetry:
         integration knows about clipping), written as given.
         """
         if not self._collecting:
-            self._idle_hook()
+            self._idle_hook(model, optimizer, batch_idx)
             return
         if batch_idx % self._every:
             return
@@ -259,6 +268,22 @@ class Telemetry:
                 self._unsent_slot = None
             self._warn_once(f"hook:{type(exc).__name__}", f"telemetry collection failed and was skipped: {type(exc).__name__}: {exc}")
 
+    def clip_grad_norm_(self, parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
+                        norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_``, same arguments and return value (bit for bit), that
+        also keeps each parameter's pre-clip norm for the next collection.
+
+        The record then holds ``gradient_norm_pre_clip`` ({overall, <group>...}, before clipping)
+        and ``gradient_clipping`` ({max_norm, pre_clip_norm}) beside ``gradient_norm`` (what the
+        optimizer applied): a loop that clips at 1.0 still shows its gradient spikes. It costs
+        what torch's own call costs: the norms it keeps are the ones the clip computes.
+        """
+        total, pre = clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+        if self._collecting:
+            self._pre_clip = pre  # read (and cleared) by the next collection
+        return total
+
     def stop(self, timeout: float | None = None) -> TelemetrySummary:
         """Write everything collected so far, end the worker, return the summary.
 
@@ -268,6 +293,9 @@ class Telemetry:
         if self._forked_child or os.getpid() != self._owner_pid:
             # Before the lock: a fork may have copied it while another thread held it.
             return self._empty_summary()
+        if self._auto_start is not None and self._auto_start is not threading.current_thread():
+            # started by the first hook: let it finish, so what it collects is written
+            self._auto_start.join(self.config.stop_timeout_s if timeout is None else timeout)
         with self._lock:
             if self._summary is not None:
                 return self._summary
@@ -439,7 +467,7 @@ class Telemetry:
             slots=pool.slots if copy_weights else [],
             meta=pool.meta,
             model=eval_model,
-            forward=HoldoutForward(fmt, self.forward_fn) if eval_model is not None else None,
+            forward=HoldoutForward.for_model(inner, self._holdout, fmt, self.forward_fn) if eval_model is not None else None,
             holdout=self._holdout if eval_model is not None else None,
             holdout_labels=fmt.labels(self._holdout) if eval_model is not None and fmt is not None else None,
             slice_batch=slice_batch,
@@ -502,13 +530,50 @@ class Telemetry:
         })
 
     # ------------------------------------------------------------------ the hook
-    def _idle_hook(self) -> None:
+    def _idle_hook(self, model: Any, optimizer: Optimizers, batch_idx: int) -> None:
         if self._forked_child or self._state == _DISABLED:
             return
         if self._state == _NEW:
-            self._warn_once("before_start", "on_batch_end() before start(): nothing is collected until start() is called")
+            if not self._auto_start_tried:
+                self._start_in_background(model, optimizer)
+            if self._auto_start is not None and not batch_idx % self._every:
+                self._drop()  # due while telemetry starts: counted, as every collection not taken is
         elif self._state == _STOPPED:
             self._warn_once("after_stop", "on_batch_end() after stop(): nothing is collected any more")
+
+    def _start_in_background(self, model: Any, optimizer: Optimizers) -> None:
+        """The seed's integration example never calls start(): the first hook starts telemetry
+        with the model and optimizer it is given, on a thread (training never waits for the
+        worker to spawn); the collections due meanwhile are counted as dropped."""
+        self._auto_start_tried = True
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # start() agrees with the other ranks through a collective: from a thread it could
+            # interleave with training's own collectives.
+            self._warn_once("before_start", "on_batch_end() before start() under torch.distributed: nothing "
+                            "is collected; call telemetry.start(model, optimizer) on every rank before training")
+            return
+        if not isinstance(model, torch.nn.Module):
+            self._warn_once("before_start", "on_batch_end() before start() without a model: nothing is "
+                            "collected; call telemetry.start(model, optimizer) before training")
+            return
+        self._warn_once("before_start", "on_batch_end() before start(): telemetry starts now with the model and "
+                        "optimizer given here, set up on a background thread (training does not wait; collections "
+                        "due until it is ready are counted as dropped). Call telemetry.start(model, optimizer) "
+                        "before training to collect from the first step and to see set-up errors there")
+        optimizers = as_list(optimizer)
+
+        def run() -> None:
+            try:
+                self.start(model, optimizers)
+            except Exception as exc:
+                if self._state != _STOPPED:
+                    self._warn_once("auto_start", f"telemetry could not start ({type(exc).__name__}: {exc}); "
+                                    "nothing is collected")
+
+        self._auto_start = threading.Thread(target=run, name="train-telemetry-start", daemon=True)
+        atexit.register(self._atexit_stop)  # a script that never calls stop() still gets its records
+        self._auto_start.start()
 
     def _collect(self, model: torch.nn.Module, optimizer: Optimizers, batch_idx: int, epoch: int, batch: Any,
                  loss: Any, outputs: Any, extra: Mapping[str, Mapping[str, Any]] | None) -> None:
@@ -561,7 +626,8 @@ class Telemetry:
             self._drop()
             return
         self._unsent_slot = slot  # on_batch_end releases it if we fail before it is submitted
-        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, counts, reduced)
+        pre_clip, self._pre_clip = self._pre_clip, None
+        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, counts, reduced, pre_clip)
         seq = self._seq
         self._seq += 1
         self._taken += 1

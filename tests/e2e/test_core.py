@@ -370,7 +370,7 @@ def test_seed_analysis_example_runs_unchanged_on_a_real_run(tmp_path: Path) -> N
     run_dir = tmp_path / "outputs" / "run_xyz" / "telemetry"
     run_dir.parent.mkdir(parents=True)
     subprocess.run(
-        [sys.executable, str(Path(__file__).parents[2] / "scripts" / "demo.py"), "--max-steps", "64",
+        [sys.executable, str(Path(__file__).parents[2] / "scripts" / "demo.py"), "--task", "pairs", "--max-steps", "64",
          "--collect-every-n", "8", "--output-dir", str(run_dir), "--no-report", "--on-full", "block"],
         check=True, capture_output=True, timeout=150,
     )

@@ -62,7 +62,7 @@ def train_demo(preset: str, out: Path, *extra: str) -> None:
     pytest.importorskip("sklearn")
     steps = STEPS.get(preset, "96")
     subprocess.run(
-        [sys.executable, str(DEMO), "--preset", preset, "--epochs", "2", "--max-steps", steps, "--collect-every-n", "8",
+        [sys.executable, str(DEMO), "--task", "pairs", "--preset", preset, "--epochs", "2", "--max-steps", steps, "--collect-every-n", "8",
          "--output-dir", str(out), "--no-report", "--on-full", "block", *extra],
         check=True, capture_output=True, timeout=150, env=ENV,
     )  # fmt: skip

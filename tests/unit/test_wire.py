@@ -64,17 +64,20 @@ def test_an_extra_too_big_for_the_header_becomes_an_error_entry() -> None:
 
 
 def test_meta_views_are_disjoint_and_sized() -> None:
-    """norms, scalars, counts and aux do not overlap in a slot's meta buffer and have their sizes."""
+    """norms, pre_clip, scalars, counts and aux do not overlap in a slot's meta buffer and have their sizes."""
     n_params = 5
     meta = [torch.zeros(meta_size(n_params), dtype=torch.uint8)]
-    norms, scalars, counts, aux = (v[0] for v in meta_views(meta, n_params))
-    assert (norms.numel(), norms.dtype, scalars.numel(), counts.numel(), counts.dtype) == (
-        n_params, torch.float64, 2, COUNT_VECTOR_LEN, torch.int64)
+    views = {name: v[0] for name, v in meta_views(meta, n_params).items()}
+    norms, pre_clip, scalars, counts, aux = (views[k] for k in ("norms", "pre_clip", "scalars", "counts", "aux"))
+    assert (norms.numel(), norms.dtype, pre_clip.numel(), scalars.numel(), counts.numel(), counts.dtype) == (
+        n_params, torch.float64, n_params, 3, COUNT_VECTOR_LEN, torch.int64)
     norms.fill_(1.5)
+    pre_clip.fill_(4.5)
     scalars.fill_(-2.0)
     counts.fill_(7)
     aux.fill_(9)
-    assert norms.tolist() == [1.5] * n_params and scalars.tolist() == [-2.0, -2.0]
+    assert norms.tolist() == [1.5] * n_params and pre_clip.tolist() == [4.5] * n_params
+    assert scalars.tolist() == [-2.0] * 3
     assert set(counts.tolist()) == {7} and set(aux.tolist()) == {9}
 
 

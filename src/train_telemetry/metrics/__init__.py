@@ -26,7 +26,7 @@ from .api import (
     metric,
 )
 from .batch import BatchStats, TrainStats
-from .gradients import GradientNorm
+from .gradients import GradientClipping, GradientNorm, GradientNormPreClip
 from .holdout import HoldoutLogits
 from .layers import Layers
 from .learning_rates import LearningRates
@@ -44,7 +44,7 @@ def resolve_metrics(config: TelemetryConfig, user: Sequence[Metric] = ()) -> lis
     """The metrics a run computes, in record order: the seed's (by track_*), named built-ins, the user's."""
     out: list[Metric] = []
     if config.track_gradients:
-        out.append(GradientNorm())
+        out += [GradientNorm(), GradientNormPreClip(), GradientClipping()]
     if config.track_weight_delta:
         out += [WeightNorm(), WeightDelta(), UpdateRatio()]
     if config.track_holdout_logits:

@@ -252,6 +252,8 @@ class SnapshotData:
     params: list[torch.Tensor] | None = None
     buffers: dict[str, torch.Tensor] | None = None
     grad_norms: list[float | None] | None = None  # None entries: the parameter had no gradient
+    pre_clip_norms: list[float | None] | None = None  # the same before Telemetry.clip_grad_norm_
+    clipping: dict[str, float] | None = None  # {max_norm, pre_clip_norm} of that clip
     learning_rates: list[float] | None = None
     loss: float | None = None
     labels: torch.Tensor | None = None  # the batch's labels, when copied

@@ -1,4 +1,5 @@
-"""``gradient_norm``: the L2 norm of the gradients, overall and per param group.
+"""``gradient_norm``: the L2 norm of the gradients, overall and per param group; with
+``Telemetry.clip_grad_norm_`` also ``gradient_norm_pre_clip`` and ``gradient_clipping``.
 
 Runs in: the worker (or inline in sync mode), from the per-parameter norms the hook took
 in one fused ``_foreach_norm``.
@@ -19,3 +20,27 @@ class GradientNorm(Metric):
         if snap.grad_norms is None:
             return None
         return snap.by_group(snap.grad_norms)
+
+
+class GradientNormPreClip(Metric):
+    """{overall, <group>...} before clipping, when the loop clipped with ``Telemetry.clip_grad_norm_``
+    (``gradient_norm`` then holds what the optimizer applied, at most max_norm)."""
+
+    key = "gradient_norm_pre_clip"
+    needs = frozenset({"grad_norms"})
+
+    def compute(self, snap: SnapshotData) -> MetricResult:
+        if snap.pre_clip_norms is None:
+            return None
+        return snap.by_group(snap.pre_clip_norms)
+
+
+class GradientClipping(Metric):
+    """{max_norm, pre_clip_norm}: the clip's threshold and the total norm it returned (as the
+    Hugging Face integration records it)."""
+
+    key = "gradient_clipping"
+    needs = frozenset({"grad_norms"})
+
+    def compute(self, snap: SnapshotData) -> MetricResult:
+        return snap.clipping
