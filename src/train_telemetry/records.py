@@ -3,44 +3,9 @@
 Runs in: the worker process (encoding), and anywhere records are read (no torch needed).
 
 Every line of ``telemetry.jsonl`` is one collection, so the seed's analysis example
-(``m['gradient_norm']['overall']`` for each line) works unchanged. Keys of a record
-(``<group>`` is a param group's ``name`` entry, else ``group_<i>``):
-
-==================  ==========================================================================
-``schema``          format version (:data:`SCHEMA_VERSION`)
-``batch_idx``       the step counter the hook was called with; ``epoch`` likewise
-``seq``             0, 1, 2, ... per collection taken (gaps = dropped snapshots)
-``timestamp``       ISO-8601 wall time at the hook (``time`` is the same as Unix seconds)
-``rank``            ``rank`` and ``world_size`` of torch.distributed (0 and 1 otherwise)
-``gradient_norm``   {overall, <group>...}: L2 norm of the gradients; null for a group with no grads
-``weight_delta``    {overall, <group>...}: L2 distance of the weights from the previous
-                    collection (the disk checkpoint); the first record measures from the
-                    weights at start(), or is all null when start() was given no model
-``weight_norm``     {overall, <group>...}: L2 norm of the weights at the hook
-``update_ratio``    {overall, <group>...}: weight_delta / weight norm at the previous collection
-``learning_rates``  {group_0.., <name>...}: the LR of each param group at the hook
-``holdout_logits``  {logits, labels, predictions, accuracy, loss}: eval-mode forward of the
-                    model at the hook (the snapshot's weights) on the fixed holdout; for
-                    sequence labels {loss, accuracy, perplexity, tokens, example_loss,
-                    example_accuracy, scored} (per token, per sequence; :class:`HoldoutLogits`)
-``batch_stats``     {<label>_<class>_pct..., batch_size}; many-class labels (tokens):
-                    {batch_size, tokens, ignored_pct, distinct_labels, top 5 <label>_<id>_pct}
-``gradient_norm_pre_clip``  {overall, <group>...}: before clipping, when the loop clipped with
-                    ``Telemetry.clip_grad_norm_`` (``gradient_norm`` is then what was applied)
-``train``           {loss, accuracy}: from the hook's optional ``loss`` / ``outputs``
-``telemetry``       {hook_ms, dropped_before, dropped_total, worker_lag_ms, built_by}: what collecting cost, who built it
-``layers``          {gradient_norm, weight_norm, weight_delta, update_ratio}: each {<module>: float|null}
-``activations``     {<module>: {kind, mean, std, dead_fraction | saturated_fraction, ...}}
-``model_mode``      {training, batchnorm_layers, batchnorm_stat_change}
-``nonfinite``       list of "family.key[.sub]" whose value is NaN or +-Inf (absent when none)
-``errors``          list of {where, type, message} for metrics that failed (absent when none)
-``segment``         which start() of the run wrote it: 0 (absent) for the first, 1.. for each
-                    resume into the same directory; ``seq`` counts on across segments
-``restarts``        how many times the worker had been restarted when it wrote this (absent: 0)
-``built_by``        reserved: which process built the record ("trainer" when the training process
-                    helps a busy worker; not written yet)
-``<any other>``     a metric's own key: a dict whose leaves are numbers or null, possibly nested
-==================  ==========================================================================
+(``m['gradient_norm']['overall']`` for each line) works unchanged. What each key holds is
+README.md's "What is recorded" table; a unit test keeps that table and :class:`Record`'s
+fields equal (tests/unit/test_readme_records.py).
 
 :class:`Record` types every core key once; :func:`validate_record` checks a record against
 it and the "any other key" rule, naming the bad key path; :func:`nonfinite_keys` is the
@@ -309,7 +274,6 @@ class Record(msgspec.Struct, omit_defaults=True):
     gradient_norm_pre_clip: dict[str, float | None] | UnsetType = UNSET
     segment: int | UnsetType = UNSET
     restarts: int | UnsetType = UNSET
-    built_by: str | UnsetType = UNSET
 
 
 CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
@@ -317,7 +281,7 @@ CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
 
 BOOKKEEPING_KEYS = frozenset(
     {"schema", "batch_idx", "epoch", "seq", "timestamp", "time", "rank", "world_size",
-     "reference_batch_idx", "telemetry", "nonfinite", "errors", "segment", "restarts", "built_by"}
+     "reference_batch_idx", "telemetry", "nonfinite", "errors", "segment", "restarts"}
 )
 """Keys that describe the record or the collector, not the model: never scanned for NaN."""
 # The order nonfinite_keys reports the seed's families in (then the rest, in record order).

@@ -87,7 +87,6 @@ def test_synthetic_records_match_the_schema_after_a_round_trip(pathology: str) -
         ({"my_metric": {"a": True}}, r"\$.my_metric.a: expected a number"),
         ({"segment": "1"}, r"Expected `int`, got `str` - at `\$.segment`"),
         ({"restarts": 1.5}, r"Expected `int`, got `float` - at `\$.restarts`"),
-        ({"built_by": 3}, r"Expected `str`, got `int` - at `\$.built_by`"),
     ],
 )
 def test_validate_record_names_the_bad_key(change: dict, message: str) -> None:
@@ -138,14 +137,13 @@ def test_error_entry_carries_where_type_and_message() -> None:
 
 
 def test_resume_and_restart_keys_are_bookkeeping_in_the_schema() -> None:
-    """segment, restarts and built_by validate as core keys and are never scanned for NaN."""
+    """segment and restarts validate as core keys and are never scanned for NaN."""
     records = make_resumed_records(n=4, resume_at=2, n_after=3, restart_at=1)
     assert [r["segment"] for r in records] == [0] * 4 + [1] * 3
     assert [r.get("restarts", 0) for r in records] == [0] * 5 + [1] * 2
     assert [r["seq"] for r in records] == list(range(7))
     for record in records:
-        record["built_by"] = "replay"
         validate_record(record)
         validate_record(decode_record(encode_record(record)))
-        assert {"segment", "restarts", "built_by"} <= CORE_KEYS
-        assert not any(k.split(".")[0] in {"segment", "restarts", "built_by"} for k in nonfinite_keys(record))
+        assert {"segment", "restarts"} <= CORE_KEYS
+        assert not any(k.split(".")[0] in {"segment", "restarts"} for k in nonfinite_keys(record))
