@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from train_telemetry.analysis.diagnose import CODES
 from train_telemetry.analysis.extras import MissingExtraError
 from train_telemetry.analysis.load import Run, RunNotFoundError, load_runs
 from train_telemetry.analysis.report import render_report, report_data, report_json
+from train_telemetry.analysis.rules import CODES
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_SERIOUS", "build_parser", "main"]
 

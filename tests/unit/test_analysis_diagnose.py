@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from train_telemetry.analysis import Diagnosis, diagnose, is_serious, load_run
-from train_telemetry.analysis.diagnose import EXPLODING_UPDATE_RATIO
+from train_telemetry.analysis.rules import RULES
+from train_telemetry.analysis.rules.gradients import EXPLODING_UPDATE_RATIO
 from train_telemetry.testing import (
     PATHOLOGIES,
     make_meta,
@@ -434,3 +435,18 @@ def test_gradient_diagnoses_name_the_layer_where_they_start(
     )
     assert phrase in found.title
     assert found.evidence[-1].values["layer"] in ("backbone.0", "backbone.2")
+
+
+@pytest.mark.parametrize("pathology", list(PATHOLOGIES))
+def test_each_rule_alone_finds_what_diagnose_reports_for_its_code(
+    tmp_path: Path, pathology: str
+) -> None:
+    """A rule's check() on its own returns the diagnoses that diagnose() reports under its code
+    (diagnose() shares what rules of one family compute; that changes nothing they find)."""
+    run = load_run(write_pathology(tmp_path / pathology, pathology, layers=True))
+    reported = diagnose(run)
+    for rule in RULES:
+        alone = [(d.severity, d.subject, d.title) for d in rule.check(run)]
+        assert sorted(alone) == sorted(
+            (d.severity, d.subject, d.title) for d in reported if d.code == rule.code
+        ), rule.code

@@ -10,14 +10,13 @@ are imported inside the functions that need them (see :mod:`.extras`).
 ``tests/unit/test_analysis_no_torch.py`` keeps this true by importing this package and
 ``train_telemetry.cli`` and running a report with torch made unimportable.
 
-Modules: :mod:`.load` (reading a run), :mod:`.diagnose` (the findings),
+Modules: :mod:`.load` (reading a run), :mod:`.rules` (the diagnoses, one file per family),
 :mod:`.report` (summary + text), :mod:`.compare`, :mod:`.plots`, :mod:`.export`, :mod:`.watch`.
 """
 
 from __future__ import annotations
 
 from train_telemetry.analysis.compare import render_comparison
-from train_telemetry.analysis.diagnose import CODES, Diagnosis, Evidence, diagnose, is_serious
 from train_telemetry.analysis.export import (
     export_tensorboard,
     holdout_dataframe,
@@ -28,6 +27,7 @@ from train_telemetry.analysis.extras import MissingExtraError
 from train_telemetry.analysis.load import Run, RunNotFoundError, load_run, load_runs
 from train_telemetry.analysis.plots import PlotInfo, save_dashboard, save_overlay
 from train_telemetry.analysis.report import render_report, report_data, report_json, summarize
+from train_telemetry.analysis.rules import CODES, Diagnosis, Evidence, diagnose, is_serious
 from train_telemetry.analysis.watch import watch
 
 __all__ = [

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from train_telemetry.analysis.diagnose import Diagnosis, diagnose
 from train_telemetry.analysis.extras import require
 from train_telemetry.analysis.load import (
     OVERALL,
@@ -27,6 +26,7 @@ from train_telemetry.analysis.load import (
     holdout_is_sequence,
     number,
 )
+from train_telemetry.analysis.rules import Diagnosis, diagnose
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -15,7 +15,6 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from train_telemetry.analysis.diagnose import Diagnosis, diagnose, is_serious
 from train_telemetry.analysis.load import (
     GROUP_FAMILIES,
     OVERALL,
@@ -31,6 +30,7 @@ from train_telemetry.analysis.load import (
     holdout_perplexity,
     number,
 )
+from train_telemetry.analysis.rules import Diagnosis, diagnose, is_serious
 from train_telemetry.records import to_strict_json_value
 
 __all__ = ["render_report", "report_data", "report_json", "sparkline", "summarize"]

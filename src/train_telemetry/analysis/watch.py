@@ -16,7 +16,6 @@ from typing import TextIO
 
 import msgspec
 
-from train_telemetry.analysis.diagnose import Diagnosis, diagnose
 from train_telemetry.analysis.load import (
     OVERALL,
     PRE_CLIP,
@@ -30,6 +29,7 @@ from train_telemetry.analysis.load import (
     record_segment,
 )
 from train_telemetry.analysis.report import render_diagnoses
+from train_telemetry.analysis.rules import Diagnosis, diagnose
 
 # records.py owns the NaN/Inf string encoding; the tail reader decodes line by line.
 from train_telemetry.records import (
@@ -44,8 +44,6 @@ __all__ = ["RecordFollower", "format_record_line", "watch"]
 
 DEFAULT_INTERVAL_S = 1.0
 DEFAULT_TAIL = 5
-# Diagnoses that only make sense for a finished run; a run being watched has no summary yet.
-_FINISHED_ONLY = {"incomplete_run"}
 
 
 class RecordFollower:
@@ -231,10 +229,9 @@ def watch(
         if new or (finished and first):
             if finished:
                 run.summary = summary
+            # finished=False leaves out the rules about how a run ended (no summary.json yet).
             fresh: list[Diagnosis] = [
-                d
-                for d in diagnose(run, finished=finished)
-                if d.key not in shown and (finished or d.code not in _FINISHED_ONLY)
+                d for d in diagnose(run, finished=finished) if d.key not in shown
             ]
             if fresh:
                 print("\n".join(render_diagnoses([d.to_dict() for d in fresh])), file=out)

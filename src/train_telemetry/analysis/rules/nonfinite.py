@@ -1,0 +1,62 @@
+"""NaN/Inf in the metrics: ``nonfinite``.
+
+Runs in: any process that reads a run (no torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from train_telemetry.analysis.load import Run, number
+from train_telemetry.analysis.rules._common import pick
+from train_telemetry.analysis.rules.base import Diagnosis, Evidence, Rule
+from train_telemetry.records import nonfinite_keys
+
+# No threshold: one NaN or Inf anywhere is serious (every later update may carry it).
+
+
+def _value_at(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _nonfinite_in(record: dict[str, Any]) -> dict[str, Any]:
+    """ "family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
+    listed = record.get("nonfinite")
+    keys = [k for k in listed if isinstance(k, str)] if isinstance(listed, list) else []
+    found: dict[str, Any] = {}
+    for key in [*keys, *nonfinite_keys(record)]:
+        value = number(_value_at(record, key))
+        found[key] = value if value is not None else "non-finite"
+    return found
+
+
+class Nonfinite(Rule):
+    code = "nonfinite"
+    severity = "serious"
+    summary = (
+        "NaN or Inf in any recorded metric: the record's `nonfinite` list or the values themselves"
+    )
+
+    def check(self, run: Run) -> list[Diagnosis]:
+        hits = []
+        for i, record in enumerate(run.records):
+            found = _nonfinite_in(record)
+            if found:
+                hits.append(Evidence(run.step(i), found))
+        if not hits:
+            return []
+        first = hits[0]
+        keys = ", ".join(sorted(first.values)[:4]) + (", ..." if len(first.values) > 4 else "")
+        return [
+            self.diagnosis(
+                title=f"NaN/Inf in {len(hits)} of {len(run.records)} records, first at step {first.step}: {keys}",
+                evidence=pick(hits),
+                hint="training diverged or met bad data: lower the LR, clip gradients "
+                "(clip_grad_norm_), check inputs and loss for NaN; with AMP use a GradScaler",
+            )
+        ]
