@@ -823,8 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--steps", type=int, help="measured steps per segment, every preset")
     parser.add_argument("--threads", type=int, help="trainer torch threads (0 = every core)")
-    parser.add_argument("--worker-nice", type=int, help="telemetry.worker_nice")
-    parser.add_argument("--worker-threads", type=int, help="telemetry.worker_threads")
+    parser.add_argument("--worker-nice", type=int, help="telemetry.tuning.worker_nice")
+    parser.add_argument("--worker-threads", type=int, help="telemetry.tuning.worker_threads")
     parser.add_argument("--worker-sched", choices=["nice", "idle"], default="nice",
                         help="idle: also put the worker in SCHED_IDLE after start (an experiment; Linux)")
     parser.add_argument("--num-slots", type=int, help="telemetry.num_slots")
@@ -852,9 +852,11 @@ def main(argv: list[str] | None = None) -> int:
                  "worker_sched": args.worker_sched, "device": args.device,
                  "output_dir": str(args.output_dir) if args.output_dir else None}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    for key, flag in (("worker_nice", args.worker_nice), ("worker_threads", args.worker_threads), ("num_slots", args.num_slots)):
+    for key, flag in (("worker_nice", args.worker_nice), ("worker_threads", args.worker_threads)):
         if flag is not None:
-            tcfg[key] = flag
+            tcfg["tuning"] = {**(tcfg.get("tuning") or {}), key: flag}
+    if args.num_slots is not None:
+        tcfg["num_slots"] = args.num_slots
     tcfg_checked = TelemetryConfig.from_dict(tcfg)
     if args.steps:
         for spec in preset_specs.values():

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     timed(processor_mod.SnapshotProcessor, "evaluate", "holdout eval")
     timed(processor_mod.SnapshotProcessor, "handle", "whole record")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TelemetryConfig.from_dict({**tcfg, "mode": "sync", "fsync": False, "collect_every_n": 1,
+        cfg = TelemetryConfig.from_dict({**tcfg, "mode": "sync", "tuning": {"fsync": False}, "collect_every_n": 1,
                                          "output_dir": str(Path(tmp) / "run"), "input_keys": preset.input_keys,
                                          "label_key": "winner"})
         model, opt = preset.fresh()

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-__all__ = ["TelemetryConfig", "TelemetryConfigError"]
+__all__ = ["TelemetryConfig", "TelemetryConfigError", "Tuning"]
 
 
 class TelemetryConfigError(ValueError):
@@ -30,14 +30,51 @@ DEFAULT_LABEL_KEY = "winner"
 # The built-in metrics that ``metrics:`` may name (train_telemetry.metrics registers each).
 BUILTIN_METRICS = ("layers", "activations", "model_mode")
 DEFAULT_METRICS = ("layers", "activations", "model_mode")
-# overhead_budget "auto" with on_full: drop. On 2 busy CPU cores at every 10th step
-# (python scripts/stress_test.py, 2026-12-03): conv 62% of the records at 1.04x the step
-# without telemetry, wide 21% at 1.04x; with no budget 80% at 1.14-1.15x (docs/benchmarks.md).
+# overhead_budget "auto" with on_full: drop: the share of training time the default may
+# cost; chosen on the stress runs of docs/benchmarks.md (issue 14).
 AUTO_OVERHEAD_BUDGET = 0.10
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Tuning(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How the worker and the waits are tuned: constants with their reasons, not settings.
+
+    No user should need these. Benchmarks (scripts/stress_test.py sweeps the worker's
+    nice value) and tests (short waits, no nice on a loaded machine) change them with
+    ``TelemetryConfig(tuning=Tuning(worker_nice=0))`` or a ``tuning:`` mapping in YAML.
+    They travel with the config to the worker. Measured figures: docs/benchmarks.md.
+    """
+
+    # on_full: block waits at most this long for a slot: a hung worker costs drops, never the run.
+    block_timeout_s: PositiveFloat = 60.0
+    # spawn is safe after CUDA is initialised, and the worker never re-runs the user's
+    # script (worker_handle.without_main_rerun); fork is refused once CUDA is up.
+    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    # A cold `import torch` in a fresh worker on a loaded node takes tens of seconds.
+    start_timeout_s: PositiveFloat = 120.0
+    # One torch thread: training keeps its cores (the worker widens to every core only
+    # while the trainer waits on it, on_full: block).
+    worker_threads: PositiveInt = 1
+    # On busy cores the worker yields to training (records are dropped, not steps slowed);
+    # 15 rather than 19: 19 starved it (docs/benchmarks.md, the nice sweep).
+    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 15
+    # SCHED_IDLE: the worker only on CPU time training leaves idle; more drops, off by default.
+    worker_sched_idle: bool = False
+    # fsync the records file when the worker stops: what stop() returned is on disk.
+    fsync: bool = True
+    # A dead worker is replaced (and replays what it held) this often per run; a snapshot
+    # that kills two workers is recorded as a crash instead.
+    max_worker_restarts: NonNegativeInt = 3
+    # A full disk: records wait in memory up to this many bytes, then are written when space returns.
+    io_buffer_bytes: NonNegativeInt = 4 << 20
+
+
+# Top-level keys of earlier versions that are Tuning fields now: a config that sets one
+# gets an error naming where it went.
+MOVED_TO_TUNING = tuple(f.name for f in msgspec.structs.fields(Tuning))
 
 
 class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -73,35 +110,24 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # thread (the seed's design). auto (the default): the worker where it has a core of its
     # own (the model on an accelerator, or training's torch threads leave a core idle), inline
     # where training's threads take every core (a CPU trainer): there a worker only takes
-    # CPU from training, at a worse rate (docs/benchmarks.md, issue 14, 2 cores, default
-    # budget, every 10th step: inline delivered 100% of conv's records at 1.06x and 55% of
-    # wide's at 1.05x, the worker 57% and 21% at 1.01x and 1.05x). Telemetry.mode and
+    # CPU from training, at a worse rate (measured in docs/benchmarks.md). Telemetry.mode and
     # run.json say what auto chose and why; each record's telemetry.built_by who built it.
     mode: Literal["auto", "async", "sync"] = "auto"
     on_full: Literal["drop", "block"] = "drop"
-    block_timeout_s: PositiveFloat = 60.0
     num_slots: PositiveInt = 2
-    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
-    start_timeout_s: PositiveFloat = 120.0
+    # An escape hatch users have a reason for: how long stop() (and the at-exit stop) may
+    # wait for queued records on a slow disk or under a scheduler's short grace period.
     stop_timeout_s: PositiveFloat = 60.0
-    worker_threads: PositiveInt = 1
-    # 15, not 19: at every 10th step on 2 busy cores, +19 delivered 25-35% of the records
-    # asked for, +15 60-80% at about the same mean step; +10 all of them at 1.13-1.19x
-    # (docs/benchmarks.md, issue 14).
-    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 15
-    worker_sched_idle: bool = False
     # Fraction of training time telemetry may cost (e.g. 0.05); over it, due collections are
     # skipped evenly (every 2nd, 4th, 8th ...), each counted as a drop. "auto" (the default):
     # AUTO_OVERHEAD_BUDGET (0.10) where records are given up anyway to keep training fast
     # (on_full drop, mode auto or async): they are then given up evenly and the cost is
     # bounded; off with on_full block and in mode sync, where every record was asked for. null: off.
     overhead_budget: Annotated[float, msgspec.Meta(gt=0, le=1)] | Literal["auto"] | None = "auto"
+    # Rows per holdout forward: a user's reason is memory (long sequences, a large vocabulary).
     eval_batch_size: PositiveInt = 256
-    fsync: bool = True
 
     # --- surviving faults ------------------------------------------------------------
-    max_worker_restarts: NonNegativeInt = 3  # a dead worker is replaced (and replays) this often per run
-    io_buffer_bytes: NonNegativeInt = 4 << 20  # records kept in memory while the disk refuses writes (ENOSPC)
     overwrite: bool = False  # output_dir holds an earlier run: replace it (default: append a new segment, same model only)
     sigterm_drain_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # on SIGTERM, write what is queued for at most this long (0: leave SIGTERM alone)
 
@@ -112,10 +138,16 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # e.g. {backbone: 1, head: 10}: the LR of each group relative to the others.
     expected_lr_ratios: dict[str, PositiveFloat] | None = None
 
+    # --- not settings: the constants the worker and the waits run with (see Tuning) ---
+    tuning: Tuning = msgspec.field(default_factory=Tuning)
+
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, Path):  # accept Path as the seed's API did
             self.output_dir = str(self.output_dir)
+        self.tuning = _checked_tuning(self.tuning)
         for field in msgspec.structs.fields(self):
+            if field.name == "tuning":
+                continue
             value = getattr(self, field.name)
             try:
                 msgspec.convert(value, field.type, strict=True)
@@ -145,6 +177,43 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return AUTO_OVERHEAD_BUDGET if self.mode != "sync" and self.on_full == "drop" else None
         return self.overhead_budget
 
+    # The tuning constants, read where they are used (worker, sinks, the facade's waits).
+    @property
+    def block_timeout_s(self) -> float:
+        return self.tuning.block_timeout_s
+
+    @property
+    def start_method(self) -> str:
+        return self.tuning.start_method
+
+    @property
+    def start_timeout_s(self) -> float:
+        return self.tuning.start_timeout_s
+
+    @property
+    def worker_threads(self) -> int:
+        return self.tuning.worker_threads
+
+    @property
+    def worker_nice(self) -> int:
+        return self.tuning.worker_nice
+
+    @property
+    def worker_sched_idle(self) -> bool:
+        return self.tuning.worker_sched_idle
+
+    @property
+    def fsync(self) -> bool:
+        return self.tuning.fsync
+
+    @property
+    def max_worker_restarts(self) -> int:
+        return self.tuning.max_worker_restarts
+
+    @property
+    def io_buffer_bytes(self) -> int:
+        return self.tuning.io_buffer_bytes
+
     @property
     def keys_are_default(self) -> bool:
         """Whether input_keys/label_key are the seed's defaults (then other batch shapes are recognised)."""
@@ -164,6 +233,12 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         valid = cls.field_names()
         for key in config_dict:
+            if key in MOVED_TO_TUNING:
+                default = getattr(Tuning(), str(key))
+                raise TelemetryConfigError(
+                    f"{where}{key!r} is no longer a setting: it is a tuning constant ({key} = {default!r}, "
+                    f"its reason beside it in train_telemetry.config.Tuning). Remove it; a benchmark that "
+                    f"must change it sets tuning: {{{key}: ...}}")
             if key not in valid:
                 close = difflib.get_close_matches(str(key), valid, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -205,6 +280,24 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+def _checked_tuning(value: Any) -> Tuning:
+    """``tuning`` as a Tuning, each field validated like a setting (``tuning.worker_nice: 25 ...``)."""
+    given = msgspec.structs.asdict(value) if isinstance(value, Tuning) else value
+    if not isinstance(given, dict):
+        raise TelemetryConfigError(f"tuning: expected a mapping of tuning constants, got {type(given).__name__}")
+    fields = {f.name: f.type for f in msgspec.structs.fields(Tuning)}
+    for key, item in given.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TelemetryConfigError(f"tuning: unknown key {key!r}{hint} (tuning keys: {', '.join(fields)})")
+        try:
+            msgspec.convert(item, fields[key], strict=True)
+        except msgspec.ValidationError as exc:
+            raise TelemetryConfigError(f"tuning.{key}: {item!r} is not valid: {_allowed(key, exc)}") from None
+    return value if isinstance(value, Tuning) else msgspec.convert(given, Tuning, strict=True)
 
 
 _ALLOWED: dict[str, str] = {

@@ -38,7 +38,7 @@ def _train(tmp: Path, mode: str, on_full: str, metrics: list[Any] | None = None,
     if "builtin" in settings:  # the config's metrics: list (named built-ins)
         settings["metrics"] = settings.pop("builtin")
     cfg = TelemetryConfig(output_dir=str(tmp / mode / on_full), mode=mode, on_full=on_full, collect_every_n=1,
-                          num_slots=2, block_timeout_s=60.0, holdout_size=16, **settings)
+                          num_slots=2, holdout_size=16, **settings)
     telemetry = Telemetry(cfg, metrics=metrics or [])
     telemetry.set_holdout_data(_batches(2))
     telemetry.start(model, opt)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from train_telemetry import Telemetry, TelemetryConfig, read_records
+from train_telemetry.config import Tuning
 from train_telemetry.demo import SiameseNet
 
 
@@ -45,7 +46,7 @@ def tiny_run() -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
 
 def config(tmp_path: Path, **overrides: Any) -> TelemetryConfig:
     base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "on_full": "block", "mode": "async",
-                            "stop_timeout_s": 30.0, "worker_nice": 0}
+                            "stop_timeout_s": 30.0, "tuning": Tuning(worker_nice=0)}
     base.update(overrides)
     return TelemetryConfig(**base)
 

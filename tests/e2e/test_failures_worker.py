@@ -34,6 +34,7 @@ from train_telemetry import (
     TelemetryStartError,
     read_records,
 )
+from train_telemetry.config import MOVED_TO_TUNING, Tuning
 from train_telemetry.demo import SiameseNet
 
 # ---------------------------------------------------------------------------- helpers
@@ -110,8 +111,10 @@ def config(tmp_path: Path, **overrides: Any) -> TelemetryConfig:
     worker_nice 0 and long deadlines: on a loaded machine a niced worker can be starved.
     mode async: the worker is what these tests break (auto builds inline on a busy CPU).
     """
+    tuning = {"block_timeout_s": 30.0, "worker_nice": 0}
+    tuning.update({k: overrides.pop(k) for k in list(overrides) if k in MOVED_TO_TUNING})
     base: dict[str, Any] = {"output_dir": str(tmp_path / "run"), "collect_every_n": 1, "stop_timeout_s": 30.0, "mode": "async",
-                            "on_full": "block", "block_timeout_s": 30.0, "worker_nice": 0}
+                            "on_full": "block", "tuning": Tuning(**tuning)}
     base.update(overrides)
     return TelemetryConfig(**base)
 

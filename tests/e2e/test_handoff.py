@@ -15,6 +15,7 @@ from torch import nn
 
 import train_telemetry.collect as telemetry_module
 from train_telemetry import Telemetry, TelemetryConfig, read_records
+from train_telemetry.config import MOVED_TO_TUNING, Tuning
 
 
 class TwoLayer(nn.Module):
@@ -30,8 +31,10 @@ class TwoLayer(nn.Module):
 
 
 def _config(tmp_path: Path, mode: str, **extra: object) -> TelemetryConfig:
+    tuning: dict[str, Any] = {k: extra.pop(k) for k in list(extra) if k in MOVED_TO_TUNING}
     return TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, mode=mode, on_full="block",
-                           input_keys=["x"], label_key="y", holdout_size=8, worker_nice=0, **extra)  # type: ignore[arg-type]
+                           input_keys=["x"], label_key="y", holdout_size=8, tuning=Tuning(worker_nice=0, **tuning),
+                           **extra)  # type: ignore[arg-type]
 
 
 def _batch(g: torch.Generator, n: int = 12) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 
 import train_telemetry.collect as collect_module
 from train_telemetry import Telemetry, TelemetryConfig, TelemetryStartError, read_records
+from train_telemetry.config import Tuning
 
 VOCAB = 50257  # GPT-2's: a record per token id would be 1 MB
 MAX_LINE_BYTES = 16 * 1024
@@ -46,7 +47,7 @@ class Mlp(nn.Module):
 
 def _config(tmp_path: Path, mode: str) -> TelemetryConfig:
     return TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, mode=mode,  # type: ignore[arg-type]
-                           on_full="block", track_holdout_logits=False, worker_nice=0)
+                           on_full="block", track_holdout_logits=False, tuning=Tuning(worker_nice=0))
 
 
 def _expected_stats(labels: torch.Tensor, name: str) -> dict[str, float | int]:
@@ -181,7 +182,7 @@ def test_tuple_batches_without_a_holdout_name_the_labels_by_position(tmp_path: P
 @pytest.mark.parametrize(("mode", "where"), [("sync", "on the training thread"), ("async", "in the telemetry worker")])
 def test_a_failing_holdout_forward_says_where_it_ran(tmp_path: Path, mode: str, where: str) -> None:
     """start() fails on a holdout the model cannot take, naming the thread or process that ran the forward."""
-    telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode=mode, worker_nice=0))  # type: ignore[arg-type]
+    telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode=mode, tuning=Tuning(worker_nice=0)))  # type: ignore[arg-type]
     telemetry.set_holdout_data((torch.randn(4, 7), torch.tensor([0, 1, 2, 0])))  # Mlp takes 5 features
     with pytest.raises(TelemetryStartError, match=f"the holdout forward failed {where}"):
         telemetry.start(Mlp(), None)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from train_telemetry import Telemetry, TelemetryConfig
+from train_telemetry.config import Tuning
 
 dist.init_process_group(backend="gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun
 rank = dist.get_rank()
@@ -38,7 +39,7 @@ model = DistributedDataParallel(FlatNet())
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 g = torch.Generator().manual_seed(100 + rank)  # each rank its own rows
 telemetry = Telemetry(TelemetryConfig(output_dir=out_dir, collect_every_n=every, holdout_size=8, on_full="block",
-                                      mode="async", worker_nice=0))
+                                      mode="async", tuning=Tuning(worker_nice=0)))
 telemetry.set_holdout_data([(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))])
 telemetry.start(model, opt)  # only rank 0 starts a worker
 for step in range(steps):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from train_telemetry import Metric, SnapshotData, Telemetry, TelemetryConfig
+from train_telemetry.config import Tuning
 
 print("flat script: starting", flush=True)  # in the launcher, then in the trainer: twice
 
@@ -49,7 +50,7 @@ def train(rank, out_dir):
     model = ToyModel()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     config = TelemetryConfig(output_dir=out_dir, collect_every_n=every, holdout_size=8, on_full="block",
-                             mode="async", worker_nice=0)
+                             mode="async", tuning=Tuning(worker_nice=0))
     telemetry = Telemetry(config, forward_fn=forward_fn, metrics=[AbsWeightSum()])
     telemetry.set_holdout_data([(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))])
     telemetry.start(model, opt)

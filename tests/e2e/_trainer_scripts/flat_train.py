@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from train_telemetry import Metric, SnapshotData, Telemetry, TelemetryConfig
+from train_telemetry.config import Tuning
 
 print("flat script: starting", flush=True)
 
@@ -52,7 +53,7 @@ model = FlatNet()
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 # on_full: block, so that every collection is written and the test can count them.
 config = TelemetryConfig(output_dir=out_dir, collect_every_n=every, holdout_size=8, on_full="block",
-                         mode=mode, start_method=start_method, worker_nice=0)
+                         mode=mode, tuning=Tuning(start_method=start_method, worker_nice=0))
 telemetry = Telemetry(config, forward_fn=forward_fn, metrics=[AbsWeightSum()])
 telemetry.set_holdout_data([(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))])
 telemetry.start(model, opt)

@@ -7,7 +7,7 @@ collector runs, then trains. Scenarios (none of them calls ``stop()``):
 * ``normal``: train ``STEPS`` steps, print ``done``, fall off the end of the script;
 * ``raise``: train ``STEPS`` steps, print ``done``, raise an uncaught ValueError;
 * ``kill_worker``: like ``normal``, but SIGKILL the telemetry worker at step 10, with
-  ``max_worker_restarts: 0`` (the run goes on without telemetry);
+  ``tuning.max_worker_restarts: 0`` (the run goes on without telemetry);
 * ``kill_worker_restart``: the same with the default restarts (a new worker replays);
 * ``loop_handler``: ``loop`` with the script's own SIGTERM handler (installed before
   ``start()``), which writes ``handler_ran`` in OUTPUT_DIR and exits with status 3.
@@ -25,6 +25,7 @@ import time
 import torch
 
 from train_telemetry import Telemetry, TelemetryConfig
+from train_telemetry.config import Tuning
 from train_telemetry.demo import SiameseNet
 
 STEPS = 40
@@ -59,8 +60,9 @@ def main(output_dir: str, scenario: str) -> None:
 
         signal.signal(signal.SIGTERM, on_sigterm)
     restarts = 0 if scenario == "kill_worker" else 3
-    telemetry = Telemetry(TelemetryConfig(output_dir=output_dir, collect_every_n=EVERY, max_worker_restarts=restarts,
-                                          on_full="block", stop_timeout_s=20.0, worker_nice=0, mode=mode))
+    telemetry = Telemetry(TelemetryConfig(output_dir=output_dir, collect_every_n=EVERY, on_full="block",
+                                          stop_timeout_s=20.0, mode=mode,
+                                          tuning=Tuning(max_worker_restarts=restarts, worker_nice=0)))
     telemetry.set_holdout_data(batch(g, 16))
     telemetry.start(model, opt)
     print(f"worker_pid {telemetry.worker_pid}", flush=True)
