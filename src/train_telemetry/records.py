@@ -12,6 +12,13 @@ it and the "any other key" rule, naming the bad key path; :func:`nonfinite_keys`
 NaN scan the collector writes as ``nonfinite``. Analysis shows any metric's key without
 code of its own for it.
 
+Reading has two forms. :func:`read_records` gives plain dicts (users' scripts rely on
+that). :func:`read_typed_records` / :func:`decode_typed_record` give :class:`TypedRecord`:
+the core keys typed by :class:`Record` (it is a subclass: the same fields), every other key
+in ``metrics``; a record that does not match the schema is skipped with a warning naming its
+line and the key path. Analysis reads only typed records, so nothing there re-checks a
+type this module fixes.
+
 A metric turned off by its ``track_*`` key is absent. NaN and +-Inf are written as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that every line is strict JSON
 (``json.loads`` parses it); :func:`read_records` turns them back into floats.
@@ -22,13 +29,14 @@ groups, parameter counts, versions) and ``summary.json`` (written by ``stop()``)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import re
+import typing
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -44,6 +52,7 @@ __all__ = [
     "RecordError",
     "TelemetryCost",
     "TrainMetrics",
+    "TypedRecord",
     "error_entry",
     "nonfinite_keys",
     "validate_record",
@@ -54,7 +63,9 @@ __all__ = [
     "CHECKPOINT_FILE",
     "encode_record",
     "decode_record",
+    "decode_typed_record",
     "read_records",
+    "read_typed_records",
     "read_json",
     "records_path",
     "repair_torn_tail",
@@ -70,7 +81,8 @@ CHECKPOINT_FILE = "last_checkpoint.pt"
 OVERALL = "overall"
 """The key of the whole-model value in every per-group family."""
 
-GROUP_FAMILIES = ("gradient_norm", "weight_delta", "weight_norm", "update_ratio")
+GroupFamily = Literal["gradient_norm", "weight_delta", "weight_norm", "update_ratio"]
+GROUP_FAMILIES: tuple[GroupFamily, ...] = ("gradient_norm", "weight_delta", "weight_norm", "update_ratio")
 """Families keyed {overall, <group>...}; ``learning_rates`` is per group but has no overall."""
 
 _NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
@@ -121,11 +133,11 @@ def records_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All records of a run (a run directory or a ``.jsonl`` file) as plain dicts.
+def _lines(path: str | os.PathLike[str]) -> Iterator[tuple[str, bytes, bool]]:
+    """("file:line", line, torn) for each non-blank line of a run's records file.
 
-    NaN and +-Inf come back as floats. A torn last line (a crash mid-write) is skipped; a
-    corrupt line elsewhere is skipped with a warning naming its line number.
+    ``torn`` marks a last line without its newline: whole if it decodes, else the partial
+    line a crash mid-write leaves (skipped here, truncated when the run restarts: RecordWriter).
     """
     file = records_path(path)
     try:
@@ -136,20 +148,43 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         ) from None
     lines = data.split(b"\n")
     # A file of whole lines ends with b"\n", so the last element is b"" unless torn.
-    torn = lines.pop()
-    records: list[dict[str, Any]] = []
+    last = len(lines)
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        if line.strip():
+            yield f"{file}:{number}", line, number == last
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a run (a run directory or a ``.jsonl`` file) as plain dicts.
+
+    NaN and +-Inf come back as floats. A torn last line (a crash mid-write) is skipped; a
+    corrupt line elsewhere is skipped with a warning naming its line number.
+    """
+    return _read(path, decode_record)
+
+
+def read_typed_records(path: str | os.PathLike[str]) -> list[TypedRecord]:
+    """All records of a run as :class:`TypedRecord` (see :func:`decode_typed_record`).
+
+    As :func:`read_records`; a record that does not match the schema is skipped too, with a
+    warning naming its line and the key path, so that one bad record never stops a report.
+    """
+    return _read(path, decode_typed_record)
+
+
+_T = TypeVar("_T")
+
+
+def _read(path: str | os.PathLike[str], decode: Callable[[bytes], _T]) -> list[_T]:
+    records: list[_T] = []
+    for where, line, torn in _lines(path):
         try:
-            records.append(_restore_nonfinite(_decoder.decode(line)))
+            records.append(decode(line))
         except msgspec.DecodeError:
-            warnings.warn(f"{file}:{number}: skipped a corrupt line", stacklevel=2)
-    if torn.strip():
-        # A last line that lacks only its newline is whole; one torn by a crash mid-write
-        # is skipped here and truncated when the run restarts (RecordWriter).
-        with contextlib.suppress(msgspec.DecodeError):
-            records.append(_restore_nonfinite(_decoder.decode(torn)))
+            if not torn:
+                warnings.warn(f"{where}: skipped a corrupt line", stacklevel=3)
+        except RecordError as exc:
+            warnings.warn(f"{where}: skipped a record that does not match the schema: {exc}", stacklevel=3)
     return records
 
 
@@ -262,14 +297,16 @@ class Record(msgspec.Struct, omit_defaults=True):
     update_ratio: dict[str, float | None] | UnsetType = UNSET
     learning_rates: dict[str, float | None] | UnsetType = UNSET
     holdout_logits: HoldoutLogits | UnsetType = UNSET
-    batch_stats: dict[str, float | None] | UnsetType = UNSET
+    # Counts (batch_size, tokens, distinct_labels) beside percentages: int stays int.
+    batch_stats: dict[str, int | float | None] | UnsetType = UNSET
     train: TrainMetrics | UnsetType = UNSET
     telemetry: TelemetryCost | UnsetType = UNSET
     nonfinite: list[str] | UnsetType = UNSET
     errors: list[ErrorEntry] | UnsetType = UNSET
     layers: dict[str, dict[str, float | None]] | UnsetType = UNSET
     activations: dict[str, dict[str, float | str | None]] | UnsetType = UNSET
-    model_mode: dict[str, float | None] | UnsetType = UNSET
+    # training (0/1) and batchnorm_layers are ints, batchnorm_stat_change a float.
+    model_mode: dict[str, int | float | None] | UnsetType = UNSET
     gradient_clipping: dict[str, float | None] | UnsetType = UNSET
     gradient_norm_pre_clip: dict[str, float | None] | UnsetType = UNSET
     segment: int | UnsetType = UNSET
@@ -336,20 +373,167 @@ def _check_metric_value(value: Any, path: str) -> None:
         raise RecordError(f"{path}: expected a number, null or a dict of them, got {value!r}")
 
 
-def validate_record(record: Mapping[str, Any]) -> None:
-    """Raise :class:`RecordError` naming the key path if ``record`` does not match the schema.
+def _struct_keys(cls: type[msgspec.Struct]) -> frozenset[str]:
+    """The fields of ``cls`` whose value is a Struct (``holdout_logits``, ``train``, ``telemetry``)."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(
+        name
+        for name in cls.__struct_fields__
+        if any(isinstance(t, type) and issubclass(t, msgspec.Struct) for t in typing.get_args(hints[name]))
+    )
 
-    Core keys must have their :class:`Record` types; any other key must hold a dict whose
-    leaves are numbers or null, possibly nested.
+
+_STRUCT_KEYS = _struct_keys(Record)
+_HINTS = typing.get_type_hints(Record)
+
+Layout = tuple[tuple[str, tuple[str, ...]], ...]
+"""A record's keys in the order written, each with its Struct value's keys in that order (else ())."""
+# One tuple per distinct layout, shared by every record that has it (a run has a few).
+_LAYOUTS: dict[Layout, Layout] = {}
+_MAX_LAYOUTS = 1024
+
+
+class TypedRecord(Record):
+    """One record as analysis reads it: :class:`Record`'s typed core keys, the rest in ``metrics``.
+
+    Made by :func:`decode_typed_record`, which checks the whole record first. ``metrics``
+    holds every key that is not a core key: a metric's dict whose leaves are numbers or
+    null, possibly nested (the "any other key" rule). A subclass rather than a wrapper so
+    that analysis reads ``record.gradient_norm``, not ``record.record.gradient_norm``; the
+    schema itself stays :class:`Record` alone.
+
+    ``layout`` is the order the keys were written in; :meth:`to_dict` uses it to give back
+    the record as :func:`read_records` does (same keys, order and values), which exports
+    (one column per flattened key, in the order written) and any code that walks a record
+    generically rely on. ``record[key]``, ``record.get(key)``, ``key in record`` and
+    iteration read that view, so a script that indexed ``Run.records`` as dicts keeps
+    working; analysis itself reads the typed attributes.
     """
+
+    metrics: dict[str, Any] = {}
+    layout: Layout = ()
+
+    def keys(self) -> list[str]:
+        """The record's top-level keys in the order written."""
+        if self.layout:
+            return [key for key, _ in self.layout]
+        # Not decoded (built in code): the set core keys in schema order, then the metrics.
+        return [k for k in Record.__struct_fields__ if getattr(self, k) is not UNSET] + list(self.metrics)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        if key in CORE_KEYS:
+            return getattr(self, str(key)) is not UNSET
+        return key in self.metrics
+
+    def __getitem__(self, key: str) -> Any:
+        """``key``'s value as written (a Struct's value as a plain dict: a copy)."""
+        if key not in CORE_KEYS:
+            return self.metrics[key]
+        value = getattr(self, key)
+        if value is UNSET:
+            raise KeyError(key)
+        if isinstance(value, msgspec.Struct):
+            order = next((sub for name, sub in self.layout if name == key), None)
+            if order is None:
+                return msgspec.to_builtins(value)
+            return {name: msgspec.to_builtins(getattr(value, name)) for name in order}
+        if isinstance(value, list) and value and isinstance(value[0], msgspec.Struct):
+            return msgspec.to_builtins(value)  # errors: each entry in ErrorEntry's field order
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]``, or ``default`` when the record lacks ``key``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as :func:`read_records` gives it: the same keys, order and values."""
+        return {key: self[key] for key in self.keys()}
+
+
+def _layout(record: Mapping[str, Any]) -> Layout:
+    layout = tuple(
+        (key, tuple(value) if key in _STRUCT_KEYS and isinstance(value, Mapping) else ())
+        for key, value in record.items()
+    )
+    shared = _LAYOUTS.get(layout)
+    if shared is None:
+        if len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[layout] = layout
+        return layout
+    return shared
+
+
+_DICT_PATH = re.compile(r"`\$\.(\w+)((?:\[\.\.\.\])+)`")
+
+
+def _name_dict_keys(message: str, core: Mapping[str, Any]) -> str:
+    """``message`` with the keys msgspec writes as ``[...]`` named: ``$.layers.gradient_norm.fc1``."""
+    match = _DICT_PATH.search(message)
+    if match is None or match.group(1) not in core:
+        return message
+    family, value = match.group(1), core[match.group(1)]
+    (kind,) = (t for t in typing.get_args(_HINTS[family]) if typing.get_origin(t) is dict)
+    keys: list[str] = []
+    for _ in range(match.group(2).count("[...]")):
+        kind = typing.get_args(kind)[1]
+        bad = next((k for k, v in value.items() if not _converts(v, kind)), None)
+        if bad is None:
+            return message
+        keys.append(str(bad))
+        value = value[bad]
+    return message.replace(match.group(0), f"`$.{family}.{'.'.join(keys)}`")
+
+
+def _converts(value: Any, kind: Any) -> bool:
+    try:
+        msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _checked(record: Any) -> TypedRecord:
+    """``record`` (a decoded line) as a :class:`TypedRecord`; RecordError naming the key path."""
     if not isinstance(record, Mapping):
         raise RecordError(f"a record is a JSON object, got {type(record).__name__}")
     core = {k: v for k, v in record.items() if k in CORE_KEYS}
     try:
-        msgspec.convert(core, Record)
+        typed = msgspec.convert(core, TypedRecord)
     except msgspec.ValidationError as exc:
-        raise RecordError(f"record (batch_idx {record.get('batch_idx')!r}): {exc}") from None
-    for key in (k for k in record if k not in CORE_KEYS):
-        if not isinstance(record[key], Mapping):
-            raise RecordError(f"$.{key}: a metric's value must be a dict, got {record[key]!r}")
-        _check_metric_value(record[key], f"$.{key}")
+        where = _name_dict_keys(str(exc), core)
+        raise RecordError(f"record (batch_idx {record.get('batch_idx')!r}): {where}") from None
+    metrics = {k: v for k, v in record.items() if k not in CORE_KEYS}
+    for key, value in metrics.items():
+        if not isinstance(value, Mapping):
+            raise RecordError(f"$.{key}: a metric's value must be a dict, got {value!r}")
+        _check_metric_value(value, f"$.{key}")
+    typed.metrics = metrics
+    typed.layout = _layout(record)
+    return typed
+
+
+def decode_typed_record(data: bytes | str | Mapping[str, Any]) -> TypedRecord:
+    """One record (a line of a records file, or a dict) as a :class:`TypedRecord`.
+
+    The NaN/+-Inf markers come back as floats, as in :func:`read_records`. A record written
+    by an older version (optional keys absent) decodes with those fields UNSET. Raises
+    ``msgspec.DecodeError`` for a line that is not JSON and :class:`RecordError`, naming the
+    key path, for a record that does not match the schema.
+    """
+    raw = _decoder.decode(data) if isinstance(data, (bytes, str)) else data
+    return _checked(_restore_nonfinite(raw))
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise :class:`RecordError` naming the key path if ``record`` does not match the schema.
+
+    Core keys must have their :class:`Record` types; any other key must hold a dict whose
+    leaves are numbers or null, possibly nested. The check :func:`decode_typed_record` makes.
+    """
+    _checked(record)

@@ -23,5 +23,7 @@ def _records_match_the_schema(request: pytest.FixtureRequest) -> Iterator[None]:
     if root is None:
         return
     for file in sorted(root.rglob("telemetry*.jsonl")):
+        if file.is_symlink() or not file.is_file():
+            continue  # the disk-full tests point the records at /dev/full: no records to read there
         for record in read_records(file):
             validate_record(record)  # raises RecordError naming the file's bad key path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 
 from train_telemetry.analysis import RunNotFoundError, load_run, load_runs
 from train_telemetry.analysis.load import Run, Segment
-from train_telemetry.records import RECORDS_FILE, encode_record
+from train_telemetry.records import RECORDS_FILE, TypedRecord, decode_typed_record, encode_record
 from train_telemetry.testing import (
     add_metric,
     make_meta,
@@ -20,6 +19,11 @@ from train_telemetry.testing import (
     write_resumed_run,
     write_run,
 )
+
+
+def typed(records: list[dict]) -> list[TypedRecord]:
+    """Records as load_run gives them (a Run holds typed records)."""
+    return [decode_typed_record(r) for r in records]
 
 
 def test_load_run_reads_records_and_both_json_files(tmp_path: Path) -> None:
@@ -84,7 +88,7 @@ def test_steps_extend_as_records_are_appended(tmp_path: Path) -> None:
     whole = load_run(write_run(tmp_path / "run", records))
     growing = load_run(write_run(tmp_path / "run2", records[:2]))
     first = list(growing.steps)
-    growing.records.extend(copy.deepcopy(records[2:]))
+    growing.records.extend(typed(records[2:]))
     assert first == whole.steps[:2]
     assert growing.steps == whole.steps
 
@@ -172,7 +176,7 @@ def test_a_resume_with_batch_idx_restarting_each_epoch_counts_steps_on(tmp_path:
 
 def test_a_run_without_segments_is_read_as_before(tmp_path: Path) -> None:
     """Records without a segment key: one segment, no resumes, nothing superseded, the same list."""
-    records = make_records(n=4)
+    records = typed(make_records(n=4))
     run = Run(path=tmp_path, records=records)
     assert run.records is records
     assert run.segments == [Segment(0, 0, 0)] and run.resumes == [] and run.superseded == []
@@ -182,13 +186,13 @@ def test_a_run_without_segments_is_read_as_before(tmp_path: Path) -> None:
 def test_extend_resolves_a_resume_that_arrives_later(tmp_path: Path) -> None:
     """Records appended in pieces (watch) give the same run as records read at once."""
     records = make_resumed_records(n=10, resume_at=7, n_after=6)
-    whole = Run(path=tmp_path, records=copy.deepcopy(records))
-    growing = Run(path=tmp_path, records=copy.deepcopy(records[:9]))
+    whole = Run(path=tmp_path, records=typed(records))
+    growing = Run(path=tmp_path, records=typed(records[:9]))
     assert growing.steps[-1] == 160
-    start = growing.extend(copy.deepcopy(records[9:12]))
+    start = growing.extend(typed(records[9:12]))
     assert start == 7  # the new records replace steps 140.. onward
     assert [r["batch_idx"] for r in growing.records[start:]] == [140, 160]
-    growing.extend(copy.deepcopy(records[12:]))
+    growing.extend(typed(records[12:]))
     assert growing.steps == whole.steps
     assert growing.records == whole.records and growing.superseded == whole.superseded
 

@@ -258,11 +258,11 @@ def test_the_report_says_who_built_the_records_and_why_inline(tmp_path: Path) ->
     reason = "training on the CPU with 2 torch threads on 2 cores: no core is left for a worker"
     run.meta = {**(run.meta or {}), "mode_reason": reason}
     for record in run.records:
-        record["telemetry"]["built_by"] = "trainer"
+        record.telemetry.built_by = "trainer"
     data = report_data(run)
     text = render_report(data)
     assert f"    records built by the training thread (inline): {reason}" in text
     assert "; build on the training thread " in text and "worker lag" not in text
     assert data["summary"]["telemetry"]["built_by"] == ["trainer"]
-    run.records[-1]["telemetry"]["built_by"] = "worker"  # a resumed run that changed mode
+    run.records[-1].telemetry.built_by = "worker"  # a resumed run that changed mode
     assert "    records built by the training thread (inline) and the worker process\n" in render_report(report_data(run))

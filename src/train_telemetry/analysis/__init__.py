@@ -10,6 +10,9 @@ are imported inside the functions that need them (see :mod:`.extras`).
 ``tests/unit/test_analysis_no_torch.py`` keeps this true by importing this package and
 ``train_telemetry.cli`` and running a report with torch made unimportable.
 
+Records are read once, into typed records (``records.TypedRecord``, checked against the
+schema by :mod:`.load`); nothing here re-checks a type the schema fixes.
+
 Modules: :mod:`.load` (reading a run), :mod:`.rules` (the diagnoses, one file per family),
 :mod:`.report` (summary + text), :mod:`.compare`, :mod:`.plots`, :mod:`.export`, :mod:`.watch`.
 """

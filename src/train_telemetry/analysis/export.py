@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from msgspec import UNSET
+
 from train_telemetry.analysis.extras import require
-from train_telemetry.analysis.load import Record, Run, load_run, number
+from train_telemetry.analysis.load import Run, TypedRecord, load_run, number
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,16 +48,18 @@ _LEADING = ("batch_idx", "epoch", "seq", "timestamp", "segment", "superseded")
 _NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size", "segment", "restarts"}
 
 
-def flatten_record(record: Record, *, per_example: bool = False) -> dict[str, Any]:
+def flatten_record(record: TypedRecord, *, per_example: bool = False) -> dict[str, Any]:
     """One record as flat columns: nested keys joined with '.', e.g. ``gradient_norm.head``.
 
     Any metric's key flattens the same way (``layers.gradient_norm.fc1``,
-    ``activations.fc1.dead_fraction``), so a new metric needs no change here.
+    ``activations.fc1.dead_fraction``), so a new metric needs no change here. The columns
+    are the record as written (:meth:`TypedRecord.to_dict`: its keys in their order).
     ``nonfinite`` becomes one ';'-joined string and ``errors`` a JSON string (both are lists);
     the holdout's per-example lists are dropped unless ``per_example``.
     """
     out: dict[str, Any] = {}
 
+    # Walks the written record generically, whatever a metric nests: hence the type checks.
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for key, inner in value.items():
@@ -70,7 +74,7 @@ def flatten_record(record: Record, *, per_example: bool = False) -> dict[str, An
         else:
             out[prefix] = value
 
-    walk("", record)
+    walk("", record.to_dict())
     return out
 
 
@@ -93,7 +97,7 @@ def to_dataframe(
     run = _as_run(run)
     if include_superseded:
         marked = [(r, False) for r in run.records] + [(r, True) for r in run.superseded]
-        marked.sort(key=lambda item: number(item[0].get("seq")) or 0.0)  # stable: file order
+        marked.sort(key=lambda item: item[0].seq)  # stable: file order
         rows = [flatten_record(r) | {"superseded": gone} for r, gone in marked]
     else:
         rows = [flatten_record(r) for r in run.records]
@@ -116,34 +120,34 @@ def holdout_dataframe(run: Run | str | os.PathLike[str]) -> pd.DataFrame:
     pd_ = require("pandas", extra="export", purpose="holdout_dataframe()")
     rows = []
     for step, record, holdout in _as_run(run).holdout():
-        example_loss = holdout.get("example_loss")
-        if isinstance(example_loss, list) and not isinstance(holdout.get("predictions"), list):
-            accuracy = holdout.get("example_accuracy") or []
+        if holdout.example_loss is not UNSET and holdout.predictions is UNSET:
+            accuracy = holdout.example_accuracy or []
             rows += [
                 {
                     "batch_idx": step,
-                    "epoch": record.get("epoch"),
-                    "seq": record.get("seq"),
+                    "epoch": record.epoch,
+                    "seq": record.seq,
                     "example": i,
                     "loss": loss,
                     "accuracy": accuracy[i] if i < len(accuracy) else None,
                 }
-                for i, loss in enumerate(example_loss)
+                for i, loss in enumerate(holdout.example_loss)
             ]
             continue
-        labels = holdout.get("labels") or []
-        logits = holdout.get("logits") or []
-        for i, pred in enumerate(holdout.get("predictions") or []):
+        labels = holdout.labels or []
+        logits = holdout.logits or []
+        for i, pred in enumerate(holdout.predictions or []):
             row: dict[str, Any] = {
                 "batch_idx": step,
-                "epoch": record.get("epoch"),
-                "seq": record.get("seq"),
+                "epoch": record.epoch,
+                "seq": record.seq,
                 "example": i,
                 "label": labels[i] if i < len(labels) else None,
                 "prediction": pred,
             }
             row["correct"] = row["label"] == pred if row["label"] is not None else None
             example_logits = logits[i] if i < len(logits) else []
+            # logits is list[Any] in the schema: a list of class scores, or one score.
             for k, v in enumerate(
                 example_logits if isinstance(example_logits, list) else [example_logits]
             ):
@@ -169,10 +173,9 @@ def _scalars(run: Run) -> Iterator[tuple[str, int, float, float]]:
     """(tag, step, wall time, value) for each numeric leaf of each record."""
     for i, record in enumerate(run.records):
         step = run.step(i)
-        wall = number(record.get("time"))
-        wall = wall if wall is not None and math.isfinite(wall) else time.time()
+        wall = record.time if math.isfinite(record.time) else time.time()
         for key, value in flatten_record(record).items():
-            f = number(value)
+            f = number(value)  # a flattened column: a number, a string (timestamp) or null
             if f is None or key in _NOT_SCALARS:
                 continue
             # TensorBoard groups tags by their first '/' part: gradient_norm/head, train/loss.

@@ -7,6 +7,11 @@ A run directory holds ``telemetry.jsonl`` (or ``telemetry.rank<r>.jsonl`` per ra
 usually ``run.json`` (written at start) and ``summary.json`` (written by ``stop()``); either
 JSON file may be missing after a crash, so everything here treats them as optional.
 
+Records are decoded into :class:`~train_telemetry.records.TypedRecord` (the schema,
+``records.Record``, checks every core key's type once; a record that does not match is
+skipped with a warning naming its line): everything downstream reads typed fields and
+re-checks no type. run.json and summary.json have no schema and stay dicts.
+
 A run resumed into its own directory (a script that restarts from its checkpoint and calls
 ``start()`` again) appends a new *segment* to the same records file: each record carries
 ``segment`` (absent = 0) and ``seq`` counts on. A resume usually goes back to a checkpoint
@@ -21,10 +26,13 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import MappingProxyType
+from typing import Any, Final, Literal, NamedTuple
+
+from msgspec import UNSET, UnsetType
 
 from train_telemetry.records import (
     BOOKKEEPING_KEYS,
@@ -33,8 +41,11 @@ from train_telemetry.records import (
     RECORDS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
+    HoldoutLogits,
+    TelemetryCost,
+    TypedRecord,
     read_json,
-    read_records,
+    read_typed_records,
 )
 
 __all__ = [
@@ -45,11 +56,15 @@ __all__ = [
     "SECTION_KEYS",
     "SEQUENCE_SCORED",
     "UNASSIGNED",
-    "Record",
+    "KeyedFamily",
+    "Reader",
     "Run",
     "RunNotFoundError",
     "Segment",
+    "TypedRecord",
+    "as_float",
     "class_sort_key",
+    "family_values",
     "find_record_files",
     "format_number",
     "holdout_accuracy",
@@ -63,10 +78,9 @@ __all__ = [
     "numeric_leaves",
     "record_position",
     "record_segment",
-    "record_step",
+    "train_accuracy",
+    "train_loss",
 ]
-
-Record = dict[str, Any]
 
 # Keys with a section of their own in the report and the dashboard. Any other key whose
 # value is a dict is a metric shown generically (Run.metric_keys), so a new metric needs no
@@ -76,7 +90,7 @@ SECTION_KEYS = BOOKKEEPING_KEYS | {
     "gradient_norm_pre_clip", "gradient_clipping",
 }
 
-PRE_CLIP = "gradient_norm_pre_clip"
+PRE_CLIP: Final = "gradient_norm_pre_clip"
 """The per-group family of gradient norms before clipping (``gradient_norm`` is then what
 the optimizer applied)."""
 # Where a run's gradient norms before any clipping come from, best first (see
@@ -88,8 +102,6 @@ UNASSIGNED = "unassigned"
 """The group the collector puts the parameters that no optimizer group holds in (a LoRA
 model's frozen base): never updated, so a zero weight delta there is by design."""
 
-# The holdout_logits keys only a sequence-label (token) evaluation writes.
-_SEQUENCE_KEYS = ("perplexity", "tokens", "example_loss", "example_accuracy", "scored")
 SEQUENCE_SCORED = {
     "all": "every labelled position",
     "shifted": "the next token at each position (the labels are the inputs, shifted by the model)",
@@ -125,14 +137,22 @@ def format_number(value: Any, digits: int = 3) -> str:
 
 
 def number(value: Any) -> float | None:
-    """``value`` as a float if it is a number (NaN and +-Inf included), else None."""
+    """``value`` as a float if it is a number (NaN and +-Inf included), else None.
+
+    For values of no fixed type only: run.json and summary.json (no schema), a metric's
+    leaves (numbers, nulls or nested dicts), report data. A record's typed fields need none.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
 
 
 def numeric_leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """(dotted path, float) for each number under ``value``; strings, nulls and lists are skipped."""
+    """(dotted path, float) for each number under ``value``; strings, nulls and lists are skipped.
+
+    A metric's value is a dict whose leaves are numbers, nulls or dicts (``activations``'
+    also strings): several types by the schema, hence the checks.
+    """
     if isinstance(value, dict):
         for key, inner in value.items():
             yield from numeric_leaves(inner, f"{prefix}.{key}" if prefix else str(key))
@@ -142,41 +162,70 @@ def numeric_leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, f
 
 
-def record_step(record: Record, index: int) -> int:
-    """The step counter a record carries: ``batch_idx``, else ``seq``, else its position.
-
-    This is what the hook was called with, which restarts each epoch in the seed's loop
-    (``enumerate(loader)``); :attr:`Run.steps` counts on across epochs.
-    """
-    for key in ("batch_idx", "seq"):
-        value = record.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return index
+def as_float(value: float | None) -> float | None:
+    """A recorded number as a float, None kept: ``batch_stats`` and ``model_mode`` hold ints
+    (counts) beside floats, and what is computed from them is a float."""
+    return None if value is None else float(value)
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+KeyedFamily = Literal[
+    "gradient_norm",
+    "weight_delta",
+    "weight_norm",
+    "update_ratio",
+    "gradient_norm_pre_clip",
+    "learning_rates",
+    "gradient_clipping",
+    "batch_stats",
+    "model_mode",
+]
+"""The record keys typed ``dict[str, number | null]``: {group or name: value}."""
 
 
-def _count(value: Any) -> int:
-    return _int(value) or 0
+def family_values(record: TypedRecord, family: KeyedFamily) -> dict[str, float | None] | None:
+    """``record``'s dict for ``family``, None when the record has none."""
+    # getattr by name: every KeyedFamily field has this one type (records.Record).
+    values: dict[str, float | None] | UnsetType = getattr(record, family)
+    return None if values is UNSET else values
 
 
-def record_segment(record: Record) -> int:
+_NO_VALUES: Mapping[str, float | None] = MappingProxyType({})
+
+Reader = Callable[[TypedRecord], float | None]
+"""One number of a record (None when it is not recorded), for :meth:`Run.points`."""
+
+
+def train_loss(record: TypedRecord) -> float | None:
+    return record.train.loss if record.train else None
+
+
+def train_accuracy(record: TypedRecord) -> float | None:
+    return record.train.accuracy if record.train else None
+
+
+def record_segment(record: TypedRecord) -> int:
     """The run segment a record belongs to: its ``segment`` key, 0 when absent (older runs)."""
-    return _count(record.get("segment"))
+    return record.segment or 0
 
 
-def record_position(record: Record, index: int) -> tuple[int, int]:
-    """Where a record sits in training: (``epoch``, step counter); ordered as training ran.
+def record_position(record: TypedRecord) -> tuple[int, int]:
+    """Where a record sits in training: (``epoch``, ``batch_idx``); ordered as training ran.
 
     Compared across segments to find what a resume repeated: the epoch comes first so that
     a ``batch_idx`` that restarts each epoch still orders correctly.
     """
-    epoch = record.get("epoch")
-    epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
-    return epoch, record_step(record, index)
+    return record.epoch, record.batch_idx
+
+
+def _written_step(record: TypedRecord) -> int | None:
+    """The record's own global ``step``, once the collector writes one (see :attr:`Run.steps`).
+
+    records.Record has no ``step`` field yet, so this is None for every record today. When
+    the builder writes ``step`` (and Record declares ``step: int | UnsetType = UNSET``),
+    this reads it and the reconstruction in Run.steps is left to records written before.
+    """
+    written = getattr(record, "step", UNSET)
+    return written if isinstance(written, int) else None
 
 
 class Segment(NamedTuple):
@@ -197,12 +246,12 @@ class Run:
     """
 
     path: Path
-    records: list[Record]
+    records: list[TypedRecord]
     meta: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
     rank: int | None = None
     records_file: Path | None = None
-    superseded: list[Record] = field(default_factory=list)
+    superseded: list[TypedRecord] = field(default_factory=list)
     # groups is derived from meta and records, which grow while a run is watched: cache it
     # against their identity and length.
     _groups: tuple[tuple[int, int], list[str]] | None = field(default=None, init=False, repr=False)
@@ -216,7 +265,7 @@ class Run:
             self.records = []
             self.extend(records)
 
-    def extend(self, records: Iterable[Record]) -> int:
+    def extend(self, records: Iterable[TypedRecord]) -> int:
         """Append records in file order, resolving resumes; returns where the new ones start.
 
         A record whose segment differs from the last record's starts a segment: the records
@@ -228,11 +277,11 @@ class Run:
         for record in records:
             kept = self.records
             if kept and record_segment(record) != record_segment(kept[-1]):
-                here = record_position(record, len(kept))
+                here = record_position(record)
                 cut = len(kept)
-                # From the end back: a batch_idx that restarts each epoch without an epoch
-                # key must not cut at an earlier epoch's equal batch_idx.
-                while cut and record_position(kept[cut - 1], cut - 1) >= here:
+                # From the end back: a batch_idx that restarts each epoch must not cut at an
+                # earlier epoch's equal batch_idx.
+                while cut and record_position(kept[cut - 1]) >= here:
                     cut -= 1
                 if cut < len(kept):
                     self.superseded.extend(kept[cut:])
@@ -267,9 +316,7 @@ class Run:
         Superseded records count as present: a resume leaves a gap in the kept records'
         ``seq`` that is not a loss.
         """
-        seqs = sorted(
-            seq for r in (*self.records, *self.superseded) if (seq := _int(r.get("seq"))) is not None
-        )
+        seqs = sorted(r.seq for r in (*self.records, *self.superseded))
         return sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False) if b > a + 1)
 
     @property
@@ -279,11 +326,11 @@ class Run:
         counted = (self.summary or {}).get("worker_restarts")
         if isinstance(counted, int) and not isinstance(counted, bool):
             return counted
-        return max((_count(r.get("restarts")) for r in self.records), default=0)
+        return max((r.restarts or 0 for r in self.records), default=0)
 
     def records_after_restart(self) -> int:
         """How many records were written by a restarted worker (``restarts`` > 0)."""
-        return sum(1 for r in self.records if _count(r.get("restarts")) > 0)
+        return sum(1 for r in self.records if (r.restarts or 0) > 0)
 
     @property
     def name(self) -> str:
@@ -316,14 +363,11 @@ class Run:
         seen: dict[str, None] = {}
         for record in self.records:
             for family in GROUP_FAMILIES:
-                values = record.get(family)
-                if isinstance(values, dict):
-                    seen.update((k, None) for k in values if k != OVERALL)
+                seen.update((k, None) for k in family_values(record, family) or () if k != OVERALL)
         if seen:
             return list(seen)
         for record in self.records:
-            lrs = record.get("learning_rates")
-            if isinstance(lrs, dict) and lrs:
+            if lrs := record.learning_rates:
                 named = [k for k in lrs if not _GROUP_INDEX.match(k)]
                 return named or list(lrs)
         return []
@@ -336,19 +380,28 @@ class Run:
         the previous epoch's largest ``batch_idx``; that undercounts an epoch by the fewer
         than ``collect_every_n`` steps after its last collection, and is exact when
         ``batch_idx`` is already a global counter.
+
+        The one place a step is reconstructed. The collector sees every hook call, so it
+        could write the exact global step (``step: int`` beside ``batch_idx``: see
+        :func:`_written_step`); a record that carries one is taken as it is.
         """
         if self._steps is None or len(self._steps) != len(self.records):
             done = list(self._steps or [])[: len(self.records)]
             offset, epoch_max = self._step_state if done else (0, 0)
             for i in range(len(done), len(self.records)):
-                raw = record_step(self.records[i], i)
-                if i and raw < record_step(self.records[i - 1], i - 1):
+                raw = self._raw_step(i)
+                if i and raw < self._raw_step(i - 1):
                     offset += epoch_max
                     epoch_max = 0
                 epoch_max = max(epoch_max, raw)
                 done.append(offset + raw)
             self._steps, self._step_state = done, (offset, epoch_max)
         return self._steps
+
+    def _raw_step(self, index: int) -> int:
+        record = self.records[index]
+        written = _written_step(record)
+        return written if written is not None else record.batch_idx
 
     def step(self, index: int) -> int:
         """The (monotonic) step of record ``index``; see :attr:`steps`."""
@@ -369,34 +422,31 @@ class Run:
     @property
     def restarts_each_epoch(self) -> bool:
         """Whether ``batch_idx`` restarts each epoch (so steps and batch_idx differ)."""
-        return any(
-            record_step(r, i) != s
-            for i, (r, s) in enumerate(zip(self.records, self.steps, strict=True))
-        )
+        return any(r.batch_idx != s for r, s in zip(self.records, self.steps, strict=True))
 
-    def value(self, record: Record, family: str, key: str) -> float | None:
-        """``record[family][key]`` as a float, or None when absent, null or not a number."""
-        values = record.get(family)
-        if not isinstance(values, dict):
-            return None
-        return number(values.get(key))
+    def value(self, record: TypedRecord, family: KeyedFamily, key: str) -> float | None:
+        """``record``'s ``family.key`` as a float, None when absent or null."""
+        values = family_values(record, family)
+        return as_float(values.get(key)) if values is not None else None
 
-    def learning_rate(self, record: Record, group: str) -> float | None:
+    def learning_rate(self, record: TypedRecord, group: str) -> float | None:
         """The LR of ``group`` in ``record``, by name, else by its ``group_<i>`` index key."""
-        lrs = record.get("learning_rates")
-        if not isinstance(lrs, dict):
-            return None
+        lrs = record.learning_rates or _NO_VALUES
         if group in lrs:
-            return number(lrs[group])
+            return lrs[group]
         if group in self.groups:
-            return number(lrs.get(f"group_{self.groups.index(group)}"))
+            return lrs.get(f"group_{self.groups.index(group)}")
         return None
 
-    def series(self, family: str, key: str, *, finite: bool = False) -> list[tuple[int, float]]:
+    def series(self, family: KeyedFamily, key: str, *, finite: bool = False) -> list[tuple[int, float]]:
         """(step, value) for each record holding a number at ``family.key``."""
+        return self.points(lambda record: self.value(record, family, key), finite=finite)
+
+    def points(self, read: Reader, *, finite: bool = False) -> list[tuple[int, float]]:
+        """(step, ``read(record)``) for each record where it is a number (e.g. :func:`train_loss`)."""
         out: list[tuple[int, float]] = []
         for i, record in enumerate(self.records):
-            v = self.value(record, family, key)
+            v = read(record)
             if v is not None and (not finite or math.isfinite(v)):
                 out.append((self.step(i), v))
         return out
@@ -417,9 +467,8 @@ class Run:
         """
         seen: dict[str, None] = {}
         for record in self.records:
-            seen.update(
-                (k, None) for k, v in record.items() if k not in SECTION_KEYS and isinstance(v, dict)
-            )
+            # Every such key holds a dict: layers, activations, model_mode, or a metric's.
+            seen.update((k, None) for k in record if k not in SECTION_KEYS)
         return list(seen)
 
     def leaf_series(self, key: str) -> dict[str, list[tuple[int, float]]]:
@@ -430,20 +479,24 @@ class Run:
         """
         out: dict[str, list[tuple[int, float]]] = {}
         for i, record in enumerate(self.records):
-            for path, value in numeric_leaves(record.get(key)):
-                out.setdefault(path, []).append((self.step(i), value))
+            if key in record:
+                for path, value in numeric_leaves(record[key]):
+                    out.setdefault(path, []).append((self.step(i), value))
         return out
 
-    def holdout(self) -> list[tuple[int, Record, dict[str, Any]]]:
+    def holdout(self) -> list[tuple[int, TypedRecord, HoldoutLogits]]:
         """(step, record, holdout_logits) for each record with a holdout evaluation."""
-        out = []
-        for i, record in enumerate(self.records):
-            holdout = record.get("holdout_logits")
-            if isinstance(holdout, dict):
-                out.append((self.step(i), record, holdout))
-        return out
+        return [
+            (self.step(i), record, record.holdout_logits)
+            for i, record in enumerate(self.records)
+            if record.holdout_logits
+        ]
 
-    def _label_pattern(self, stats: dict[str, Any]) -> re.Pattern[str]:
+    def costs(self) -> list[tuple[int, TelemetryCost]]:
+        """(step, telemetry) for each record that says what collecting it cost."""
+        return [(self.step(i), r.telemetry) for i, r in enumerate(self.records) if r.telemetry]
+
+    def _label_pattern(self, stats: Mapping[str, float | None]) -> re.Pattern[str]:
         """``<label>_<class>_pct`` for the config's label_key when the record's keys use it,
         else any ``<key>_<class>_pct`` (the label name of a batch format found at start(),
         e.g. "labels" for Hugging Face batches, differs from the default label_key)."""
@@ -458,8 +511,7 @@ class Run:
         """The label name the batch stats are keyed by (``<label>_<class>_pct``), else the
         config's label_key, else None."""
         for record in self.records:
-            stats = record.get("batch_stats")
-            if isinstance(stats, dict):
+            if stats := record.batch_stats:
                 pattern = self._label_pattern(stats)
                 for key in stats:
                     if match := pattern.match(key):
@@ -476,21 +528,21 @@ class Run:
         """
         out = []
         for i, record in enumerate(self.records):
-            stats = record.get("batch_stats")
-            if not isinstance(stats, dict) or "distinct_labels" in stats:
+            stats = record.batch_stats
+            if not stats or "distinct_labels" in stats:
                 continue
             pattern = self._label_pattern(stats)
             classes = {}
             for key, value in stats.items():
                 match = pattern.match(key)
-                pct = number(value)
+                pct = as_float(value)
                 if match and pct is not None and math.isfinite(pct):
                     classes[match.group(1)] = pct
             if classes:
-                out.append((self.step(i), classes, number(stats.get("batch_size"))))
+                out.append((self.step(i), classes, as_float(stats.get("batch_size"))))
         return out
 
-    def token_batches(self) -> list[tuple[int, dict[str, Any], dict[str, float]]]:
+    def token_batches(self) -> list[tuple[int, dict[str, float | None], dict[str, float]]]:
         """(step, batch_stats, {label: pct}) for each record of the many-class layout.
 
         Labels with more than 64 values (token ids) are recorded as ``batch_size``,
@@ -499,14 +551,14 @@ class Run:
         """
         out = []
         for i, record in enumerate(self.records):
-            stats = record.get("batch_stats")
-            if not isinstance(stats, dict) or "distinct_labels" not in stats:
+            stats = record.batch_stats
+            if not stats or "distinct_labels" not in stats:
                 continue
             pattern = self._label_pattern(stats)
             top = {
                 match.group(1): pct
                 for key, value in stats.items()
-                if (match := pattern.match(key)) and (pct := number(value)) is not None
+                if (match := pattern.match(key)) and (pct := as_float(value)) is not None
                 and math.isfinite(pct)
             }
             out.append((self.step(i), stats, top))
@@ -525,7 +577,7 @@ class Run:
             return GRADIENT_SOURCES[1]
         return "gradient_norm"
 
-    def pre_clip_norm(self, record: Record, key: str) -> float | None:
+    def pre_clip_norm(self, record: TypedRecord, key: str) -> float | None:
         """``key``'s gradient norm before clipping in ``record``; None when it was not recorded.
 
         From ``gradient_norm_pre_clip``, else from ``gradient_clipping``: its ``pre_clip_norm``
@@ -533,7 +585,7 @@ class Run:
         ``pre_clip_norm / gradient_norm.overall`` (clip_grad_norm_ scales every gradient by
         that one factor) when the step was clipped.
         """
-        if isinstance(record.get(PRE_CLIP), dict):
+        if record.gradient_norm_pre_clip is not UNSET:
             return self.value(record, PRE_CLIP, key)
         total = self.value(record, "gradient_clipping", "pre_clip_norm")
         if total is None:
@@ -564,8 +616,8 @@ class Run:
             return self.series("gradient_norm", key, finite=finite)
         out: list[tuple[int, float]] = []
         for i, record in enumerate(self.records):
-            clipping = isinstance(record.get(PRE_CLIP), dict) or isinstance(
-                record.get("gradient_clipping"), dict
+            clipping = (
+                record.gradient_norm_pre_clip is not UNSET or record.gradient_clipping is not UNSET
             )
             v = (
                 self.pre_clip_norm(record, key)
@@ -632,52 +684,50 @@ def class_sort_key(name: str) -> tuple[int, int, str]:
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-def holdout_accuracy(holdout: dict[str, Any]) -> float | None:
+def holdout_accuracy(holdout: HoldoutLogits) -> float | None:
     """A holdout evaluation's accuracy: the recorded one, else from predictions and labels."""
-    acc = number(holdout.get("accuracy"))
-    if acc is not None:
-        return acc
-    preds, labels = holdout.get("predictions"), holdout.get("labels")
-    if (
-        isinstance(preds, list)
-        and isinstance(labels, list)
-        and labels
-        and len(preds) == len(labels)
-    ):
+    if holdout.accuracy is not None:
+        return holdout.accuracy
+    preds, labels = holdout.predictions, holdout.labels
+    if preds and labels and len(preds) == len(labels):
         return sum(p == t for p, t in zip(preds, labels, strict=True)) / len(labels)
     return None
 
 
-def holdout_is_sequence(holdout: dict[str, Any]) -> bool:
+def holdout_is_sequence(holdout: HoldoutLogits) -> bool:
     """Whether a holdout evaluation is of sequence labels (tokens): per-token loss and
     accuracy, perplexity and per-sequence values, no per-example logits or predictions."""
-    return any(holdout.get(key) is not None for key in _SEQUENCE_KEYS)
+    sequence_only = (
+        holdout.perplexity, holdout.tokens, holdout.example_loss, holdout.example_accuracy,
+        holdout.scored,
+    )
+    return any(value is not None and value is not UNSET for value in sequence_only)
 
 
-def holdout_perplexity(holdout: dict[str, Any]) -> float | None:
+def holdout_perplexity(holdout: HoldoutLogits) -> float | None:
     """A sequence holdout's perplexity: the recorded one, else exp of its per-token loss."""
-    recorded = number(holdout.get("perplexity"))
-    if recorded is not None:
-        return recorded
-    loss = number(holdout.get("loss"))
+    if holdout.perplexity is not None and holdout.perplexity is not UNSET:
+        return holdout.perplexity
+    loss = holdout.loss
     if loss is None or not holdout_is_sequence(holdout):
         return None
     return math.exp(loss) if loss < _MAX_EXP else math.inf
 
 
-def holdout_class_count(holdout: dict[str, Any]) -> int:
+def holdout_class_count(holdout: HoldoutLogits) -> int:
     """How many classes the holdout's model distinguishes: logit width, else labels seen (>= 2)."""
-    labels = holdout.get("labels") or []
-    preds = holdout.get("predictions") or []
-    logits = holdout.get("logits") or []
-    width = len(logits[0]) if logits and isinstance(logits[0], list) and len(logits[0]) > 1 else 2
-    classes = {v for v in list(labels) + list(preds) if isinstance(v, int)}
+    logits = holdout.logits or []
+    # The schema types logits as list[Any]: a list of class scores per example, or one score
+    # (a single-output model); only a list gives the class count.
+    first = logits[0] if logits else None
+    width = len(first) if isinstance(first, list) and len(first) > 1 else 2
+    classes = {*(holdout.labels or []), *(holdout.predictions or [])}
     return max(width, len(classes), 2)
 
 
-def holdout_chance(holdout: dict[str, Any]) -> tuple[float, int]:
+def holdout_chance(holdout: HoldoutLogits) -> tuple[float, int]:
     """(chance accuracy, holdout size): the better of 1/classes and always guessing the majority."""
-    labels = [v for v in holdout.get("labels") or [] if isinstance(v, int)]
+    labels = holdout.labels or []
     k = holdout_class_count(holdout)
     if not labels:
         return 1.0 / k, 0
@@ -709,7 +759,7 @@ def _sidecar(directory: Path, base: str, rank: int | None) -> dict[str, Any] | N
 
 
 def _read(directory: Path, file: Path | None, rank: int | None) -> Run:
-    records = read_records(file) if file is not None and file.exists() else []
+    records = read_typed_records(file) if file is not None and file.exists() else []
     return Run(
         path=directory,
         records=records,

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from train_telemetry.analysis.extras import require
 from train_telemetry.analysis.load import (
     OVERALL,
     UNASSIGNED,
+    KeyedFamily,
     Run,
+    as_float,
     class_sort_key,
     holdout_chance,
     holdout_is_sequence,
-    number,
+    train_accuracy,
+    train_loss,
 )
 from train_telemetry.analysis.rules import Diagnosis, diagnose
 
@@ -154,7 +157,11 @@ def _plot_log_series(
     return bool(series)
 
 
-def _family_series(run: Run, family: str, key: str) -> list[tuple[int, float]]:
+# A dashboard panel of per-group lines: a per-group family, or the groups' LRs.
+GroupPanel = KeyedFamily | Literal["lr"]
+
+
+def _family_series(run: Run, family: GroupPanel, key: str) -> list[tuple[int, float]]:
     if family == "lr":
         return run.lr_series(key)
     if family == "gradient_norm":
@@ -163,7 +170,7 @@ def _family_series(run: Run, family: str, key: str) -> list[tuple[int, float]]:
     return run.series(family, key)
 
 
-def _group_panel(ax: Axes, run: Run, family: str, title: str) -> bool:
+def _group_panel(ax: Axes, run: Run, family: GroupPanel, title: str) -> bool:
     pre_clip = family == "gradient_norm" and run.gradient_norm_source() != "gradient_norm"
     ax.set_title(title + (" before clipping" if pre_clip else ""))
     colours = _colours(len(run.groups))
@@ -266,6 +273,16 @@ def _colours(n: int) -> list[Any]:
     return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
 
 
+def _holdout_losses(run: Run) -> list[tuple[int, float]]:
+    """(step, holdout loss) for each finite loss recorded."""
+    return [(s, v) for s, _, h in run.holdout() if (v := h.loss) is not None and math.isfinite(v)]
+
+
+def _holdout_accuracies(run: Run) -> list[tuple[int, float]]:
+    """(step, holdout accuracy) for each finite accuracy recorded (none derived)."""
+    return [(s, v) for s, _, h in run.holdout() if (v := h.accuracy) is not None and math.isfinite(v)]
+
+
 def _is_sequence_run(run: Run) -> bool:
     holdout = run.holdout()
     return bool(holdout) and holdout_is_sequence(holdout[-1][2])
@@ -276,14 +293,14 @@ def _accuracy_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("per-token accuracy" if sequence else "accuracy")
     holdout = run.holdout()
     drawn = False
-    acc = [(s, a) for s, _, h in holdout if isinstance(a := h.get("accuracy"), (int, float))]
+    acc = [(s, a) for s, _, h in holdout if (a := h.accuracy) is not None]
     if acc:
         ax.plot(*zip(*acc, strict=True), color="tab:blue", marker=".", label="holdout")
         if not sequence:  # a vocabulary has no chance level the records could tell
             chance, _ = holdout_chance(holdout[-1][2])
             ax.axhline(chance, color="0.5", linestyle="--", label=f"chance {chance:.2f}")
         drawn = True
-    train = run.series("train", "accuracy", finite=True)
+    train = run.points(train_accuracy, finite=True)
     if train:
         ax.plot(*zip(*train, strict=True), color="tab:orange", alpha=0.8, label="train batch")
         drawn = True
@@ -301,11 +318,10 @@ def _loss_panel(ax: Axes, run: Run) -> bool:
     sequence = _is_sequence_run(run)
     ax.set_title("loss per token (right axis: perplexity)" if sequence else "loss")
     drawn = False
-    for family, label, colour in (
-        ("holdout_logits", "holdout", "tab:blue"),
-        ("train", "train batch", "tab:orange"),
+    for series, label, colour in (
+        (_holdout_losses(run), "holdout", "tab:blue"),
+        (run.points(train_loss, finite=True), "train batch", "tab:orange"),
     ):
-        series = run.series(family, "loss", finite=True)
         if series:
             ax.plot(
                 *zip(*series, strict=True),
@@ -373,11 +389,11 @@ def _token_batch_panel(ax: Axes, run: Run) -> bool:
         ("tokens", "labelled tokens", "tab:blue"),
         ("distinct_labels", "distinct labels", "tab:green"),
     ):
-        points = [(s, v) for s, stats, _ in batches if (v := number(stats.get(key))) is not None]
+        points = [(s, v) for s, stats, _ in batches if (v := as_float(stats.get(key))) is not None]
         if points:
             lines += ax.plot(*zip(*points, strict=True), color=colour, label=name,
                              marker="." if len(points) < 30 else None)
-    ignored = [(s, v) for s, stats, _ in batches if (v := number(stats.get("ignored_pct"))) is not None]
+    ignored = [(s, v) for s, stats, _ in batches if (v := as_float(stats.get("ignored_pct"))) is not None]
     if ignored:
         right = ax.twinx()
         lines += right.plot(*zip(*ignored, strict=True), color="tab:red", linestyle="--",
@@ -397,11 +413,7 @@ def _token_batch_panel(ax: Axes, run: Run) -> bool:
 def _sequence_heatmap_panel(ax: Axes, run: Run) -> bool:
     """Each holdout sequence's mean loss at each record: the same examples followed over time."""
     ax.set_title("holdout loss per sequence (rows sorted by first loss)")
-    holdout = [
-        (s, h["example_loss"])
-        for s, _, h in run.holdout()
-        if isinstance(h.get("example_loss"), list) and h["example_loss"]
-    ]
+    holdout = [(s, h.example_loss) for s, _, h in run.holdout() if h.example_loss]
     if not holdout:
         return _empty(ax, "no per-sequence holdout loss recorded")
     import numpy as np
@@ -409,8 +421,7 @@ def _sequence_heatmap_panel(ax: Axes, run: Run) -> bool:
     size = len(holdout[-1][1])
     holdout = [(s, v) for s, v in holdout if len(v) == size]
     grid = np.array(
-        [[number(v[i]) if number(v[i]) is not None else np.nan for _, v in holdout]
-         for i in range(size)],
+        [[v[i] if v[i] is not None else np.nan for _, v in holdout] for i in range(size)],
         dtype=float,
     )
     first = np.nan_to_num(grid[:, 0], nan=np.inf)
@@ -442,26 +453,22 @@ def _column_edges(steps_list: Sequence[int]) -> Any:
 
 def _heatmap_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("holdout predictions per example (rows sorted by label; left strip: label)")
-    holdout = [
-        (s, h)
-        for s, _, h in run.holdout()
-        if isinstance(h.get("predictions"), list) and h["predictions"]
-    ]
+    holdout = [(s, h.predictions, h.labels) for s, _, h in run.holdout() if h.predictions]
     if not holdout:
         return _empty(ax, "no holdout predictions recorded")
-    size = len(holdout[-1][1]["predictions"])
-    holdout = [(s, h) for s, h in holdout if len(h["predictions"]) == size]
-    labels = holdout[-1][1].get("labels") or [0] * size
+    size = len(holdout[-1][1])
+    holdout = [(s, p, t) for s, p, t in holdout if len(p) == size]
+    labels = holdout[-1][2] or [0] * size
     order = sorted(range(size), key=lambda i: (labels[i], i))
-    classes = max(max(labels, default=0), max(max(h["predictions"]) for _, h in holdout)) + 1
+    classes = max(max(labels, default=0), max(max(p) for _, p, _ in holdout)) + 1
     import numpy as np
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     colours = _colours(classes)
     cmap = ListedColormap(colours)
     norm = BoundaryNorm(np.arange(-0.5, classes + 0.5), cmap.N)
-    grid = np.array([[h["predictions"][i] for _, h in holdout] for i in order], dtype=float)
-    x_edges = _column_edges([s for s, _ in holdout])
+    grid = np.array([[p[i] for _, p, _ in holdout] for i in order], dtype=float)
+    x_edges = _column_edges([s for s, _, _ in holdout])
     ax.pcolormesh(x_edges, np.arange(size + 1) - 0.5, grid, cmap=cmap, norm=norm)
     ax.set_ylim(size - 0.5, -0.5)
     strip = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
@@ -484,14 +491,18 @@ def _heatmap_panel(ax: Axes, run: Run) -> bool:
 def _telemetry_panel(ax: Axes, run: Run) -> bool:
     ax.set_title("telemetry cost")
     drawn = False
-    for key, label, colour in (
-        ("hook_ms", "hook (ms)", "tab:purple"),
-        ("worker_lag_ms", "worker lag (ms)", "tab:brown"),
+    costs = run.costs()
+    for series, label, colour in (
+        ([(s, c.hook_ms) for s, c in costs if c.hook_ms is not None], "hook (ms)", "tab:purple"),
+        (
+            [(s, c.worker_lag_ms) for s, c in costs if c.worker_lag_ms is not None],
+            "worker lag (ms)",
+            "tab:brown",
+        ),
     ):
-        series = run.series("telemetry", key)
         if series:
             drawn |= _plot_log_series(ax, series, label, colour)
-    dropped = [(s, v) for s, v in run.series("telemetry", "dropped_before") if v > 0]
+    dropped = [(s, c.dropped_before) for s, c in costs if c.dropped_before > 0]
     if dropped:
         for s, _ in dropped:
             ax.axvline(s, color="tab:red", alpha=0.3)
@@ -611,35 +622,13 @@ def save_overlay(
     colours = _colours(len(runs))
     figure.suptitle("compare: " + ", ".join(r.name for r in runs), fontsize="x-large")
     panels: dict[str, bool] = {}
-    layout = (
-        (axes[0][0], "holdout accuracy", "holdout_logits", "accuracy", False),
-        (axes[0][1], "train loss", "train", "loss", False),
-        (axes[1][0], "gradient norm", "gradient_norm", None, True),
-        (axes[1][1], "weight delta", "weight_delta", None, True),
-        (axes[2][0], "update / weight ratio", "update_ratio", None, True),
-        (axes[2][1], "learning rate", "lr", None, True),
-    )
     groups = list(dict.fromkeys(g for run in runs for g in run.groups))
-    for ax, title, family, key, per_group in layout:
-        ax.set_title(title)
-        drawn = False
-        for run, colour in zip(runs, colours, strict=True):
-            if not per_group:
-                assert key is not None
-                series = run.series(family, key, finite=True)
-                if series:
-                    ax.plot(*zip(*series, strict=True), color=colour, label=run.name)
-                    drawn = True
-                continue
-            for group in run.groups:
-                style = _LINESTYLES[groups.index(group) % len(_LINESTYLES)]
-                series = run.lr_series(group) if family == "lr" else run.series(family, group)
-                if series:
-                    drawn |= _plot_log_series(ax, series, f"{run.name} {group}", colour, style)
+
+    def finish(ax: Axes, title: str, drawn: bool, log: bool) -> None:
         if drawn:
             for run, colour in zip(runs, colours, strict=True):
                 _mark_resumes(ax, run.resumes, colour, f"{run.name} resume")
-            if per_group:
+            if log:
                 ax.set_yscale("log")
             ax.set_xlabel("step")
             ax.legend(fontsize="x-small")
@@ -647,5 +636,37 @@ def save_overlay(
         else:
             _empty(ax, f"no {title} recorded in any run")
         panels[title] = drawn
+
+    # A line per run: one number of each record.
+    per_run: tuple[tuple[Axes, str, Callable[[Run], list[tuple[int, float]]]], ...] = (
+        (axes[0][0], "holdout accuracy", _holdout_accuracies),
+        (axes[0][1], "train loss", lambda run: run.points(train_loss, finite=True)),
+    )
+    for ax, title, series_of in per_run:
+        ax.set_title(title)
+        drawn = False
+        for run, colour in zip(runs, colours, strict=True):
+            series = series_of(run)
+            if series:
+                ax.plot(*zip(*series, strict=True), color=colour, label=run.name)
+                drawn = True
+        finish(ax, title, drawn, log=False)
+    # A line per run and group, on a log scale.
+    per_group: tuple[tuple[Axes, str, GroupPanel], ...] = (
+        (axes[1][0], "gradient norm", "gradient_norm"),
+        (axes[1][1], "weight delta", "weight_delta"),
+        (axes[2][0], "update / weight ratio", "update_ratio"),
+        (axes[2][1], "learning rate", "lr"),
+    )
+    for ax, title, family in per_group:
+        ax.set_title(title)
+        drawn = False
+        for run, colour in zip(runs, colours, strict=True):
+            for group in run.groups:
+                style = _LINESTYLES[groups.index(group) % len(_LINESTYLES)]
+                series = run.lr_series(group) if family == "lr" else run.series(family, group)
+                if series:
+                    drawn |= _plot_log_series(ax, series, f"{run.name} {group}", colour, style)
+        finish(ax, title, drawn, log=True)
     resumes = sorted({step for run in runs for step in run.resumes})
     return _save(figure, path, dpi, panels, resumes)

@@ -15,6 +15,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from msgspec import UNSET
+
 from train_telemetry.analysis.load import (
     GROUP_FAMILIES,
     OVERALL,
@@ -22,6 +24,8 @@ from train_telemetry.analysis.load import (
     SEQUENCE_SCORED,
     UNASSIGNED,
     Run,
+    TypedRecord,
+    as_float,
     format_number,
     holdout_accuracy,
     holdout_chance,
@@ -29,9 +33,11 @@ from train_telemetry.analysis.load import (
     holdout_is_sequence,
     holdout_perplexity,
     number,
+    train_accuracy,
+    train_loss,
 )
 from train_telemetry.analysis.rules import Diagnosis, diagnose, is_serious
-from train_telemetry.records import to_strict_json_value
+from train_telemetry.records import HoldoutLogits, to_strict_json_value
 
 __all__ = ["render_report", "report_data", "report_json", "sparkline", "summarize"]
 
@@ -148,13 +154,15 @@ def summarize(run: Run) -> dict[str, Any]:
     """What the run recorded, condensed: coverage, per-group trends, LRs, holdout, batches, cost."""
     meta = run.meta or {}
     steps = run.steps
-    epochs = [r["epoch"] for r in run.records if isinstance(r.get("epoch"), int)]
+    epochs = [r.epoch for r in run.records]
     groups = run.groups
     notes: list[str] = []
 
     per_group: dict[str, dict[str, Any]] = {}
     for group in [*groups, OVERALL]:
-        entry = {family: _stats(run.series(family, group)) for family in GROUP_FAMILIES}
+        entry: dict[str, dict[str, Any] | None] = {
+            family: _stats(run.series(family, group)) for family in GROUP_FAMILIES
+        }
         # Clipping caps the applied norm: the trend that shows spikes is the one before it.
         entry["gradient_norm"] = _stats(run.gradient_norm_series(group))
         if group != OVERALL:
@@ -191,8 +199,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "lr_ratios": _lr_ratios(run),
         "holdout": _holdout_summary(run),
         "train": {
-            "loss": _stats(run.series("train", "loss")),
-            "accuracy": _stats(run.series("train", "accuracy")),
+            "loss": _stats(run.points(train_loss)),
+            "accuracy": _stats(run.points(train_accuracy)),
         },
         "batches": _batch_summary(run),
         "telemetry": _telemetry_summary(run),
@@ -253,14 +261,12 @@ def _metrics_summary(run: Run) -> dict[str, dict[str, dict[str, Any]]]:
 def _layers_summary(run: Run) -> dict[str, Any] | None:
     """The last record's ``layers`` breakdown: one row per module, in model order."""
     for i in range(len(run.records) - 1, -1, -1):
-        layers = run.records[i].get("layers")
-        if isinstance(layers, dict) and layers:
+        if layers := run.records[i].layers:
             break
     else:
         return None
-    families = {f: v for f, v in layers.items() if isinstance(v, dict)}
-    modules = list(dict.fromkeys(m for values in families.values() for m in values))
-    rows = [{"layer": m, **{f: number(v.get(m)) for f, v in families.items()}} for m in modules]
+    modules = list(dict.fromkeys(m for values in layers.values() for m in values))
+    rows = [{"layer": m, **{f: v.get(m) for f, v in layers.items()}} for m in modules]
     return {"step": run.step(i), "layers": len(rows), "rows": rows}
 
 
@@ -277,6 +283,7 @@ def _lr_ratios(run: Run) -> dict[str, Any] | None:
     lrs = run.median_lrs()
     if len(lrs) < 2:
         return None
+    # run.json has no schema (a config written by any version): its values are checked here.
     expected = run.config.get("expected_lr_ratios")
     expected = expected if isinstance(expected, dict) else None
     candidates = [g for g in lrs if lrs[g] > 0]
@@ -333,10 +340,10 @@ def _unassigned_summary(run: Run) -> dict[str, Any] | None:
     }
 
 
-def _example_changes(holdout: list[tuple[int, Any, dict[str, Any]]]) -> dict[str, Any] | None:
+def _example_changes(holdout: list[tuple[int, TypedRecord, HoldoutLogits]]) -> dict[str, Any] | None:
     """Each holdout sequence's mean loss at the first and at the last record: how many got
     better and worse, and the ones that got worse most."""
-    lists = [(s, h["example_loss"]) for s, _, h in holdout if isinstance(h.get("example_loss"), list)]
+    lists = [(s, h.example_loss) for s, _, h in holdout if h.example_loss is not UNSET]
     if len(lists) < 2:
         return None
     last_step, last = lists[-1]
@@ -346,9 +353,8 @@ def _example_changes(holdout: list[tuple[int, Any, dict[str, Any]]]) -> dict[str
         return None
     pairs = [
         (i, a, b)
-        for i, (x, y) in enumerate(zip(first, last, strict=True))
-        if (a := number(x)) is not None and (b := number(y)) is not None
-        and math.isfinite(a) and math.isfinite(b)
+        for i, (a, b) in enumerate(zip(first, last, strict=True))
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
     ]
     if not pairs:
         return None
@@ -376,20 +382,18 @@ def _best(series: Sequence[tuple[int, float]], lowest: bool) -> tuple[int, float
     return min(finite, key=lambda sv: sv[1]) if lowest else max(finite, key=lambda sv: sv[1])
 
 
-def _sequence_holdout_summary(holdout: list[tuple[int, Any, dict[str, Any]]]) -> dict[str, Any]:
+def _sequence_holdout_summary(holdout: list[tuple[int, TypedRecord, HoldoutLogits]]) -> dict[str, Any]:
     """A token holdout's summary: per-token loss, accuracy and perplexity, and per sequence."""
     last = holdout[-1][2]
     accs = [(s, v) for s, _, h in holdout if (v := holdout_accuracy(h)) is not None]
-    losses = [(s, v) for s, _, h in holdout if (v := number(h.get("loss"))) is not None]
+    losses = [(s, v) for s, _, h in holdout if (v := h.loss) is not None]
     ppl = [(s, v) for s, _, h in holdout if (v := holdout_perplexity(h)) is not None]
     best_acc, best_loss, best_ppl = _best(accs, False), _best(losses, True), _best(ppl, True)
-    examples = last.get("example_loss")
-    tokens = number(last.get("tokens"))
     return {
         "kind": "sequence",
-        "examples": len(examples) if isinstance(examples, list) else None,
-        "tokens": int(tokens) if tokens is not None and math.isfinite(tokens) else None,
-        "scored": last.get("scored") if isinstance(last.get("scored"), str) else None,
+        "examples": len(last.example_loss) if last.example_loss is not UNSET else None,
+        "tokens": last.tokens if last.tokens is not UNSET else None,
+        "scored": last.scored if last.scored is not UNSET else None,
         "classes": None,
         "chance": None,
         "accuracy": _stats(accs),
@@ -423,7 +427,7 @@ def _holdout_summary(run: Run) -> dict[str, Any] | None:
         "accuracy": _stats(accs),
         "best_accuracy": best[1] if best else None,
         "best_step": best[0] if best else None,
-        "loss": _stats([(s, v) for s, _, h in holdout if (v := number(h.get("loss"))) is not None]),
+        "loss": _stats([(s, v) for s, _, h in holdout if (v := h.loss) is not None]),
     }
 
 
@@ -442,13 +446,13 @@ def _token_batch_summary(run: Run) -> dict[str, Any] | None:
         return None
 
     def values(key: str) -> list[float]:
-        return [v for _, stats, _ in batches if (v := number(stats.get(key))) is not None]
+        return [v for _, stats, _ in batches if (v := as_float(stats.get(key))) is not None]
 
     sizes = values("batch_size")
     tokens = values("tokens")
     # Pooled by each batch's tokens; a label outside a batch's top 5 counts 0 there, so
     # these shares are lower bounds.
-    weights = [number(stats.get("tokens")) or 1.0 for _, stats, _ in batches]
+    weights = [as_float(stats.get("tokens")) or 1.0 for _, stats, _ in batches]
     pooled: dict[str, float] = {}
     for (_, _, top), w in zip(batches, weights, strict=True):
         for label, pct in top.items():
@@ -477,14 +481,11 @@ def _batch_summary(run: Run) -> dict[str, Any] | None:
         return _token_batch_summary(run)
     sizes = [bs for _, _, bs in batches if bs]
     # A label per token (token classification) also counts tokens and ignored labels.
-    token_stats = [
-        stats for r in run.records
-        if isinstance(stats := r.get("batch_stats"), dict) and "tokens" in stats
-    ]
+    token_stats = [stats for r in run.records if (stats := r.batch_stats) and "tokens" in stats]
     tokens = {
-        "tokens": _range([v for st in token_stats if (v := number(st.get("tokens"))) is not None]),
+        "tokens": _range([v for st in token_stats if (v := as_float(st.get("tokens"))) is not None]),
         "ignored_pct": _range(
-            [v for st in token_stats if (v := number(st.get("ignored_pct"))) is not None]
+            [v for st in token_stats if (v := as_float(st.get("ignored_pct"))) is not None]
         ),
     } if token_stats else {}
     return tokens | {
@@ -502,33 +503,24 @@ def _batch_summary(run: Run) -> dict[str, Any] | None:
 
 
 def _telemetry_summary(run: Run) -> dict[str, Any]:
-    def values(key: str) -> list[float]:
-        out = []
-        for record in run.records:
-            v = run.value(record, "telemetry", key)
-            if v is not None:
-                out.append(v)
-        return out
-
     summary = run.summary or {}
-    dropped = values("dropped_total")
+    costs = [cost for _, cost in run.costs()]
     errors = summary.get("errors")
     return {
-        "hook_ms": _spread(values("hook_ms")),
-        "worker_lag_ms": _spread(values("worker_lag_ms")),
-        "dropped": int(max(dropped, default=0)),
+        "hook_ms": _spread([c.hook_ms for c in costs if c.hook_ms is not None]),
+        "worker_lag_ms": _spread([c.worker_lag_ms for c in costs if c.worker_lag_ms is not None]),
+        "dropped": max((c.dropped_total for c in costs), default=0),
         "records_written": summary.get("records_written"),
         "snapshots_taken": summary.get("snapshots_taken"),
         "snapshots_dropped": summary.get("snapshots_dropped"),
         "errors": errors if isinstance(errors, dict) else {},
-        "record_errors": sum(len(r.get("errors") or []) for r in run.records),
+        "record_errors": sum(len(r.errors or []) for r in run.records),
         "clean": summary.get("clean"),
         "worker_exitcode": summary.get("worker_exitcode"),
         "worker_restarts": run.worker_restarts,
         "records_after_restart": run.records_after_restart(),
         # who built the records: "worker", "trainer" (inline) or both (a resumed run that changed)
-        "built_by": sorted({str(b) for r in run.records
-                            if isinstance(r.get("telemetry"), dict) and (b := r["telemetry"].get("built_by"))}),
+        "built_by": sorted({c.built_by for c in costs if c.built_by}),
         "mode_reason": (run.meta or {}).get("mode_reason"),
     }
 
@@ -912,6 +904,7 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
         counts.append(f"{t['snapshots_taken']} snapshots taken")
     if t["records_written"] is not None:
         counts.append(f"{t['records_written']} records written")
+    # The counts from summary.json (no schema) may be missing or of any type.
     dropped = max(t["dropped"], number(t["snapshots_dropped"]) or 0)
     counts.append(f"{int(dropped)} dropped")
     errors = sum(int(v) for v in t["errors"].values() if number(v)) or t["record_errors"]

@@ -12,31 +12,35 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
+from msgspec import UNSET
 
 from train_telemetry.analysis.load import (
     OVERALL,
     PRE_CLIP,
-    Record,
+    KeyedFamily,
     Run,
+    TypedRecord,
+    family_values,
     find_record_files,
     format_number,
     holdout_is_sequence,
     holdout_perplexity,
-    number,
     record_segment,
 )
 from train_telemetry.analysis.report import render_diagnoses
 from train_telemetry.analysis.rules import Diagnosis, diagnose
 
-# records.py owns the NaN/Inf string encoding; the tail reader decodes line by line.
+# records.py owns the format (the NaN/Inf strings, the schema); the tail reader decodes
+# line by line into the same typed records as load_run.
 from train_telemetry.records import (
     RECORDS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
-    decode_record,
+    RecordError,
+    decode_typed_record,
     read_json,
 )
 
@@ -53,8 +57,9 @@ class RecordFollower:
         self.file = file
         self._offset = 0
         self._partial = b""
+        self._lines = 0  # whole lines read so far: the number of the next one, less 1
 
-    def poll(self) -> list[Record]:
+    def poll(self) -> list[TypedRecord]:
         """The records completed since the last poll ([] if the file does not exist yet)."""
         try:
             with open(self.file, "rb") as f:
@@ -70,72 +75,86 @@ class RecordFollower:
         lines = (self._partial + data).split(b"\n")
         # The last piece is a line still being written (or b""): keep it for the next poll.
         self._partial = lines.pop()
-        out: list[Record] = []
+        out: list[TypedRecord] = []
         for line in lines:
+            self._lines += 1
             if not line.strip():
                 continue
             try:
-                out.append(decode_record(line))
+                out.append(decode_typed_record(line))
             except msgspec.DecodeError:
-                warnings.warn(f"{self.file}: skipped a corrupt line", stacklevel=2)
+                warnings.warn(f"{self.file}:{self._lines}: skipped a corrupt line", stacklevel=2)
+            except RecordError as exc:
+                warnings.warn(
+                    f"{self.file}:{self._lines}: skipped a record that does not match the schema: {exc}",
+                    stacklevel=2,
+                )
         return out
 
 
-def _values(run: Run, record: Record, family: str, label: str) -> str | None:
-    parts = []
-    for group in run.groups or [OVERALL]:
-        v = run.learning_rate(record, group) if family == "lr" else run.value(record, family, group)
-        if v is not None or isinstance(record.get(family), dict):
-            parts.append(f"{group} {format_number(v)}")
-    return f"{label} " + " ".join(parts) if parts else None
+# The per-group families of a record's line: (family, label).
+_LINE_FAMILIES: tuple[tuple[KeyedFamily, str], ...] = (
+    ("gradient_norm", "grad"),
+    (PRE_CLIP, "pre-clip"),
+    ("weight_delta", "dw"),
+    ("update_ratio", "upd"),
+)
 
 
-def format_record_line(run: Run, record: Record, index: int) -> str:
+def _group_values(run: Run, record: TypedRecord, family: KeyedFamily, label: str) -> str | None:
+    """Each group's value of ``family`` ("-" when null), None when the record lacks it."""
+    if family_values(record, family) is None:
+        return None
+    groups = run.groups or [OVERALL]
+    return f"{label} " + " ".join(
+        f"{group} {format_number(run.value(record, family, group))}" for group in groups
+    )
+
+
+def _lr_values(run: Run, record: TypedRecord) -> str | None:
+    """The LR of each group that has one, None when none has."""
+    groups = run.groups or [OVERALL]
+    lrs = [(g, lr) for g in groups if (lr := run.learning_rate(record, g)) is not None]
+    return "lr " + " ".join(f"{g} {format_number(lr)}" for g, lr in lrs) if lrs else None
+
+
+def format_record_line(run: Run, record: TypedRecord, index: int) -> str:
     """One line of a record's key values: grads (pre-clip too when clipped), deltas, LRs,
     holdout (loss and perplexity for token labels) and train accuracy, cost."""
-    epoch = record.get("epoch")
-    raw = record.get("batch_idx")
-    head = f"step {run.step(index)}" + (
-        f" (epoch {epoch}, batch {raw})" if run.step(index) != raw else ""
-    )
-    parts = [head]
-    for family, label in (
-        ("gradient_norm", "grad"),
-        (PRE_CLIP, "pre-clip"),
-        ("weight_delta", "dw"),
-        ("update_ratio", "upd"),
-        ("lr", "lr"),
-    ):
-        text = _values(run, record, family, label)
+    step = run.step(index)
+    where = f" (epoch {record.epoch}, batch {record.batch_idx})" if step != record.batch_idx else ""
+    parts = [f"step {step}{where}"]
+    for family, label in _LINE_FAMILIES:
+        text = _group_values(run, record, family, label)
         if text:
             parts.append(text)
-    clip = record.get("gradient_clipping")
-    if isinstance(clip, dict) and not isinstance(record.get(PRE_CLIP), dict):
-        parts.append(f"pre-clip {format_number(number(clip.get('pre_clip_norm')))}")
-    holdout = record.get("holdout_logits")
-    if isinstance(holdout, dict) and holdout_is_sequence(holdout):
+    if text := _lr_values(run, record):
+        parts.append(text)
+    clip = record.gradient_clipping
+    if clip is not UNSET and record.gradient_norm_pre_clip is UNSET:
+        parts.append(f"pre-clip {format_number(clip.get('pre_clip_norm'))}")
+    holdout = record.holdout_logits
+    if holdout is not UNSET and holdout_is_sequence(holdout):
         parts.append(
-            f"holdout loss {format_number(number(holdout.get('loss')))} "
+            f"holdout loss {format_number(holdout.loss)} "
             f"ppl {format_number(holdout_perplexity(holdout))} "
-            f"acc {format_number(number(holdout.get('accuracy')))}"
+            f"acc {format_number(holdout.accuracy)}"
         )
-    elif isinstance(holdout, dict):
-        parts.append(f"holdout acc {format_number(number(holdout.get('accuracy')))}")
-    train = record.get("train")
-    if isinstance(train, dict):
+    elif holdout is not UNSET:
+        parts.append(f"holdout acc {format_number(holdout.accuracy)}")
+    if record.train is not UNSET:
         parts.append(
-            f"train loss {format_number(number(train.get('loss')))} acc {format_number(number(train.get('accuracy')))}"
+            f"train loss {format_number(record.train.loss)} acc {format_number(record.train.accuracy)}"
         )
-    hook = run.value(record, "telemetry", "hook_ms")
-    if hook is not None and math.isfinite(hook):
-        parts.append(f"hook {format_number(hook)} ms")
-    dropped = run.value(record, "telemetry", "dropped_before")
-    if dropped:
-        parts.append(f"DROPPED {int(dropped)}")
-    if record.get("nonfinite"):
-        parts.append("NaN/Inf: " + ",".join(map(str, record["nonfinite"])))
-    if record.get("errors"):
-        parts.append(f"{len(record['errors'])} errors")
+    if cost := record.telemetry:
+        if cost.hook_ms is not None and math.isfinite(cost.hook_ms):
+            parts.append(f"hook {format_number(cost.hook_ms)} ms")
+        if cost.dropped_before:
+            parts.append(f"DROPPED {cost.dropped_before}")
+    if record.nonfinite:
+        parts.append("NaN/Inf: " + ",".join(record.nonfinite))
+    if record.errors:
+        parts.append(f"{len(record.errors)} errors")
     return " | ".join(parts)
 
 
@@ -148,7 +167,7 @@ def _records_file(path: Path, rank: int | None) -> Path:
     return found[0][1] if found else path / RECORDS_FILE
 
 
-def _summary_is_current(summary: Record, run: Run, directory: Path) -> bool:
+def _summary_is_current(summary: dict[str, Any], run: Run, directory: Path) -> bool:
     """Whether ``summary`` was written by the run's latest segment (so the run has stopped).
 
     A run resumed into its directory still has the previous segment's summary.json while

@@ -90,12 +90,7 @@ def _annotate(run: Run, evidence: Evidence) -> Evidence:
     if index is None:
         return evidence
     record = run.records[index]
-    epoch, batch_idx = record.get("epoch"), record.get("batch_idx")
-    return dataclasses.replace(
-        evidence,
-        epoch=epoch if isinstance(epoch, int) else None,
-        batch_idx=batch_idx if isinstance(batch_idx, int) else None,
-    )
+    return dataclasses.replace(evidence, epoch=record.epoch, batch_idx=record.batch_idx)
 
 
 def diagnose(run: Run, *, finished: bool = True) -> list[Diagnosis]:

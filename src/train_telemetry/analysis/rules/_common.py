@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, NamedTuple, TypeVar
 
-from train_telemetry.analysis.load import Run, number
+from train_telemetry.analysis.load import Run, train_accuracy, train_loss
 from train_telemetry.analysis.rules.base import Diagnosis, Evidence
 
 # --- how much data a judgement needs -------------------------------------------------------
@@ -97,8 +97,8 @@ def train_trend(run: Run, chance: float | None = None) -> dict[str, Any]:
     ``chance`` (the holdout's chance accuracy, same task) lets a falling loss count only
     when the train accuracy is clearly above it.
     """
-    losses = [v for _, v in run.series("train", "loss", finite=True)]
-    accs = [v for _, v in run.series("train", "accuracy", finite=True)]
+    losses = [v for _, v in run.points(train_loss, finite=True)]
+    accs = [v for _, v in run.points(train_accuracy, finite=True)]
     out: dict[str, Any] = {"improving": False, "known": False}
     if len(accs) >= MIN_TREND_RECORDS:
         early, late = thirds(accs)
@@ -138,11 +138,8 @@ def layer_series(run: Run, family: str, group: str) -> dict[str, list[tuple[int,
     (named ``<group>`` or ``<group>.*``) when there are any, since layers are not tagged by group."""
     out: dict[str, list[tuple[int, float | None]]] = {}
     for i, record in enumerate(run.records):
-        layers = record.get("layers")
-        values = layers.get(family) if isinstance(layers, dict) else None
-        if isinstance(values, dict):
-            for module, v in values.items():
-                out.setdefault(str(module), []).append((run.step(i), number(v)))
+        for module, v in (record.layers or {}).get(family, {}).items():
+            out.setdefault(module, []).append((run.step(i), v))
     own = {m: v for m, v in out.items() if m == group or m.startswith(group + ".")}
     return own or out
 

@@ -42,15 +42,13 @@ def _activation_series(
     """{module: [(step, value of ``field_name``)]} for the activation modules of ``kinds``, in model order."""
     out: dict[str, list[tuple[int, float]]] = {}
     for i, record in enumerate(run.records):
-        acts = record.get("activations")
-        if not isinstance(acts, dict):
-            continue
-        for module, stats in acts.items():
-            if not isinstance(stats, dict) or stats.get("kind") not in kinds:
+        for module, stats in (record.activations or {}).items():
+            if stats.get("kind") not in kinds:
                 continue
+            # A module's stats are float | str | None by the schema (``kind`` is a string).
             v = number(stats.get(field_name))
             if v is not None and math.isfinite(v):
-                out.setdefault(str(module), []).append((run.step(i), v))
+                out.setdefault(module, []).append((run.step(i), v))
     return out
 
 

@@ -51,7 +51,7 @@ def _class_mix(run: Run) -> _ClassMix | None:
     if not batches:
         return None
     holdout = run.holdout()
-    holdout_labels = [str(v) for v in (holdout[-1][2].get("labels") or [])] if holdout else []
+    holdout_labels = [str(v) for v in (holdout[-1][2].labels or [])] if holdout else []
     prior = run.class_shares(holdout_labels)
     return _ClassMix(
         batches=batches,
@@ -135,10 +135,7 @@ class DataImbalance(Rule):
         samples = sum(mix.sizes) if mix.sizes else len(mix.batches)
         # Labels per token (a tagger: batch_stats counts ``tokens``) are imbalanced by nature
         # ("O" outnumbers every entity tag) and no sampler can rebalance tokens within a sequence.
-        per_token = any(
-            isinstance(stats := r.get("batch_stats"), dict) and "tokens" in stats
-            for r in run.records
-        )
+        per_token = any("tokens" in (r.batch_stats or {}) for r in run.records)
         if per_token or len(classes) < 2 or samples / len(classes) < IMBALANCE_MIN_PER_CLASS:
             return []
         most = max(classes, key=lambda c: prior[c])

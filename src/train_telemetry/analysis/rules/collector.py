@@ -27,12 +27,10 @@ class DroppedSnapshots(Rule):
     )
 
     def check(self, run: Run) -> list[Diagnosis]:
+        # summary.json has no schema: its values are checked as read.
         summary = run.summary or {}
         gaps = run.seq_gaps()  # records a resume superseded are not lost
-        dropped_records = max(
-            (number((r.get("telemetry") or {}).get("dropped_total")) or 0 for r in run.records),
-            default=0,
-        )
+        dropped_records = max((cost.dropped_total for _, cost in run.costs()), default=0)
         dropped = int(max(number(summary.get("snapshots_dropped")) or 0, dropped_records, gaps))
         if not dropped:
             return []
@@ -49,12 +47,9 @@ class DroppedSnapshots(Rule):
                     else "the worker could not keep up"
                 ),
                 evidence=[
-                    Evidence(
-                        run.step(i),
-                        {"dropped_before": (r.get("telemetry") or {}).get("dropped_before")},
-                    )
-                    for i, r in enumerate(run.records)
-                    if (number((r.get("telemetry") or {}).get("dropped_before")) or 0) > 0
+                    Evidence(s, {"dropped_before": cost.dropped_before})
+                    for s, cost in run.costs()
+                    if cost.dropped_before > 0
                 ][:EVIDENCE_POINTS],
                 hint="raise collect_every_n or num_slots, shrink holdout_size, or set on_full: block",
             )
@@ -69,13 +64,9 @@ class TelemetryErrors(Rule):
     def check(self, run: Run) -> list[Diagnosis]:
         summary = run.summary or {}
         errors = [
-            Evidence(
-                run.step(i),
-                {"where": e.get("where"), "type": e.get("type"), "message": e.get("message")},
-            )
+            Evidence(run.step(i), {"where": e.where, "type": e.type, "message": e.message})
             for i, r in enumerate(run.records)
-            for e in (r.get("errors") or [])
-            if isinstance(e, dict)
+            for e in r.errors or []
         ]
         summary_errors = summary.get("errors")
         counted = (

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from train_telemetry.analysis.load import PRE_CLIP, Run, format_number
+from train_telemetry.analysis.load import PRE_CLIP, Run, format_number, train_loss
 from train_telemetry.analysis.rules._common import (
     EVIDENCE_POINTS,
     MIN_TREND_RECORDS,
@@ -52,7 +52,7 @@ def _grad_words(run: Run, group: str) -> tuple[str, str]:
 
 def _loss_surged(run: Run) -> tuple[float, float, bool]:
     """(early, late train loss level, whether the late one is LOSS_SURGE_GROWTH x the early)."""
-    losses = [v for _, v in run.series("train", "loss", finite=True)]
+    losses = [v for _, v in run.points(train_loss, finite=True)]
     early, late = _growth(losses) if len(losses) >= MIN_TREND_RECORDS else (0.0, 0.0)
     return early, late, early > 0 and late / early >= LOSS_SURGE_GROWTH
 
@@ -451,7 +451,7 @@ class GradientsNotZeroed(Rule):
             else f"then holding within {jitter:.1%} between collections while the train loss fell "
             f"{format_number(loss_early)} -> {format_number(loss_late)}"
         )
-        loss_by_step = dict(run.series("train", "loss"))
+        loss_by_step = dict(run.points(train_loss))
         evidence = [
             Evidence(
                 s,
@@ -503,15 +503,12 @@ class UnstableTraining(Rule):
     def check(self, run: Run) -> list[Diagnosis]:
         # A converging classifier's per-batch gradient norm turns spiky (a few misclassified
         # examples dominate it): the gradient norm counts only while the train loss is not improving.
-        sources = [("train", "loss", "train loss")]
+        # (series, what it is, its evidence key)
+        sources = [(run.points(train_loss, finite=True), "train loss", "train_loss")]
         if not train_trend(run)["improving"]:
-            sources.append(("gradient_norm", OVERALL, _grad_words(run, OVERALL)[1]))
-        for family, key, what in sources:
-            series = (
-                run.gradient_norm_series(key, finite=True)
-                if family == "gradient_norm"
-                else run.series(family, key, finite=True)
-            )
+            key, what = _grad_words(run, OVERALL)
+            sources.append((run.gradient_norm_series(OVERALL, finite=True), what, key))
+        for series, what, value_key in sources:
             if len(series) < UNSTABLE_MIN_RECORDS:
                 continue
             values = [v for _, v in series]
@@ -529,7 +526,6 @@ class UnstableTraining(Rule):
                 and turn_share >= UNSTABLE_TURNS
             ):
                 continue
-            value_key = _grad_words(run, key)[0] if family == "gradient_norm" else "train_loss"
             evidence: list[Evidence] = [
                 Evidence(s, {value_key: v}) for s, v in pick(series, 2 * EVIDENCE_POINTS)
             ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from msgspec import UNSET
+
 from train_telemetry.analysis.load import UNASSIGNED, Run, format_number
 from train_telemetry.analysis.rules._common import LayerOrigin, layer_series, pick, with_layer
 from train_telemetry.analysis.rules.base import Diagnosis, Evidence, Rule
@@ -56,7 +58,7 @@ class FrozenGroup(Rule):
             points: list[Evidence] = []
             for i, record in enumerate(run.records):
                 values: dict[str, Any] = {}
-                if isinstance(record.get("gradient_norm"), dict):
+                if record.gradient_norm is not UNSET:
                     g = run.value(record, "gradient_norm", group)
                     grads.append(g)
                     values["gradient_norm"] = g

@@ -22,7 +22,7 @@ from train_telemetry.analysis.load import (
     holdout_chance,
     holdout_class_count,
     holdout_is_sequence,
-    number,
+    train_loss,
 )
 from train_telemetry.analysis.rules._common import (
     MIN_TREND_RECORDS,
@@ -33,6 +33,7 @@ from train_telemetry.analysis.rules._common import (
     train_trend,
 )
 from train_telemetry.analysis.rules.base import Diagnosis, Evidence, Rule
+from train_telemetry.records import TrainMetrics
 
 # --- a classifier's holdout ----------------------------------------------------------------
 # "At chance" allows two standard errors of a binomial accuracy on the holdout (0.14 for 50
@@ -80,13 +81,9 @@ def _train_text(train: dict[str, Any]) -> str:
     return ", ".join(parts) if parts else "no train metrics"
 
 
-def _train_at(run: Run) -> dict[int, Any]:
-    """{step: the record's ``train`` dict} for the records that have one."""
-    return {
-        run.step(i): r.get("train")
-        for i, r in enumerate(run.records)
-        if isinstance(r.get("train"), dict)
-    }
+def _train_at(run: Run) -> dict[int, TrainMetrics]:
+    """{step: the record's ``train``} for the records that have one."""
+    return {run.step(i): r.train for i, r in enumerate(run.records) if r.train}
 
 
 @dataclass(frozen=True)
@@ -131,10 +128,9 @@ def _classifier_trend(run: Run) -> _ClassifierTrend | None:
     train_by_step = _train_at(run)
     for s, a in pick(accs):
         values_at: dict[str, Any] = {"holdout_accuracy": a}
-        t = train_by_step.get(s)
-        if isinstance(t, dict):
-            values_at["train_loss"] = number(t.get("loss"))
-            values_at["train_accuracy"] = number(t.get("accuracy"))
+        if t := train_by_step.get(s):
+            values_at["train_loss"] = t.loss
+            values_at["train_accuracy"] = t.accuracy
         evidence.append(Evidence(s, values_at))
     # Overfitting needs the train batches clearly ahead of the holdout; a slowly learning run
     # whose small holdout has not yet left chance is "no learning" (yet), not overfitting.
@@ -160,11 +156,7 @@ def _sequence_holdout_trend(run: Run) -> dict[str, Any] | None:
     holdout = run.holdout()
     if not holdout or not holdout_is_sequence(holdout[-1][2]):
         return None
-    losses = [
-        (s, v)
-        for s, _, h in holdout
-        if (v := number(h.get("loss"))) is not None and math.isfinite(v)
-    ]
+    losses = [(s, v) for s, _, h in holdout if (v := h.loss) is not None and math.isfinite(v)]
     if len(losses) < MIN_TREND_RECORDS:
         return None
     values = [v for _, v in losses]
@@ -204,9 +196,8 @@ def _sequence_evidence(run: Run, trend: dict[str, Any]) -> list[Evidence]:
     evidence = []
     for s, v in pick(trend["losses"]):
         values_at: dict[str, Any] = {"holdout_loss": v, "holdout_accuracy": acc_by_step.get(s)}
-        t = train_by_step.get(s)
-        if isinstance(t, dict):
-            values_at["train_loss"] = number(t.get("loss"))
+        if t := train_by_step.get(s):
+            values_at["train_loss"] = t.loss
         evidence.append(Evidence(s, values_at))
     return evidence
 
@@ -336,7 +327,7 @@ class NoLearning(Rule):
             return []
         if train["loss_late"] < train["loss_early"] * (1 - TRAIN_LOSS_DROP / 2):
             return []
-        points = [Evidence(s, {"train_loss": v}) for s, v in pick(run.series("train", "loss"))]
+        points = [Evidence(s, {"train_loss": v}) for s, v in pick(run.points(train_loss))]
         return [
             self.diagnosis(
                 severity="warning",
@@ -372,7 +363,7 @@ class NonConvergence(Rule):
     silent_bug = True
 
     def check(self, run: Run) -> list[Diagnosis]:
-        losses = run.series("train", "loss", finite=True)
+        losses = run.points(train_loss, finite=True)
         holdout = run.holdout()
         if len(losses) < NONCONV_MIN_RECORDS or not holdout:
             return []
@@ -381,11 +372,7 @@ class NonConvergence(Rule):
         middle, late = statistics.fmean(values[k : len(values) - k]), statistics.fmean(values[-k:])
         if late < middle * (1 - NONCONV_STALL):
             return []  # still improving
-        best = [
-            (s, v)
-            for s, _, h in holdout
-            if (v := number(h.get("loss"))) is not None and math.isfinite(v)
-        ]
+        best = [(s, v) for s, _, h in holdout if (v := h.loss) is not None and math.isfinite(v)]
         if not best:
             return []
         if holdout_is_sequence(holdout[-1][2]):
@@ -458,10 +445,9 @@ class PredictionCollapse(Rule):
             tuple[int, int, float, float]
         ] = []  # (index, class, pred share, true share)
         for idx, (_, _, h) in enumerate(holdout):
-            preds, labels = h.get("predictions"), h.get("labels")
-            if not isinstance(preds, list) or len(preds) < COLLAPSE_MIN_EXAMPLES:
+            preds, labels = h.predictions or [], h.labels or []
+            if len(preds) < COLLAPSE_MIN_EXAMPLES:
                 continue
-            labels = labels if isinstance(labels, list) else []
             if len(set(labels)) < 2:
                 continue
             top = max(set(preds), key=preds.count)

@@ -32,6 +32,7 @@ class LrRatioMismatch(Rule):
     )
 
     def check(self, run: Run) -> list[Diagnosis]:
+        # run.json has no schema: the config's ratios are checked as read.
         expected = run.config.get("expected_lr_ratios")
         if not isinstance(expected, dict) or not expected:
             return []

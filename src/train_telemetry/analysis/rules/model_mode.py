@@ -7,9 +7,10 @@ Runs in: any process that reads a run (no torch).
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from train_telemetry.analysis.load import Run, format_number, number
+from msgspec import UNSET
+
+from train_telemetry.analysis.load import Run, as_float, format_number
 from train_telemetry.analysis.rules._common import pick
 from train_telemetry.analysis.rules.base import Diagnosis, Evidence, Rule
 
@@ -23,11 +24,11 @@ MIN_MODE_RECORDS = 2
 FROZEN_BN_CHANGE = 1e-6
 
 
-def _mode_series(run: Run) -> list[tuple[int, dict[str, Any]]]:
+def _mode_series(run: Run) -> list[tuple[int, dict[str, int | float | None]]]:
     return [
-        (run.step(i), mode)
+        (run.step(i), record.model_mode)
         for i, record in enumerate(run.records)
-        if isinstance(mode := record.get("model_mode"), dict)
+        if record.model_mode is not UNSET
     ]
 
 
@@ -42,17 +43,17 @@ class EvalModeTraining(Rule):
 
     def check(self, run: Run) -> list[Diagnosis]:
         modes = _mode_series(run)
-        evals = [(s, m) for s, m in modes if number(m.get("training")) == 0]
+        evals = [(s, m) for s, m in modes if m.get("training") == 0]
         if not (
             len(evals) >= MIN_MODE_RECORDS
             and len(evals) * 2 >= len(modes)
             and evals[-1][0] == modes[-1][0]
         ):
             return []
-        bn = max(int(number(m.get("batchnorm_layers")) or 0) for _, m in modes)
+        bn = max(int(m.get("batchnorm_layers") or 0) for _, m in modes)
         since = modes[-1][0]
         for s, m in reversed(modes):
-            if number(m.get("training")) != 0:
+            if m.get("training") != 0:
                 break
             since = s
         return [
@@ -95,9 +96,9 @@ class FrozenBatchnormStats(Rule):
         changes = [
             (s, v)
             for s, m in _mode_series(run)
-            if number(m.get("training")) == 1
-            and (number(m.get("batchnorm_layers")) or 0) > 0
-            and (v := number(m.get("batchnorm_stat_change"))) is not None
+            if m.get("training") == 1
+            and (m.get("batchnorm_layers") or 0) > 0
+            and (v := as_float(m.get("batchnorm_stat_change"))) is not None
             and math.isfinite(v)
         ]
         if len(changes) < MIN_MODE_RECORDS or not all(v <= FROZEN_BN_CHANGE for _, v in changes):

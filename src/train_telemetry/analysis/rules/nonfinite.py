@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from train_telemetry.analysis.load import Run, number
+from train_telemetry.analysis.load import Run, TypedRecord, number
 from train_telemetry.analysis.rules._common import pick
 from train_telemetry.analysis.rules.base import Diagnosis, Evidence, Rule
 from train_telemetry.records import nonfinite_keys
@@ -16,6 +16,7 @@ from train_telemetry.records import nonfinite_keys
 
 
 def _value_at(record: dict[str, Any], path: str) -> Any:
+    # A dotted path into any metric's nesting (the record as written): dicts down to a leaf.
     value: Any = record
     for part in path.split("."):
         if not isinstance(value, dict):
@@ -24,13 +25,12 @@ def _value_at(record: dict[str, Any], path: str) -> Any:
     return value
 
 
-def _nonfinite_in(record: dict[str, Any]) -> dict[str, Any]:
+def _nonfinite_in(record: TypedRecord) -> dict[str, Any]:
     """ "family.key" -> value for each NaN/Inf in the record (its own list plus a scan)."""
-    listed = record.get("nonfinite")
-    keys = [k for k in listed if isinstance(k, str)] if isinstance(listed, list) else []
+    written = record.to_dict()
     found: dict[str, Any] = {}
-    for key in [*keys, *nonfinite_keys(record)]:
-        value = number(_value_at(record, key))
+    for key in [*(record.nonfinite or []), *nonfinite_keys(written)]:
+        value = number(_value_at(written, key))
         found[key] = value if value is not None else "non-finite"
     return found
 
