@@ -135,5 +135,11 @@ class OverheadBudget:
         elif overhead < self.budget / 3:
             self.stride = min(self.stride, _pow2_at_least(2 * target))
 
+    def skips(self, due_index: int) -> bool:
+        """Whether the hook skips due collection number ``due_index`` (``batch_idx //
+        collect_every_n``): every one not on the stride, so the records that remain are
+        spread evenly over the run."""
+        return self.stride > 1 and due_index % self.stride != 0
+
     def close(self) -> None:
         self._stop.set()

@@ -40,7 +40,7 @@ from .messages import (
     Snapshot,
     write_header,
 )
-from .metrics.batch import TOP_LABELS, batch_accuracy, count_vector, label_counts
+from .metrics.batch import TOP_LABELS, batch_accuracy, label_counts
 from .records import error_entry
 from .snapshot import AUX_BYTES, Layout, SlotPool, aux_view, grad_norms
 
@@ -176,7 +176,14 @@ class Collector:
     # -- the parts of a fill --------------------------------------------------------
     def _add_reduced(self, fill: Fill, slot: int, batch: Any, outputs: Any, counts: torch.Tensor | None,
                      reduced: dict[str, torch.Tensor | None]) -> None:
-        """FSDP2: the global values of the collective; then this rank's batch (labels, outputs) as usual."""
+        """FSDP2: the global values of the collective; then this rank's batch (labels, outputs) as usual.
+
+        The parts some rank could not add to go along (``failed``): the worker records those
+        as null, so the hook copies without reading the collective's result (no host sync).
+        """
+        if (failed := reduced.get("failed")) is not None:
+            fill.src.append(failed)
+            fill.dst.append(self.pool.failed[slot])
         if self.want_grads:
             self._add_grad_norms(fill, slot, reduced["norms"])
         if self.want_loss and (loss := reduced["loss"]) is not None:
@@ -371,14 +378,3 @@ def labels_are_inputs(batch: Any, labels: torch.Tensor, outputs: torch.Tensor) -
         ids = ids.to(labels.device)
     return bool(((labels == ids) | (labels < 0)).all())  # a sync on CUDA: once per shape
 
-
-def global_counts(formats: BatchFormatCache | None, batch: Any, device: torch.device) -> torch.Tensor:
-    """DDP: this rank's label-count vector for the all_reduce; never raises."""
-    labels, size = None, None
-    try:
-        fmt = formats.get(batch) if batch is not None and formats is not None else None
-        if fmt is not None:
-            labels, size = fmt.labels(batch), fmt.batch_size(batch)
-    except Exception:
-        pass
-    return count_vector(labels, size, device)

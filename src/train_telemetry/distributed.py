@@ -1,18 +1,58 @@
-"""torch.distributed: which rank this is, who writes, and the batch-statistics collective.
+"""torch.distributed: which rank this is, who writes, and one strategy per layout of the ranks.
 
-Runs in: the training process, at ``start()``; see docs/distributed.md.
+Runs in: the training process, at ``start()`` and in the hook at collection steps; see
+docs/distributed.md.
+
+A strategy is chosen once, in ``start()`` (``open_strategy``), and the facade
+(telemetry.py) calls every one the same way, never asking which one it has (the
+DataLoader's single- vs multi-process iterator split, applied to layouts):
+
+- ``at_start(model)``: start()'s own collectives and preparation, on every rank, before
+  anything that can fail on one rank only;
+- ``at_collection(ordinal, batch, loss, outputs)``: every rank, at every due collection
+  step, before anything that may return (a worker that died, no free slot, an error, the
+  overhead budget): a rank that skipped the collective would leave the others waiting in
+  it for good. It never raises before the collective. It returns what the record needs
+  from it (:class:`Shared`), or None: this rank records nothing (it joined the collective
+  and, under FSDP2, copied its shards for rank 0's worker) and the hook returns;
+- ``eval_copy(module, slot)``: the model rank 0's worker evaluates the holdout with;
+- ``plan``: what the worker needs to assemble the full weights (FSDP2), else None;
+- ``close()``: at ``stop()`` (and when ``start()`` fails).
+
+The strategies: :class:`Local` (no collective: one process, ``per_rank``, DDP without
+batch statistics), :class:`DataParallel` (DDP: the label-count all_reduce) and
+:class:`Sharded` (FSDP2: global gradient norms, loss, accuracy and counts in one
+all_reduce, each rank's weight shards in shared memory; NOTE [sharded snapshots] in
+shards.py). 2-D meshes and several hosts are refused or reported by ``Sharded``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from .batches import BatchFormatCache
-from .config import TelemetryConfig
+from .config import TelemetryConfig, TelemetryConfigError
+from .metrics.batch import count_vector
+from .shards import (
+    ShardPlan,
+    ShardSync,
+    has_dtensor_params,
+    plain_skeleton,
+    plan_shards,
+    unsupported_sharding,
+)
+from .snapshot import Layout, build_layout, model_on_slot, unwrap_model
 from .worker_handle import TelemetryStartError
+
+__all__ = ["DataParallel", "DistInfo", "Local", "Shared", "Sharded", "Strategy", "agree_on_start",
+           "detect_distributed", "open_strategy"]
+
+Warn = Callable[[str, str], None]  # (key, message): warn once per key
 
 
 @dataclass
@@ -37,7 +77,7 @@ def detect_distributed(config: TelemetryConfig) -> tuple[DistInfo, str | None]:
 
     Without ``per_rank`` only rank 0 writes, and the batch statistics of each collection
     are summed over the ranks (``global_batch``). That all_reduce is the only collective
-    telemetry ever runs; every rank joins it at every collection step.
+    a collection step runs; every rank joins it at every collection step.
     """
     info = DistInfo(per_rank=config.per_rank)
     dist = torch.distributed
@@ -85,3 +125,189 @@ def agree_on_start(error: Exception | None) -> Exception | None:
             "is left alone in a collective: fix that rank's problem, or catch this error on every rank"
         )
     return error
+
+
+def global_counts(formats: BatchFormatCache | None, batch: Any, device: torch.device) -> torch.Tensor:
+    """DDP: this rank's label-count vector for the all_reduce; never raises."""
+    labels, size = None, None
+    try:
+        fmt = formats.get(batch) if batch is not None and formats is not None else None
+        if fmt is not None:
+            labels, size = fmt.labels(batch), fmt.batch_size(batch)
+    except Exception:
+        pass
+    return count_vector(labels, size, device)
+
+
+class Shared:
+    """What a collection's collective gave the rank that records it (tensors: no host sync).
+
+    ``counts``: the label-count vector summed over ranks (DDP, FSDP2 with batch stats);
+    ``reduced``: FSDP2's global gradient norms, loss, accuracy and the parts a rank could
+    not contribute (``ShardSync.unpack``).
+    """
+
+    __slots__ = ("counts", "reduced")
+
+    def __init__(self, counts: torch.Tensor | None = None, reduced: dict[str, torch.Tensor | None] | None = None) -> None:
+        self.counts = counts
+        self.reduced = reduced
+
+
+_NOTHING_SHARED = Shared()  # no collective: the record holds this rank's own values
+
+
+class Strategy(Protocol):
+    """One layout of the ranks (the module docstring says when the facade calls what)."""
+
+    info: DistInfo
+    plan: ShardPlan | None
+
+    def at_start(self, model: torch.nn.Module | None) -> None: ...
+
+    def at_collection(self, ordinal: int, batch: Any, loss: Any, outputs: Any) -> Shared | None: ...
+
+    def eval_copy(self, module: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module: ...
+
+    def close(self) -> None: ...
+
+
+class Local:
+    """No collective: one process, ``per_rank``, DDP without batch statistics, or ranks
+    started before ``init_process_group``. A rank that does not write records returns at once."""
+
+    plan: ShardPlan | None = None
+
+    def __init__(self, info: DistInfo | None = None) -> None:
+        self.info = info if info is not None else DistInfo()
+
+    def at_start(self, model: torch.nn.Module | None) -> None:
+        pass
+
+    def at_collection(self, ordinal: int, batch: Any, loss: Any, outputs: Any) -> Shared | None:
+        return _NOTHING_SHARED if self.info.writes else None
+
+    def eval_copy(self, module: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module:
+        """A CPU copy whose weights are the slot's (snapshot.model_on_slot)."""
+        return model_on_slot(module, slot)
+
+    def close(self) -> None:
+        pass
+
+
+class DataParallel(Local):
+    """DDP (or any data-parallel layout) with global batch statistics: one all_reduce of
+    the ranks' label counts per collection step; rank 0 records the sum."""
+
+    def at_collection(self, ordinal: int, batch: Any, loss: Any, outputs: Any) -> Shared | None:
+        # Every rank joins this all_reduce at every collection step, before anything that
+        # depends on this rank's own state (worker dead, no free slot, an error) may return:
+        # a rank that skipped it would leave the others waiting in it for good.
+        # global_counts never raises. On CPU (gloo) this blocks until all ranks arrive.
+        info = self.info
+        counts = global_counts(info.formats, batch, info.count_device)
+        torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
+        return Shared(counts=counts) if info.writes else None
+
+
+class Sharded:
+    """FSDP2 (``fully_shard``, DTensor parameters): NOTE [sharded snapshots] in shards.py.
+
+    ``at_start`` agrees on the plan with the other ranks; each collection runs ShardSync's
+    all_reduce (global gradient norms, loss, accuracy, counts), then rank 0 records and
+    every other rank copies its local shards into its shard file for rank 0's worker.
+    """
+
+    def __init__(self, info: DistInfo, config: TelemetryConfig, needs: frozenset[str], warn: Warn) -> None:
+        self.info = info
+        self.config = config
+        self.needs = needs
+        self.warn = warn
+        self.plan: ShardPlan | None = None
+        self.sync: ShardSync | None = None
+        self.layout: Layout | None = None
+        # on_full: block makes a rank > 0 wait for a free shard slot as rank 0 waits for its own
+        self.copy_wait_s = config.block_timeout_s if config.on_full == "block" else 0.0
+
+    def at_start(self, model: torch.nn.Module | None) -> None:
+        """Agree with the other ranks on how the shards make the full tensors (docs/distributed.md)."""
+        assert model is not None  # chosen for a model with DTensor parameters only
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TelemetryConfigError(
+                "the model has DTensor parameters but torch.distributed is not initialised: "
+                "call start() on every rank after init_process_group and fully_shard")
+        inner = unwrap_model(model)
+        plan = plan_shards(list(inner.named_parameters()) + list(inner.named_buffers()), self.config.num_slots)
+        if isinstance(plan, Exception):
+            raise plan
+        if self.config.per_rank:
+            raise TelemetryConfigError(
+                "per_rank: true with a sharded (FSDP2) model would record each rank's shard, not the model: "
+                "remove per_rank; rank 0 records the exact global values")
+        if not plan.same_host and "weights" in self.needs:
+            self.warn("shards_hosts", f"the ranks run on {plan.hosts} hosts: weight metrics (norms, deltas, "
+                      "holdout) of a sharded model are recorded on one host only; records say why they are absent")
+        self.plan = plan
+        info = self.info
+        info.formats = info.formats or BatchFormatCache(
+            self.config.input_keys, self.config.label_key, self.config.keys_are_default, need_inputs=False)
+        # Ranks > 0 make their shard files now, so rank 0's worker finds them at its setup;
+        # a failure (a full /dev/shm on one node) fails start() on every rank.
+        error = None
+        try:
+            self._prepare(inner, plan)
+        except Exception as exc:
+            error = exc
+        error = agree_on_start(error)
+        if error is not None:
+            raise error
+
+    def _prepare(self, inner: torch.nn.Module, plan: ShardPlan) -> None:
+        """The collective's vector, and on a rank > 0 a shard file rank 0's worker reads (same host)."""
+        info = self.info
+        self.layout = layout = build_layout(inner)
+        self.sync = sync = ShardSync(layout.params, plan, info.rank, info.count_device, info.formats,
+                                     want_counts=info.global_batch)
+        if info.rank > 0 and "weights" in self.needs and plan.same_host:
+            sync.open_file(info.rank)
+            if "weight_deltas" in self.needs:  # rank 0's first reference: every rank's shards at start
+                sync.copy_shards(-1, layout.live_sources())
+
+    def at_collection(self, ordinal: int, batch: Any, loss: Any, outputs: Any) -> Shared | None:
+        # The one collective (every rank, every collection step; never raises before it):
+        # global gradient norms, loss, accuracy and label counts.
+        sync, layout = self.sync, self.layout
+        assert sync is not None and layout is not None
+        vec = sync.reduce(batch, loss, outputs)
+        for where, exc in sync.failures:  # after the collective: this rank's part is marked missing
+            self.warn(f"rank_part:{where}:{type(exc).__name__}", (
+                f"rank {self.info.rank} could not add its part to the global {where} of a collection "
+                f"({type(exc).__name__}: {exc}); rank 0 records it as null for that collection, not summed without it"))
+        if not self.info.writes:  # a rank > 0: copy its shards for rank 0's worker, done
+            if sync.file is not None:
+                sync.copy_shards(ordinal, layout.live_sources(), self.copy_wait_s)
+            return None
+        reduced = sync.unpack(vec, want_loss=loss is not None, want_accuracy=outputs is not None)
+        return Shared(counts=reduced["counts"], reduced=reduced)
+
+    def eval_copy(self, module: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module:
+        """A plain copy on the meta device; the worker points it at the assembled weights."""
+        return plain_skeleton(module)
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()  # rank 0's worker keeps its mapping of our shard file
+
+
+def open_strategy(config: TelemetryConfig, model: torch.nn.Module | None, needs: frozenset[str],
+                  warn: Warn) -> Strategy:
+    """The strategy for this process's layout (raises for a sharding that cannot be recorded exactly)."""
+    info, note = detect_distributed(config)
+    if note:
+        warn("dist_late", note)
+    if model is not None and (problem := unsupported_sharding(unwrap_model(model))) is not None:
+        raise TelemetryConfigError(problem)
+    if model is not None and has_dtensor_params(model):
+        return Sharded(info, config, needs, warn)
+    return DataParallel(info) if info.global_batch else Local(info)

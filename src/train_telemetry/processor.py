@@ -27,11 +27,14 @@ from .metrics.batch import LabelCounts, batch_accuracy, label_counts, unpack_cou
 from .metrics.holdout import evaluate_holdout
 from .records import encode_record, error_entry
 from .reference import ReferenceCheckpoint
-from .shards import Assembler, materialize
-from .snapshot import aux_view, bind_model, meta_views
+from .shards import Assembler, RankFailed, materialize
+from .snapshot import RANK_PARTS, aux_view, bind_model, meta_views
 from .writer import OnceLog, RecordWriter
 
 _MAX_LOGGED_ERRORS = 20
+# What a record loses when a rank could not add its share to a part (snapshot.RANK_PARTS).
+_PART_FIELDS = {"gradient_norm": (), "train_loss": ("loss",), "batch_stats": ("label_counts", "batch_size"),
+                "train_accuracy": ("train_accuracy",)}
 
 
 class SnapshotProcessor:
@@ -46,7 +49,7 @@ class SnapshotProcessor:
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
         views = meta_views(setup.meta, max(setup.num_params, 1))
         self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
-        self.counts, self.aux = views["counts"], views["aux"]
+        self.counts, self.aux, self.failed = views["counts"], views["aux"], views["failed"]
         self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self.errors: dict[str, int] = {}
         self.last_errors: list[str] = []
@@ -222,7 +225,27 @@ class SnapshotProcessor:
             data.label_counts = extra.get("label_counts")
         if isinstance(data.label_counts, LabelCounts):
             data.label_counts.name = extra.get("label_name")  # the hook's batch format: keys <name>_<id>_pct
+        failed = self.failed[i].tolist()  # zeros unless FSDP2's collective says otherwise
+        if any(failed):
+            self._drop_failed_parts(data, failed, errors)
         return data
+
+    def _drop_failed_parts(self, data: SnapshotData, failed: list[float], errors: list[dict[str, str]]) -> None:
+        """FSDP2: a part some rank could not add its share to (shards.ShardSync) is recorded as
+        null, with an error naming the rank: the global value would lack that rank's share."""
+        for p, where in enumerate(RANK_PARTS):
+            count, rank_sum = int(failed[2 * p]), int(failed[2 * p + 1])
+            if not count:
+                continue
+            who = f"rank {rank_sum} could not add its share" if count == 1 else f"{count} ranks could not add their share"
+            exc = RankFailed(f"{who} to this collection's global {where.replace('_', ' ')} (the rank's own warning "
+                             "says why): recorded as null, not summed without it")
+            errors.append(error_entry(where, exc))
+            self.count_error(where, exc)
+            for name in _PART_FIELDS[where]:
+                setattr(data, name, None)
+            if where == "gradient_norm" and data.grad_norms is not None:
+                data.grad_norms = [None] * len(data.grad_norms)  # null norms, as for parameters without gradients
 
     def evaluate(self, slot: list[torch.Tensor]) -> dict[str, Any]:
         """The holdout forward at ``slot``'s weights (the eval model reads them, no copy)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import torch
 
 from .config import TelemetryConfigError
 from .records import (
@@ -66,6 +67,17 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.file(CHECKPOINT_FILE)
+
+    def begin(self, overwrite: bool, config: Mapping[str, Any], model: Sequence[Any] | None) -> Resume:
+        """At start(): the directory, made and proven writable; what it holds already (the
+        segment this start() begins), checked to be this run; no stale delta reference."""
+        self.check_writable()
+        resume = self.resume(overwrite)
+        self.check_same_run(resume, config, model)
+        for stale in (self.checkpoint, self.checkpoint.with_name(self.checkpoint.name + ".ok")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # a stale reference would fake a delta
+        return resume
 
     def check_writable(self) -> None:
         """Create the directory and its parents (as the seed, TensorBoard's writer and wandb do)
@@ -130,6 +142,33 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.file(SUMMARY_FILE), summary)
+
+
+def run_info(*, config: Mapping[str, Any], resume: Resume, model: list[list[Any]] | None, metrics: list[str],
+             groups: Mapping[str, Any], num_params: int | None, slot_bytes: int | None, slot_meta_bytes: int | None,
+             worker_pid: int | None, mode: str, mode_reason: str, rank: int, world_size: int,
+             global_batch_stats: bool) -> dict[str, Any]:
+    """run.json's contents (``RunDir.write_run_info`` adds the schema, the time, pid and host)."""
+    segments = [*resume.segments, {"segment": resume.segment, "started": datetime.now(timezone.utc).astimezone().isoformat(),
+                                   "first_seq": resume.first_seq}]
+    return {
+        "config": dict(config),
+        "segment": resume.segment,
+        "segments": segments,
+        "model": model,  # [name, shape, dtype] per tensor (snapshot.Layout.signature)
+        "metrics": metrics,
+        "groups": dict(groups),
+        "num_params": num_params,
+        "slot_bytes": slot_bytes,  # weights and buffers, per slot
+        "slot_meta_bytes": slot_meta_bytes,  # ... plus this per slot: grad norms, loss, the batch's labels and outputs
+        "worker_pid": worker_pid,
+        "mode": mode,  # where records are built (mode: auto resolved) ...
+        "mode_reason": mode_reason,  # ... and why
+        "rank": rank,
+        "world_size": world_size,
+        "global_batch_stats": global_batch_stats,
+        "torch_version": str(torch.__version__),
+    }
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``): exact telemetry of a model whose parameters are sharded DTensors.
 
-Runs in: every rank's training process (``ShardSync``, ``ShardFile``; at ``start()`` and
+Runs in: every rank's training process (``ShardSync``; at ``start()`` and
 at collection steps) and rank 0's worker (``Assembler``). See docs/distributed.md.
 
 Design (NOTE [sharded snapshots]):
@@ -12,10 +12,14 @@ Design (NOTE [sharded snapshots]):
   counts to one float64 vector. After the all_reduce, rank 0 has each parameter's global
   gradient norm ``sqrt(sum over ranks)``, the mean loss, the global accuracy and counts:
   what one process with the full model and the global batch would record. Replicated
-  parameters (plain tensors, or ``Replicate()`` DTensors) count rank 0's value only.
+  parameters (plain tensors, or ``Replicate()`` DTensors) count rank 0's value only. A
+  rank that cannot compute its share of a part (RANK_PARTS: its labels cannot be read,
+  say) marks that part in the vector; rank 0's worker records the part as null with an
+  error naming the rank (``RankFailed``), never a sum this rank's share is missing from.
 - **Weights** never cross a collective and no rank materialises the full model on the
   training path: each rank copies its *local* shards into its own shared-memory slots
-  (rank 0: the usual SlotPool; rank r > 0: a named file in /dev/shm, ``ShardFile``).
+  (rank 0: the usual SlotPool; rank r > 0: a named file in /dev/shm, snapshot.SlotFile: the
+  same slot protocol, announced by the collection's ordinal instead of the ring).
   Rank 0's worker maps every rank's file, waits for the shards of the collection it is
   building (each slot is tagged with the collection's *ordinal*: the number of due
   collection steps before it, the same on every rank), and assembles full tensors in its
@@ -32,8 +36,6 @@ Design (NOTE [sharded snapshots]):
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import socket
 import time
@@ -49,12 +51,11 @@ from .batches import logits_of
 from .config import TelemetryConfigError
 from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
-from .snapshot import _align, _itemsize, local_tensor
+from .snapshot import RANK_PARTS, SlotFile, local_tensor
 
-__all__ = ["ShardPlan", "ShardFile", "ShardSync", "Assembler", "has_dtensor_params", "plain_skeleton",
+__all__ = ["ShardPlan", "ShardSync", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
            "plan_shards", "unsupported_sharding"]
 
-FREE, TAKEN = 0, 1
 SHM_DIR = "/dev/shm"
 WAIT_FOR_RANK_S = 30.0  # the worker waits this long for a rank's shards before recording them missing
 
@@ -201,102 +202,18 @@ def _describe(name: str, t: torch.Tensor, world: int) -> tuple[str, list[int], s
     return name, list(t.shape), dtype, dim, int(coord[0]) if coord else 0, int(local.shape[dim])
 
 
-# ---------------------------------------------------------------------- the shard files
-class ShardFile:
-    """Rank r's shard slots in a named shared-memory file that rank 0's worker maps too.
-
-    Layout: ``states`` (int8 per slot), ``tags`` (int64 per slot: the collection ordinal a
-    slot holds), ``progress`` (int64: the last ordinal this rank's hook has dealt with),
-    then per slot the shards, each 64-byte aligned.
-    """
-
-    def __init__(self, path: str, num_slots: int, specs: Sequence[tuple[tuple[int, ...], str]], create: bool) -> None:
-        self.path = path
-        self.num_slots = num_slots
-        head = _align(num_slots) + _align(8 * num_slots) + 64
-        offsets, at = [], 0
-        for shape, dtype in specs:
-            offsets.append(at)
-            numel = 1
-            for d in shape:
-                numel *= d
-            at += _align(numel * _itemsize(getattr(torch, dtype)))
-        self.slot_bytes = max(at, 64)
-        size = head + self.slot_bytes * num_slots
-        if create:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                try:  # reserve the pages now: a full /dev/shm fails here, not with SIGBUS mid-run
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as exc:
-                    os.unlink(path)
-                    raise TelemetryConfigError(
-                        f"the shard slots need {size / 2**20:.1f} MiB of shared memory in {SHM_DIR} ({exc.strerror}): "
-                        "lower num_slots, or give the container more (docker run --shm-size=...)") from None
-                self._mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        else:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                self._mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        mv = memoryview(self._mm)
-        self.states = mv[:num_slots].cast("b")
-        t0 = _align(num_slots)
-        self.tags = mv[t0 : t0 + 8 * num_slots].cast("q")
-        p0 = t0 + _align(8 * num_slots)
-        self.progress = mv[p0 : p0 + 8].cast("q")
-        if create:
-            for i in range(num_slots):
-                self.states[i] = FREE
-                self.tags[i] = -2
-            self.progress[0] = -2
-        flat = torch.frombuffer(self._mm, dtype=torch.uint8)
-        self.slots: list[list[torch.Tensor]] = []
-        for i in range(num_slots):
-            base = head + i * self.slot_bytes
-            views = []
-            for (shape, dtype), off in zip(specs, offsets, strict=True):
-                dt = getattr(torch, dtype)
-                numel = 1
-                for d in shape:
-                    numel *= d
-                start = base + off
-                views.append(flat[start : start + numel * _itemsize(getattr(torch, dtype))].view(dt).view(shape))
-            self.slots.append(views)
-
-    # -- rank r's hook
-    def copy_in(self, ordinal: int, sources: Sequence[torch.Tensor], wait_s: float = 0.0) -> bool:
-        """Copy this rank's shards into a free slot tagged ``ordinal``; False when none is free
-        (within ``wait_s``: ``on_full: block`` waits as rank 0 does for its own slot)."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            for i in range(self.num_slots):
-                if self.states[i] == FREE:
-                    self.states[i] = TAKEN
-                    torch._foreach_copy_(self.slots[i], list(sources))
-                    self.tags[i] = ordinal  # after the data: the worker reads the tag first
-                    self.progress[0] = ordinal
-                    return True
-            if time.monotonic() >= deadline:
-                self.progress[0] = ordinal
-                return False
-            time.sleep(0.0005)
-
-    def unlink(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-
 # ---------------------------------------------------------------------- the hook's collective
+class RankFailed(RuntimeError):
+    """A rank could not add its share to a part of a collection's global values (RANK_PARTS)."""
+
+
 class ShardSync:
     """The collection step's one collective under FSDP2, and the shard copy of ranks > 0.
 
     The vector (float64): loss sum and count, correct predictions and rows, each
-    parameter's squared local gradient norm and whether it has a gradient, then the
-    label-count vector.
+    parameter's squared local gradient norm and whether it has a gradient, the
+    label-count vector, then per RANK_PARTS (ranks that could not add their share, the
+    sum of those ranks).
     """
 
     HEAD = 4
@@ -311,57 +228,105 @@ class ShardSync:
         self.want_counts = want_counts
         n = len(self.params)
         self.n = n
+        self.counts_at = self.HEAD + 2 * n
+        self.failed_at = self.counts_at + COUNT_VECTOR_LEN
+        self.size = self.failed_at + 2 * len(RANK_PARTS)
         # rank 0 counts every parameter; the others only their shards (replicated ones are rank 0's)
         owned = [1.0 if rank == 0 or plan.dims[j] is not None else 0.0 for j in range(n)]
         self.owned = torch.tensor(owned, dtype=torch.float64, device=device)
-        self.file: ShardFile | None = None
+        self.file: SlotFile | None = None
         self.sources: list[torch.Tensor] = []
+        self.failures: list[tuple[str, Exception]] = []  # this rank's failed parts at the last reduce
 
     def reduce(self, batch: Any, loss: Any, outputs: Any) -> torch.Tensor:
-        """All ranks: build this rank's vector and all_reduce it (SUM). Never raises before the collective."""
-        n, head = self.n, self.HEAD
-        vec = torch.zeros(head + 2 * n + COUNT_VECTOR_LEN, dtype=torch.float64, device=self.device)
-        with contextlib.suppress(Exception):  # this rank's part is missing (zeros); the others' still add up
+        """All ranks: build this rank's vector and all_reduce it (SUM). Never raises before the collective.
+
+        A part this rank cannot compute (its labels cannot be read, say) is marked failed
+        in the vector, and ``failures`` says why: rank 0 then records that part as null with
+        an error naming this rank. Left at zero, it would make rank 0 record a global value
+        this rank's share is missing from (an under-counted gradient norm): a wrong value.
+        """
+        vec = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+        self.failures = []
+        try:
             self._fill(vec, batch, loss, outputs)
+        except Exception as exc:  # outside the guarded parts: none of this rank's share counts
+            for where in RANK_PARTS:
+                self._fail(vec, where, exc)
         torch.distributed.all_reduce(vec)
         return vec
 
+    def _fail(self, vec: torch.Tensor, where: str, exc: Exception) -> None:
+        at = self.failed_at + 2 * RANK_PARTS.index(where)
+        vec[at] = 1.0
+        vec[at + 1] = float(self.rank)
+        self.failures.append((where, exc))
+
     def _fill(self, vec: torch.Tensor, batch: Any, loss: Any, outputs: Any) -> None:
+        """This rank's share, part by part: a part that fails is marked, the others still count."""
+        try:
+            self._add_grad_norms(vec)
+        except Exception as exc:
+            self._fail(vec, "gradient_norm", exc)
+        try:
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                vec[0] = loss.detach().reshape(()).to(vec.device, torch.float64)
+                vec[1] = 1.0
+            elif isinstance(loss, (int, float)):
+                vec[0], vec[1] = float(loss), 1.0
+        except Exception as exc:
+            self._fail(vec, "train_loss", exc)
+        labels = None
+        if (batch is None or self.formats is None) and self.want_counts:
+            # no batch from this rank: the counts say "unknown", as DDP's do (distributed.global_counts)
+            vec[self.counts_at : self.failed_at] = count_vector(None, None, vec.device)
+        elif batch is not None and self.formats is not None:
+            try:
+                fmt = self.formats.get(batch)
+                labels = fmt.labels(batch)
+                if self.want_counts:
+                    vec[self.counts_at : self.failed_at] = count_vector(labels, fmt.batch_size(batch), vec.device)
+            except Exception as exc:  # the labels are what both parts need
+                if self.want_counts:
+                    self._fail(vec, "batch_stats", exc)
+                if outputs is not None:
+                    self._fail(vec, "train_accuracy", exc)
+                return
+        if outputs is not None and isinstance(labels, torch.Tensor) and labels.dim() > 0:
+            try:
+                out = outputs if isinstance(outputs, torch.Tensor) else logits_of(outputs)
+                rows = labels.shape[0]
+                vec[2] = batch_accuracy(out, labels).to(vec.device, torch.float64) * rows
+                vec[3] = float(rows)
+            except Exception as exc:
+                self._fail(vec, "train_accuracy", exc)
+
+    def _add_grad_norms(self, vec: torch.Tensor) -> None:
         n, head = self.n, self.HEAD
         grads = [g for p in self.params if (g := p.grad) is not None]
-        if grads:
-            locals_ = [local_tensor(g) for g in grads]
-            if len(grads) == n:
-                norms = torch.stack(torch._foreach_norm(locals_)).to(vec.device, torch.float64)
-                vec[head : head + n] = norms.square() * self.owned
-                vec[head + n : head + 2 * n] = self.owned
-            else:
-                it = iter(torch._foreach_norm(locals_))
-                for j, p in enumerate(self.params):
-                    if p.grad is not None:
-                        value = next(it)
-                        if self.owned[j]:
-                            vec[head + j] = value.double().square()
-                            vec[head + n + j] = 1.0
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            vec[0] = loss.detach().reshape(()).to(vec.device, torch.float64)
-            vec[1] = 1.0
-        elif isinstance(loss, (int, float)):
-            vec[0], vec[1] = float(loss), 1.0
-        labels = None
-        if batch is not None and self.formats is not None:
-            fmt = self.formats.get(batch)
-            labels = fmt.labels(batch)
-            if self.want_counts:
-                vec[head + 2 * n :] = count_vector(labels, fmt.batch_size(batch), vec.device).to(torch.float64)
-        if outputs is not None and isinstance(labels, torch.Tensor) and labels.dim() > 0:
-            out = outputs if isinstance(outputs, torch.Tensor) else logits_of(outputs)
-            rows = labels.shape[0]
-            vec[2] = batch_accuracy(out, labels).to(vec.device, torch.float64) * rows
-            vec[3] = float(rows)
+        if not grads:
+            return
+        locals_ = [local_tensor(g) for g in grads]
+        if len(grads) == n:
+            norms = torch.stack(torch._foreach_norm(locals_)).to(vec.device, torch.float64)
+            vec[head : head + n] = norms.square() * self.owned
+            vec[head + n : head + 2 * n] = self.owned
+            return
+        it = iter(torch._foreach_norm(locals_))
+        for j, p in enumerate(self.params):
+            if p.grad is not None:
+                value = next(it)
+                if self.owned[j]:
+                    vec[head + j] = value.double().square()
+                    vec[head + n + j] = 1.0
 
     def unpack(self, vec: torch.Tensor, want_loss: bool, want_accuracy: bool) -> dict[str, torch.Tensor | None]:
-        """Rank 0: the global values, as tensors the hook copies into its slot (no host sync)."""
+        """Rank 0: the global values, as tensors the hook copies into its slot (no host sync).
+
+        ``failed`` goes into the slot as it is: rank 0's worker reads which parts some rank
+        could not add to, and records those as null (processor.py), so the hook never
+        waits for the collective's result to decide.
+        """
         n, head = self.n, self.HEAD
         sq, has = vec[head : head + n], vec[head + n : head + 2 * n]
         norms = torch.where(has > 0, sq.sqrt(), torch.full_like(sq, -1.0))  # on the collective's device
@@ -369,7 +334,8 @@ class ShardSync:
             "norms": norms,
             "loss": (vec[0] / vec[1].clamp(min=1)).reshape(()) if want_loss else None,
             "accuracy": (vec[2] / vec[3].clamp(min=1)).float() if want_accuracy else None,
-            "counts": vec[head + 2 * n :].to(torch.int64) if self.want_counts else None,
+            "counts": vec[self.counts_at : self.failed_at].to(torch.int64) if self.want_counts else None,
+            "failed": vec[self.failed_at :],
         }
 
     # -- ranks > 0: the shards
@@ -377,7 +343,7 @@ class ShardSync:
         path = self.plan.paths[rank]
         if path is None:
             return
-        self.file = ShardFile(path, self.plan.num_slots, self.plan.file_specs(rank), create=True)
+        self.file = SlotFile(path, self.plan.num_slots, self.plan.file_specs(rank), create=True)
         self.sharded = self.plan.sharded
 
     def copy_shards(self, ordinal: int, all_tensors: Sequence[torch.Tensor], wait_s: float = 0.0) -> bool:
@@ -398,7 +364,7 @@ class Assembler:
     def __init__(self, plan: ShardPlan, rank0_slots: Sequence[Sequence[torch.Tensor]]) -> None:
         self.plan = plan
         self.rank0_slots = rank0_slots
-        self.files: dict[int, ShardFile] = {}
+        self.files: dict[int, SlotFile] = {}
         self.gone: set[int] = set()
         self.error: str | None = None
         if not plan.same_host:
@@ -409,7 +375,7 @@ class Assembler:
         for r in range(1, plan.world_size):
             path = plan.paths[r]
             assert path is not None
-            self.files[r] = ShardFile(path, plan.num_slots, plan.file_specs(r), create=False)
+            self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
         self.full: dict[int, torch.Tensor] = {
             j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
         self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
@@ -447,7 +413,7 @@ class Assembler:
             out.append(full)
         return out, None
 
-    def _find(self, r: int, f: ShardFile, ordinal: int | None) -> int | str:
+    def _find(self, r: int, f: SlotFile, ordinal: int | None) -> int | str:
         if ordinal is None:
             return 0
         if r in self.gone:
@@ -458,22 +424,20 @@ class Assembler:
                 self.gone.add(r)
                 return f"rank {r}'s shards of this collection did not arrive within {WAIT_FOR_RANK_S:.0f} s"
             time.sleep(0.0005)
-        for i in range(f.num_slots):
-            if f.states[i] == TAKEN and f.tags[i] == ordinal:
-                return i
+        i = f.find(ordinal)
+        if i is not None:
+            return i
         return f"rank {r} had no free snapshot slot at this collection (raise num_slots): its shards are missing"
 
     def release(self, ordinal: int | None) -> None:
         """After the record of ``ordinal`` is written: free the shards it used, and stale ones."""
         for r, i in self._held:
-            self.files[r].states[i] = FREE
+            self.files[r].states.release(i)
         self._held = []
         if ordinal is None:
             return
         for f in self.files.values():  # collections rank 0 dropped but another rank copied
-            for i in range(f.num_slots):
-                if f.states[i] == TAKEN and f.tags[i] <= ordinal:
-                    f.states[i] = FREE
+            f.release_through(ordinal)
 
 
 # ---------------------------------------------------------------------- the eval model

@@ -1,19 +1,27 @@
-"""SIGTERM (preemption: SLURM, Kubernetes, spot instances): drain, then let it act as before.
+"""The process around a running Telemetry: fork, interpreter exit, SIGTERM.
 
-Runs in: the training process's main thread (where Python runs signal handlers). The
-default action of SIGTERM kills the process without atexit, losing what is queued. A
-signal handler is one per process, so this state is the module's, not an instance's: the
-handler drains every running Telemetry, for at most the largest ``sigterm_drain_s``, then
-calls the handler that was there before (the user's), or dies by SIGTERM as it would have.
+Runs in: the training process. ``track`` registers a started Telemetry; from then on:
+
+- a forked child (a DataLoader worker, say) inherits it but must never touch the parent's
+  queues or slots: ``after_fork()`` makes its hook a no-op and its stop() do nothing;
+- the interpreter exiting without stop() stops it (``atexit``), bounded in time;
+- SIGTERM (preemption: SLURM, Kubernetes, spot instances): drain, then let it act as
+  before. Its default action kills the process without atexit, losing what is queued. A
+  signal handler is one per process, so this state is the module's, not an instance's:
+  the handler (installed from the main thread, where Python runs signal handlers) drains
+  every tracked Telemetry, for at most the largest ``sigterm_drain_s``, then calls the
+  handler that was there before (the user's), or dies by SIGTERM as it would have.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -21,12 +29,33 @@ from typing import Any, Protocol
 class Drainable(Protocol):
     def drain_for_signal(self, deadline: float) -> None: ...
 
+    def after_fork(self) -> None: ...
+
     @property
     def sigterm_drain_s(self) -> float: ...
 
 
 _previous: Any = None
 _targets: Callable[[], Iterable[Drainable]] = list
+_live: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for t in list(_live):
+        t.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def track(target: Drainable, at_exit: Callable[[], None]) -> None:
+    """``target`` has started: disable it in forked children, call ``at_exit`` at the
+    interpreter's exit, drain it on SIGTERM (when its ``sigterm_drain_s`` > 0)."""
+    _live.add(target)
+    atexit.register(at_exit)
+    if target.sigterm_drain_s > 0:
+        install_sigterm_drain(lambda: list(_live))
 
 
 def install_sigterm_drain(targets: Callable[[], Iterable[Drainable]]) -> None:

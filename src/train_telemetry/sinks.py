@@ -1,15 +1,20 @@
 """Where a filled slot goes: built inline (``mode: sync``) or handed to the worker (``async``);
 ``mode: auto`` picks one of the two at start (``resolve_mode``).
 
-Runs in: the training process. Two classes behind one interface (the DataLoader's
-single-process / multi-process iterator split), so the facade has no ``if mode`` branch:
+Runs in: the training process. Two classes behind one interface, :class:`Sink` (the
+DataLoader's single-process / multi-process iterator split), so the facade has no
+``if mode`` branch and never looks behind it:
 
-- ``setup(setup)``: once, before the first snapshot (raises what start() should raise);
+- ``slot_pool(layout)``: the snapshot slots, in memory the records' builder can read;
+- ``setup(setup, on_cuda)``: once, before the first snapshot (raises what start() should raise);
 - ``acquire()``: a free slot or None; ``wait_for_slot(deadline)``: one, waiting for it
-  (``on_full: block``);
-- ``submit(slot)``: the hook filled ``slot`` and wrote its header;
+  (``on_full: block``); ``release(slot)``: give back a slot the hook took and will not submit;
+- ``submit(slot, seq)``: the hook filled ``slot`` and wrote its header;
 - ``send_groups(groups)``: the param -> group map changed (before the snapshot naming it);
-- ``close(deadline) -> Finished``: write everything submitted, end, report.
+- ``exited``: the worker is gone for good (a plain attribute: the hook reads it);
+  ``worker_pid`` / ``worker_exitcode``: the current worker's, None inline;
+- ``close(deadline) -> Finished``: write everything submitted, end, report; ``abort()``:
+  end without writing (start() failed).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -34,7 +39,7 @@ from .metrics.holdout import plain_numerics
 from .processor import SnapshotProcessor
 from .records import repair_torn_tail
 from .sending import dumps_for_worker
-from .snapshot import Channel
+from .snapshot import Channel, Layout, SlotPool
 from .worker_handle import TelemetryStartError, WorkerHandle, describe_exit
 from .writer import OnceLog, RecordWriter, count_records, last_seq
 
@@ -65,6 +70,12 @@ class InlineSink:
         self.exited = False  # there is no worker to die
         self.restarts = 0
 
+    worker_pid: int | None = None  # no worker: the training thread builds the records
+    worker_exitcode: int | None = None
+
+    def slot_pool(self, layout: Layout) -> SlotPool:
+        return SlotPool(layout, self.channel, shared=False)  # read by this process only
+
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.on_cuda = on_cuda
         self.processor = SnapshotProcessor(self.config, self.run_dir, setup, self.writer, self.log)
@@ -82,6 +93,9 @@ class InlineSink:
     def wait_for_slot(self, deadline: float) -> int | None:
         # Inline, the slot is free again when submit returns: nothing to wait for.
         return self.channel.acquire()
+
+    def release(self, slot: int) -> None:
+        self.channel.release(slot)
 
     def submit(self, slot: int, seq: int) -> None:
         assert self.processor is not None
@@ -144,6 +158,17 @@ class WorkerSink:
         self.worker.start(config.start_timeout_s, on_exit=self._on_worker_exit)
 
 
+    @property
+    def worker_pid(self) -> int | None:
+        return self.worker.pid
+
+    @property
+    def worker_exitcode(self) -> int | None:
+        return self.worker.exitcode
+
+    def slot_pool(self, layout: Layout) -> SlotPool:
+        return SlotPool(layout, self.channel, shared=True)  # mapped by every worker of the run
+
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.setup_obj = setup
         self._send_setup(self.worker, setup)
@@ -177,6 +202,10 @@ class WorkerSink:
     def acquire(self) -> int | None:
         """A free slot for the hook (Channel.acquire)."""
         return self.channel.acquire()
+
+    def release(self, slot: int) -> None:
+        """A slot the hook took and will not submit (it failed filling it): free again."""
+        self.channel.release(slot)
 
     def wait_for_slot(self, deadline: float) -> int | None:
         """A free slot, waiting until ``deadline`` (``on_full: block``); None past it or if
@@ -306,7 +335,34 @@ class WorkerSink:
         self.worker.terminate()
 
 
-Sink = InlineSink | WorkerSink
+class Sink(Protocol):
+    """Where filled slots go; the module docstring lists what each call means."""
+
+    exited: bool
+
+    @property
+    def worker_pid(self) -> int | None: ...
+
+    @property
+    def worker_exitcode(self) -> int | None: ...
+
+    def slot_pool(self, layout: Layout) -> SlotPool: ...
+
+    def setup(self, setup: Setup, on_cuda: bool) -> None: ...
+
+    def acquire(self) -> int | None: ...
+
+    def wait_for_slot(self, deadline: float) -> int | None: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def submit(self, slot: int, seq: int) -> None: ...
+
+    def send_groups(self, groups: Groups) -> None: ...
+
+    def close(self, deadline: float) -> Finished: ...
+
+    def abort(self) -> None: ...
 
 
 def resolve_mode(config: TelemetryConfig, model: torch.nn.Module | None) -> tuple[str, str]:
@@ -339,6 +395,15 @@ def resolve_mode(config: TelemetryConfig, model: torch.nn.Module | None) -> tupl
         return "sync", (f"training on the CPU with {used} on {cores} core{'s' if cores != 1 else ''}: no core is left "
                         "for a worker, so records are built inline (mode: async forces the worker)")
     return "async", f"training on the CPU with {used} on {cores} cores: the worker has a core of its own"
+
+
+def take_slot(sink: Sink, config: TelemetryConfig) -> int | None:
+    """A free slot for the hook, or None: ``on_full: drop`` never waits; ``block`` lets the
+    sink wait (the worker uses every core meanwhile), at most ``block_timeout_s``."""
+    slot = sink.acquire()
+    if slot is not None or config.on_full == "drop":
+        return slot
+    return sink.wait_for_slot(time.monotonic() + config.block_timeout_s)
 
 
 def open_sink(mode: str, config: TelemetryConfig, run_dir: Path, records_file: Path) -> Sink:

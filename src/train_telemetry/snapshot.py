@@ -22,19 +22,25 @@ semaphore. Nothing is written to a pipe, so the hook never pays for waking the w
 (a pipe write that wakes a sleeping process costs ~90 us on a 2-core VM): the worker
 polls the semaphore (``worker.PUBLISH_POLL_S``).
 
-Slot states: FREE (0), TAKEN (1) or PUBLISHED (2) in a shared byte array. Only the
-trainer moves a slot FREE -> TAKEN -> PUBLISHED and only the worker moves it back to
-FREE (after its record is written), so a slot still PUBLISHED when a worker dies is
-exactly what its successor must replay. The semaphore's
+Slot states (``SlotStates``): FREE (0), TAKEN (1) or PUBLISHED (2) in a shared byte
+array. Only the trainer moves a slot FREE -> TAKEN -> PUBLISHED and only the worker moves
+it back to FREE (after its record is written), so a slot still PUBLISHED when a worker
+dies is exactly what its successor must replay. The semaphore's
 release/acquire order the slot's data before the worker reads it, on any CPU.
+
+The same protocol serves FSDP2's shard slots (``SlotFile``), filled by ranks > 0 and read
+by rank 0's worker; only how a filled slot is announced differs there (see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import mmap
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +50,7 @@ from .config import TelemetryConfigError
 from .messages import HEADER_BYTES, TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN
 
-__all__ = ["Channel", "Layout", "SlotPool", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
+__all__ = ["Channel", "Layout", "SlotFile", "SlotPool", "SlotStates", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
            "grad_norms", "pin_in_place", "unwrap_model"]
 
 
@@ -95,13 +101,18 @@ class Layout:
     def num_params(self) -> int:
         return len(self.params)
 
+    def signature(self) -> list[list[Any]]:
+        """[name, shape, dtype] per tensor: what run.json records, and a resumed run must match."""
+        return [[spec.name, list(spec.shape), spec.dtype] for spec in self.specs]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sources)
 
 
-def build_layout(model: torch.nn.Module, sharded: bool = False) -> Layout:
-    """The slot layout of ``model`` (already unwrapped); ``sharded``: of this rank's shards (FSDP2)."""
+def build_layout(model: torch.nn.Module) -> Layout:
+    """The slot layout of ``model`` (already unwrapped); of this rank's shards when its
+    parameters are DTensors (FSDP2: specs keep the full shapes)."""
     named_params = list(model.named_parameters())
     named_buffers = list(model.named_buffers())
     specs = [
@@ -111,6 +122,7 @@ def build_layout(model: torch.nn.Module, sharded: bool = False) -> Layout:
     params = [p for _, p in named_params]
     buffers = [b for _, b in named_buffers]
     sources = [local_tensor(t) for t in params + buffers]
+    sharded = any(isinstance(getattr(p, "_local_tensor", None), torch.Tensor) for p in params)  # DTensors
     on_cuda = any(t.is_cuda for t in sources)
     return Layout(specs=specs, params=params, buffers=buffers, sources=sources, on_cuda=on_cuda, sharded=sharded)
 
@@ -158,10 +170,47 @@ def _shm_free_bytes() -> int | None:
 AUX_BYTES = 1 << 20  # per slot: the batch's labels and the model's outputs, when they fit
 
 
+class SlotStates:
+    """The state of ``num_slots`` slots, one signed byte each in shared memory (a ctypes
+    array, a mapped file's bytes, or a bytearray in one process): the protocol's moves.
+
+    The filler (the trainer; a rank > 0 for its shard slots) moves a slot FREE -> TAKEN
+    -> PUBLISHED, the worker moves it back to FREE once done with it. A TAKEN slot is
+    being filled: the worker never frees it under its filler.
+    """
+
+    def __init__(self, buffer: Any, num_slots: int) -> None:
+        self.num_slots = num_slots
+        # a memoryview indexes ~3x faster than a ctypes array
+        self.view = memoryview(buffer).cast("B")[:num_slots].cast("b")
+
+    def acquire(self) -> int | None:
+        """A free slot, now TAKEN, or None when all are in use."""
+        view = self.view
+        for i in range(self.num_slots):
+            if view[i] == FREE:
+                view[i] = TAKEN
+                return i
+        return None
+
+    def publish(self, slot: int) -> None:
+        self.view[slot] = PUBLISHED
+
+    def release(self, slot: int) -> None:
+        self.view[slot] = FREE
+
+    def published(self) -> list[int]:
+        """Slots published and not yet released."""
+        return [i for i in range(self.num_slots) if self.view[i] == PUBLISHED]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.view.tolist())
+
+
 class Channel:
     """The shared state of the trainer -> worker hand-off, for ``num_slots`` slots.
 
-    ``state[i]``: FREE or TAKEN. ``headers``: HEADER_BYTES of plain numbers per slot.
+    ``state``: the slots' states (``states``: their SlotStates, per process). ``headers``: HEADER_BYTES of plain numbers per slot.
     Publishing slot i (trainer) writes i into the ring and releases the semaphore; the
     worker takes published slots in order with non-blocking acquires. Nothing here wakes
     the worker, so publishing costs the trainer no system call that waits on a wake-up.
@@ -184,7 +233,7 @@ class Channel:
             self.state = ctx.RawArray("b", num_slots)
             self.headers = ctx.RawArray("B", num_slots * HEADER_BYTES)
             self.renew(ctx)
-        self._state_view: memoryview | None = None  # per process (a memoryview does not pickle)
+        self._states: SlotStates | None = None  # per process (a memoryview does not pickle)
         self._headers_view: memoryview | None = None
         self._published = 0  # trainer side: slots published so far
         self._consumed = 0  # worker side: published slots taken so far
@@ -196,16 +245,16 @@ class Channel:
         self._sem = ctx.Semaphore(0)
         self._published = 0
 
+    @property
+    def states(self) -> SlotStates:
+        states = self._states
+        if states is None:
+            states = self._states = SlotStates(self.state, self.num_slots)
+        return states
+
     def acquire(self) -> int | None:
         """A free slot, now TAKEN, or None when all are in use."""
-        state = self._state_view
-        if state is None:  # a memoryview indexes ~3x faster than the ctypes array
-            state = self._state_view = memoryview(self.state).cast("B").cast("b")
-        for i in range(self.num_slots):
-            if state[i] == FREE:
-                state[i] = TAKEN
-                return i
-        return None
+        return self.states.acquire()
 
     def publish(self, slot: int) -> None:
         """Hand a filled slot to the worker (after its data and header are written)."""
@@ -216,18 +265,15 @@ class Channel:
 
     def mark_published(self, slot: int) -> None:
         """PUBLISHED, without handing it over (a worker is being replaced: it will be replayed)."""
-        state = self._state_view
-        if state is None:
-            state = self._state_view = memoryview(self.state).cast("B").cast("b")
-        state[slot] = PUBLISHED
+        self.states.publish(slot)
 
     def published(self) -> list[int]:
         """Slots published and not yet released."""
-        return [i for i in range(self.num_slots) if self.state[i] == PUBLISHED]
+        return self.states.published()
 
     # -- worker side
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_state_view": None, "_headers_view": None}
+        return {**self.__dict__, "_states": None, "_headers_view": None}
 
     @property
     def headers_view(self) -> memoryview:
@@ -245,7 +291,7 @@ class Channel:
         return out
 
     def release(self, slot: int) -> None:
-        self.state[slot] = FREE
+        self.states.release(slot)
 
 
 class SlotPool:
@@ -255,8 +301,9 @@ class SlotPool:
     one flat buffer per dtype); ``meta[i]``, one flat byte buffer holding ``norms[i]``
     (float64 per parameter, -1 = no gradient), ``pre_clip[i]`` (the same before clipping),
     ``scalars[i]`` (float64: loss, accuracy, total pre-clip norm),
-    ``counts[i]`` (int64, the DDP label-count vector) and ``aux[i]`` (AUX_BYTES for the
-    batch's labels and outputs).
+    ``counts[i]`` (int64, the DDP label-count vector), ``failed[i]`` (FSDP2: the parts some
+    rank could not add to, RANK_PARTS) and ``aux[i]`` (AUX_BYTES for the batch's labels and
+    outputs).
     """
 
     def __init__(self, layout: Layout, channel: Channel, shared: bool) -> None:
@@ -294,13 +341,13 @@ class SlotPool:
             self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
         views = meta_views(self.meta, n_params)
         self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
-        self.counts, self.aux = views["counts"], views["aux"]
+        self.counts, self.aux, self.failed = views["counts"], views["aux"], views["failed"]
         self.norm_views = [list(norms[: len(layout.params)].unbind()) for norms in self.norms]  # 0-d each
         self.pre_clip_views = [list(norms[: len(layout.params)].unbind()) for norms in self.pre_clip]
         self.nbytes = need
         self._views: dict[tuple[Any, ...], torch.Tensor] = {}
         for i in range(num_slots):
-            channel.state[i] = FREE
+            channel.release(i)
 
     def scalar(self, slot: int, index: int, shape: torch.Size) -> torch.Tensor:
         """``scalars[slot][index]`` viewed with ``shape`` (one element), to copy a loss into."""
@@ -311,6 +358,11 @@ class SlotPool:
         return view
 
 
+# FSDP2: the parts of a collection that every rank adds its share to (shards.ShardSync). A
+# rank that cannot compute its share of one marks it; rank 0's worker then records that
+# part as null with an error naming the rank (processor.py), never a sum without it.
+RANK_PARTS = ("gradient_norm", "train_loss", "batch_stats", "train_accuracy")
+
 # A slot's meta buffer, declared once (the hook's SlotPool and the worker's views read it):
 # name, dtype, number of elements (None: one per parameter, -1 = no gradient).
 META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
@@ -319,6 +371,9 @@ META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
     # the loss, the batch accuracy (when reduced in the hook), the total pre-clip norm
     ("scalars", torch.float64, 3),
     ("counts", torch.int64, COUNT_VECTOR_LEN),  # DDP: the all_reduced label-count vector
+    # FSDP2, per RANK_PARTS: (ranks that could not add their share, the sum of those ranks);
+    # zeros unless the collective says otherwise (only the sharded path writes it, every time)
+    ("failed", torch.float64, 2 * len(RANK_PARTS)),
     ("aux", torch.uint8, AUX_BYTES),  # the batch's labels and the model's outputs, when they fit
 )
 
@@ -348,11 +403,111 @@ def meta_views(meta: Sequence[torch.Tensor], n_params: int) -> dict[str, list[to
 
 
 def aux_view(aux: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """The part of a slot's aux bytes that holds one tensor of ``dtype`` and ``shape``."""
+    """The part of a slot's bytes (its aux bytes, a slot file's) that holds one tensor of ``dtype`` and ``shape``."""
+    return aux[offset : offset + _numel(shape) * _itemsize(dtype)].view(dtype).view(tuple(shape))
+
+
+class SlotFile:
+    """``num_slots`` slots in a named shared-memory file, on the slot protocol (SlotStates).
+
+    FSDP2's ranks > 0 copy their shards into theirs and rank 0's worker reads them
+    (shards.Assembler). Two things differ from the main slots, both forced: ranks > 0 are
+    not the worker's parent, so nothing multiprocessing shares (its semaphore, ctypes
+    arrays, torch's shared tensors) reaches the worker, hence one file both map; and the
+    worker wants the slot of one collection, not the next in line (either side may have
+    dropped a collection the other took), so a filled slot is announced by its tag (the
+    collection's ordinal) and a progress counter instead of the ring and semaphore.
+
+    Layout: ``states`` (a byte per slot), ``tags`` (int64 per slot: the ordinal a slot
+    holds), ``progress`` (int64: the last ordinal the filler has dealt with), then per
+    slot its tensors, each 64-byte aligned.
+    """
+
+    def __init__(self, path: str, num_slots: int, specs: Sequence[tuple[tuple[int, ...], str]], create: bool) -> None:
+        self.path = path
+        self.num_slots = num_slots
+        head = _align(num_slots) + _align(8 * num_slots) + 64
+        fields = [(getattr(torch, dtype), tuple(shape)) for shape, dtype in specs]
+        offsets, at = [], 0
+        for dtype, shape in fields:
+            offsets.append(at)
+            at += _align(_numel(shape) * _itemsize(dtype))
+        self.slot_bytes = max(at, 64)
+        size = head + self.slot_bytes * num_slots
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600) if create else os.open(path, os.O_RDWR)
+        try:
+            if create:
+                try:  # reserve the pages now: a full /dev/shm fails here, not with SIGBUS mid-run
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    os.unlink(path)
+                    raise TelemetryConfigError(
+                        f"the shard slots need {size / 2**20:.1f} MiB of shared memory in "
+                        f"{os.path.dirname(path)} ({exc.strerror}): lower num_slots, or give the container "
+                        "more (docker run --shm-size=...)") from None
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        mv = memoryview(self._mm)
+        self.states = SlotStates(mv[:num_slots], num_slots)
+        t0 = _align(num_slots)
+        self.tags = mv[t0 : t0 + 8 * num_slots].cast("q")
+        p0 = t0 + _align(8 * num_slots)
+        self.progress = mv[p0 : p0 + 8].cast("q")
+        if create:
+            for i in range(num_slots):
+                self.states.release(i)
+                self.tags[i] = -2
+            self.progress[0] = -2
+        flat = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self.slots: list[list[torch.Tensor]] = [
+            [aux_view(flat, head + i * self.slot_bytes + off, dtype, shape)
+             for (dtype, shape), off in zip(fields, offsets, strict=True)]
+            for i in range(num_slots)]
+
+    # -- the filler (a rank > 0, in its hook)
+    def copy_in(self, ordinal: int, sources: Sequence[torch.Tensor], wait_s: float = 0.0) -> bool:
+        """Copy ``sources`` into a free slot and publish it tagged ``ordinal``; False when none
+        is free (within ``wait_s``: ``on_full: block`` waits as rank 0 does for its own slot)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            i = self.states.acquire()
+            if i is not None:
+                torch._foreach_copy_(self.slots[i], list(sources))
+                self.tags[i] = ordinal  # after the data, and the state after the tag: the worker reads them first
+                self.states.publish(i)
+                self.progress[0] = ordinal
+                return True
+            if time.monotonic() >= deadline:
+                self.progress[0] = ordinal
+                return False
+            time.sleep(0.0005)
+
+    # -- the reader (rank 0's worker)
+    def find(self, ordinal: int) -> int | None:
+        """The published slot tagged ``ordinal`` (look once ``progress`` has reached it), or None."""
+        for i in self.states.published():
+            if self.tags[i] == ordinal:
+                return i
+        return None
+
+    def release_through(self, ordinal: int) -> None:
+        """Free every published slot tagged ``ordinal`` or earlier: collections the reader
+        dropped, or has finished with. A slot being filled (TAKEN) is never freed here."""
+        for i in self.states.published():
+            if self.tags[i] <= ordinal:
+                self.states.release(i)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _numel(shape: Sequence[int]) -> int:
     numel = 1
     for d in shape:
         numel *= d
-    return aux[offset : offset + numel * _itemsize(dtype)].view(dtype).view(tuple(shape))
+    return numel
 
 
 def _itemsize(dtype: torch.dtype) -> int:

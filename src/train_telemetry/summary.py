@@ -5,6 +5,7 @@ Runs in: the training process, at ``stop()``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,26 @@ import msgspec
 from .sinks import Finished
 from .worker_handle import describe_exit, signal_name
 from .writer import count_records
+
+
+@dataclass
+class Counts:
+    """The hook's counters (plain ints: the hook adds to them at collection steps)."""
+
+    taken: int = 0  # snapshots handed to the sink
+    dropped: int = 0  # due collections not taken, for any reason
+    dropped_since: int = 0  # ... since the last one taken: its record's dropped_before
+    skipped: int = 0  # of dropped: skipped to keep within overhead_budget
+    hook_errors: int = 0  # collections the hook failed (and skipped)
+
+    def drop(self) -> None:
+        self.dropped += 1
+        self.dropped_since += 1
+
+    def skip(self) -> None:
+        """A due collection skipped for the overhead budget: a drop too."""
+        self.skipped += 1
+        self.drop()
 
 
 class TelemetrySummary(msgspec.Struct, kw_only=True):
@@ -41,9 +62,10 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
         return msgspec.to_builtins(self)
 
 
-def summarize(finished: Finished, mode: str, output_dir: Path | None, records_file: Path | None, *,
-              taken: int, dropped: int, skipped: int, hook_errors: int, segment: int, seconds: float) -> TelemetrySummary:
+def summarize(finished: Finished, mode: str, output_dir: Path | None, records_file: Path | None, counts: Counts, *,
+              segment: int, seconds: float) -> TelemetrySummary:
     """The summary of a run whose sink closed with ``finished``."""
+    taken, dropped, skipped, hook_errors = counts.taken, counts.dropped, counts.skipped, counts.hook_errors
     done = finished.done
     written = done.records_written if done else (count_records(records_file) if records_file else 0)
     last = list(done.last_errors) if done else []

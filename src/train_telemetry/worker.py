@@ -26,7 +26,9 @@ Data flow (one collection)::
                                  slot FREE <---- channel.release(slot)
                                                  writer: encode, append one whole line
 
-Files by role: collect.py (the hook's work), sinks.py (where a filled slot goes:
+Files by role: telemetry.py (the facade: state machine and routing), distributed.py (the
+ranks' collective, one strategy per layout, before a slot is taken), collect.py (the
+hook's work), sinks.py (where a filled slot goes:
 inline or to this worker), worker_handle.py (the trainer's side of this process),
 snapshot.py + messages.py (the shared slots and headers), processor.py, build.py,
 reference.py, writer.py (the worker's side, also run inline in sync mode), metrics/
@@ -157,97 +159,12 @@ def worker_loop(
     """
     termination = _Termination()
     _prepare_process(config, parent_death_signal, termination)
-    # A forked worker must not start torch's thread pool: OpenMP in a child forked from a
-    # process that used it deadlocks (libgomp). There it keeps worker_threads (1).
-    threads = _Threads(config.worker_threads, waiting, boost=config.start_method != "fork")
-    # No cancel_join_thread() here: the final join_thread() must flush Done to the trainer
-    # before we exit. Our few messages are tiny, so the pipe can never fill and block us.
-    log = OnceLog("worker")
-    writer = RecordWriter(Path(records_file), config.fsync, log, config.io_buffer_bytes)
+    loop = _Loop(config, Path(run_dir), Path(records_file), to_worker, from_worker, channel, waiting, termination)
     from_worker.put(Ready(os.getpid()))
-    processor: SnapshotProcessor | None = None
-    clean = True
-    fatal: list[str] = []
-    headers = memoryview(channel.headers).cast("B")
-    stopping = False
-    next_parent_check = time.monotonic() + POLL_S
-
-    def handle(msg: Any) -> None:
-        nonlocal processor, stopping
-        if isinstance(msg, Stop):
-            stopping = True
-        elif isinstance(msg, Groups):
-            if processor is not None:
-                processor.add_groups(msg)
-        elif isinstance(msg, Setup):
-            try:
-                processor = SnapshotProcessor(config, Path(run_dir), msg, writer, log)
-                if msg.init_slot is not None:
-                    channel.release(msg.init_slot)
-                error = processor.check_holdout()
-                if processor.model is not None:
-                    threads.watch(processor.model)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-            from_worker.put(SetupDone(error))
-
-    def release(slot: int) -> None:
-        channel.release(slot)
-        threads.slot_freed()
-
-    def process_published() -> None:
-        for slot in channel.take_published():
-            threads.update()
-            if processor is None:  # cannot happen unless the trainer misbehaves
-                channel.release(slot)
-                continue
-            try:
-                snap = read_header(headers, slot)
-                # The trainer puts a new group map on the queue before it publishes the
-                # first snapshot that names it: read the queue until it is here.
-                deadline = time.monotonic() + GROUPS_WAIT_S
-                while snap.groups_version not in processor.groups and time.monotonic() < deadline:
-                    with contextlib.suppress(queue.Empty):
-                        handle(_unpickle(to_worker.get(timeout=0.1)))
-                processor.handle(snap, release)
-            except Exception as exc:
-                release(slot)
-                processor.count_error("record", exc)
-
     try:
-        while not termination.requested:
-            process_published()
-            if stopping:  # everything published before Stop is written now
-                break
-            try:
-                msg = _unpickle(to_worker.get(timeout=threads.poll_s()))
-            except queue.Empty:
-                now = time.monotonic()
-                if now > next_parent_check:
-                    next_parent_check = now + POLL_S
-                    if not _parent_alive(parent_pid):
-                        # The trainer died: what it published is whole (it publishes a slot
-                        # only after filling it), so write that, then exit.
-                        clean = False
-                        process_published()
-                        break
-                continue
-            handle(msg)
-        if termination.requested:  # SIGTERM (the trainer's death signal, or stop()'s): write what is published
-            process_published()
-    except BaseException as exc:  # a bug of ours: say why we die instead of vanishing
-        clean = False
-        fatal.append("".join(traceback.format_exception(exc)))
+        loop.run(parent_pid)
     finally:
-        with contextlib.suppress(OSError):  # e.g. EIO from close(): still send Done
-            writer.close()
-        errors = dict(processor.errors) if processor else {}
-        last = (list(processor.last_errors) if processor else []) + fatal
-        last += writer.problems.values()
-        with contextlib.suppress(Exception):
-            from_worker.put(Done(writer.records_written, errors, last, writer.io_errors, clean and not termination.requested))
-            from_worker.close()
-            from_worker.join_thread()
+        loop.report()
     if multiprocessing.parent_process() is not None:  # we are the worker process, not a test calling us
         # Every record is on disk and Done is in the pipe: skip the interpreter's teardown,
         # which with torch loaded takes a second or more on a busy machine, and which stop()
@@ -255,7 +172,114 @@ def worker_loop(
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        os._exit(1 if fatal else 0)
+        os._exit(1 if loop.fatal else 0)
+
+
+class _Loop:
+    """The worker's state and its steps: handle a control message, process what is
+    published, run until Stop / SIGTERM / the trainer's death, report ``Done``."""
+
+    def __init__(self, config: TelemetryConfig, run_dir: Path, records_file: Path, to_worker: Any, from_worker: Any,
+                 channel: Channel, waiting: Any, termination: _Termination) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.to_worker, self.from_worker = to_worker, from_worker
+        self.channel = channel
+        self.termination = termination
+        # A forked worker must not start torch's thread pool: OpenMP in a child forked from a
+        # process that used it deadlocks (libgomp). There it keeps worker_threads (1).
+        self.threads = _Threads(config.worker_threads, waiting, boost=config.start_method != "fork")
+        # No cancel_join_thread() here: the final join_thread() must flush Done to the trainer
+        # before we exit. Our few messages are tiny, so the pipe can never fill and block us.
+        self.log = OnceLog("worker")
+        self.writer = RecordWriter(records_file, config.fsync, self.log, config.io_buffer_bytes)
+        self.processor: SnapshotProcessor | None = None
+        self.clean = True
+        self.fatal: list[str] = []
+        self.headers = memoryview(channel.headers).cast("B")
+        self.stopping = False
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, Stop):
+            self.stopping = True
+        elif isinstance(msg, Groups):
+            if self.processor is not None:
+                self.processor.add_groups(msg)
+        elif isinstance(msg, Setup):
+            try:
+                self.processor = SnapshotProcessor(self.config, self.run_dir, msg, self.writer, self.log)
+                if msg.init_slot is not None:
+                    self.channel.release(msg.init_slot)
+                error = self.processor.check_holdout()
+                if self.processor.model is not None:
+                    self.threads.watch(self.processor.model)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            self.from_worker.put(SetupDone(error))
+
+    def release(self, slot: int) -> None:
+        self.channel.release(slot)
+        self.threads.slot_freed()
+
+    def process_published(self) -> None:
+        for slot in self.channel.take_published():
+            self.threads.update()
+            processor = self.processor
+            if processor is None:  # cannot happen unless the trainer misbehaves
+                self.channel.release(slot)
+                continue
+            try:
+                snap = read_header(self.headers, slot)
+                # The trainer puts a new group map on the queue before it publishes the
+                # first snapshot that names it: read the queue until it is here.
+                deadline = time.monotonic() + GROUPS_WAIT_S
+                while snap.groups_version not in processor.groups and time.monotonic() < deadline:
+                    with contextlib.suppress(queue.Empty):
+                        self.handle(_unpickle(self.to_worker.get(timeout=0.1)))
+                processor.handle(snap, self.release)
+            except Exception as exc:
+                self.release(slot)
+                processor.count_error("record", exc)
+
+    def run(self, parent_pid: int) -> None:
+        next_parent_check = time.monotonic() + POLL_S
+        try:
+            while not self.termination.requested:
+                self.process_published()
+                if self.stopping:  # everything published before Stop is written now
+                    break
+                try:
+                    msg = _unpickle(self.to_worker.get(timeout=self.threads.poll_s()))
+                except queue.Empty:
+                    now = time.monotonic()
+                    if now > next_parent_check:
+                        next_parent_check = now + POLL_S
+                        if not _parent_alive(parent_pid):
+                            # The trainer died: what it published is whole (it publishes a slot
+                            # only after filling it), so write that, then exit.
+                            self.clean = False
+                            self.process_published()
+                            break
+                    continue
+                self.handle(msg)
+            if self.termination.requested:  # SIGTERM (the trainer's death signal, or stop()'s): write what is published
+                self.process_published()
+        except BaseException as exc:  # a bug of ours: say why we die instead of vanishing
+            self.clean = False
+            self.fatal.append("".join(traceback.format_exception(exc)))
+
+    def report(self) -> None:
+        """Close the records file and send ``Done``: what was written and what went wrong."""
+        with contextlib.suppress(OSError):  # e.g. EIO from close(): still send Done
+            self.writer.close()
+        processor, writer = self.processor, self.writer
+        errors = dict(processor.errors) if processor else {}
+        last = (list(processor.last_errors) if processor else []) + self.fatal
+        last += writer.problems.values()
+        with contextlib.suppress(Exception):
+            self.from_worker.put(Done(writer.records_written, errors, last, writer.io_errors,
+                                      self.clean and not self.termination.requested))
+            self.from_worker.close()
+            self.from_worker.join_thread()
 
 
 def boost_threads() -> int:

@@ -159,3 +159,112 @@ def test_deepspeed_zero3_partitioned_parameters_are_refused_with_the_fix(tmp_pat
     with pytest.raises(TelemetryConfigError, match="DeepSpeed ZeRO-3.*fully_shard"):
         Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode="sync")).start(model)
     assert not (tmp_path / "run" / "telemetry.jsonl").exists()
+
+
+FSDP2_RANK_FAILS = """
+import copy, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from train_telemetry import Telemetry, TelemetryConfig
+from train_telemetry.shards import ShardSync
+
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+plain = copy.deepcopy(model)
+fully_shard(model[0])
+fully_shard(model[2])
+fully_shard(model)
+opt, plain_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+step_now = 0
+if rank == 1:  # at step 1 this rank's whole share of the collective fails
+    real_fill = ShardSync._fill
+
+    def failing_fill(self, *args):
+        if step_now == 1:
+            raise RuntimeError("rank 1 cannot fill")
+        return real_fill(self, *args)
+
+    ShardSync._fill = failing_fill
+t = Telemetry(TelemetryConfig(output_dir=out, mode="sync", collect_every_n=1, input_keys=["x"], label_key="y"))
+t.start(model, opt)
+g = torch.Generator().manual_seed(1)
+for step in range(3):
+    step_now = step
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    mine = slice(4 * rank, 4 * rank + 4)
+    logits = model(x[mine])
+    loss = torch.nn.functional.cross_entropy(logits, y[mine])
+    loss.backward()
+    opt.step()
+    batch = {"x": x[mine], "y": y[mine]}
+    if rank == 1 and step == 2:  # at step 2 its labels cannot be read: no "y" key
+        batch = {"x": x[mine], "labels": y[mine]}
+    t.on_batch_end(model, opt, step, batch=batch, loss=loss.detach(), outputs=logits.detach())
+    opt.zero_grad()
+    if rank == 0:  # one process, the whole model, the global batch
+        plain_logits = plain(x)
+        plain_loss = torch.nn.functional.cross_entropy(plain_logits, y)
+        plain_loss.backward()
+        norm = torch.stack([p.grad.norm() for p in plain.parameters()]).norm().item()
+        acc = (plain_logits.argmax(1) == y).float().mean().item()
+        print("want", step, norm, plain_loss.item(), acc, flush=True)
+        plain_opt.step()
+        plain_opt.zero_grad()
+summary = t.stop()
+print("hook_errors", summary.hook_errors, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_whose_share_fails_makes_its_parts_null_with_an_error_naming_it(tmp_path: Path) -> None:
+    """Two FSDP2 ranks; rank 1's share of the collective fails at step 1 (all of it) and at
+    step 2 (its labels): rank 0 records those parts as null with a RankFailed error naming
+    rank 1, never a global value without rank 1's share; every other value is exact."""
+    store, out = tmp_path / "store", tmp_path / "run"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FSDP2_RANK_FAILS, str(rank), str(store), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output[-4000:]
+    want = {int(w[1]): [float(v) for v in w[2:]] for w in (line.split() for line in outputs[0].splitlines())
+            if w and w[0] == "want"}
+    records = read_records(out)
+    assert [r["batch_idx"] for r in records] == [0, 1, 2]
+
+    def exact(got: float | None, value: float) -> bool:
+        return got is not None and math.isclose(got, value, rel_tol=REL)
+
+    first, whole, labels = records
+    norm, loss, acc = want[0]
+    assert "errors" not in first, first["errors"]
+    assert exact(first["gradient_norm"]["overall"], norm) and exact(first["train"]["loss"], loss)
+    assert exact(first["train"]["accuracy"], acc) and first["batch_stats"]["batch_size"] == 8
+
+    errors = {e["where"]: e for e in whole["errors"]}
+    assert set(errors) == {"gradient_norm", "train_loss", "batch_stats", "train_accuracy"}, whole["errors"]
+    assert all(e["type"] == "RankFailed" and "rank 1 could not add its share" in e["message"] for e in errors.values())
+    assert whole["gradient_norm"]["overall"] is None
+    assert (whole.get("train") or {}).get("loss") is None and (whole.get("train") or {}).get("accuracy") is None
+    assert whole.get("batch_stats") is None
+    assert whole["weight_norm"]["overall"] > 0  # the weights never depended on the collective
+
+    norm, loss, acc = want[2]
+    errors = {e["where"]: e for e in labels["errors"]}
+    assert set(errors) == {"batch_stats", "train_accuracy"}, labels["errors"]
+    assert all("rank 1" in e["message"] for e in errors.values())
+    assert exact(labels["gradient_norm"]["overall"], norm) and exact(labels["train"]["loss"], loss)
+    assert labels["train"]["accuracy"] is None and labels.get("batch_stats") is None
+    # The failing rank says why, once per part and cause; no collection was skipped.
+    assert "rank 1 could not add its part to the global gradient_norm" in outputs[1], outputs[1][-3000:]
+    assert "RuntimeError: rank 1 cannot fill" in outputs[1] and "TelemetryConfigError" in outputs[1]
+    assert "hook_errors 0" in outputs[0] and "hook_errors 0" in outputs[1]

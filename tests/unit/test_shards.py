@@ -15,7 +15,8 @@ import torch
 
 from train_telemetry import shards
 from train_telemetry.messages import TensorSpec
-from train_telemetry.shards import FREE, TAKEN, Assembler, ShardFile, ShardPlan
+from train_telemetry.shards import Assembler, ShardPlan
+from train_telemetry.snapshot import FREE, PUBLISHED, TAKEN, SlotFile
 
 
 def make_plan(num_slots: int = 2, same_host: bool = True) -> ShardPlan:
@@ -49,7 +50,7 @@ def rank1_part(full: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def test_the_worker_assembles_exactly_the_full_tensors(plan: ShardPlan) -> None:
-    rank1 = ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    rank1 = SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
     slots = [rank0_slot(full_tensors(0)), rank0_slot(full_tensors(1))]
     assert rank1.copy_in(0, rank1_part(full_tensors(0)))
     assert rank1.copy_in(1, rank1_part(full_tensors(1)))
@@ -64,7 +65,7 @@ def test_the_worker_assembles_exactly_the_full_tensors(plan: ShardPlan) -> None:
 
 
 def test_collections_rank0_dropped_are_freed_and_a_missing_shard_is_named(plan: ShardPlan) -> None:
-    rank1 = ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    rank1 = SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
     assembler = Assembler(plan, [rank0_slot(full_tensors(5))] * 2)
     assert rank1.copy_in(3, rank1_part(full_tensors(3)))  # rank 0 dropped ordinal 3
     assert rank1.copy_in(4, rank1_part(full_tensors(4)))  # and rank 1 has no slot left
@@ -74,12 +75,26 @@ def test_collections_rank0_dropped_are_freed_and_a_missing_shard_is_named(plan: 
     assembler.release(5)
     assert list(rank1.states) == [FREE, FREE]  # the stale ones are freed, not leaked
     assert rank1.copy_in(6, rank1_part(full_tensors(6)))
-    assert list(rank1.states).count(TAKEN) == 1
+    assert list(rank1.states).count(PUBLISHED) == 1
+
+
+def test_a_slot_being_filled_is_never_freed_under_its_filler(plan: ShardPlan) -> None:
+    """The worker frees published shard slots only: one that rank 1 has taken and is still
+    copying into (its tag an old collection's) stays taken while the worker frees stale ones."""
+    rank1 = SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    assembler = Assembler(plan, [rank0_slot(full_tensors(0))] * 2)
+    assert rank1.copy_in(0, rank1_part(full_tensors(0)))
+    assert assembler.tensors(0, 0)[1] is None
+    assembler.release(0)
+    filling = rank1.states.acquire()  # rank 1's next copy begins in the slot just freed (tag 0)
+    assert filling is not None
+    assembler.release(3)  # the worker frees what is stale up to collection 3
+    assert list(rank1.states)[filling] == TAKEN
 
 
 def test_a_rank_that_never_copies_is_waited_for_once_then_named(plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shards, "WAIT_FOR_RANK_S", 0.05)
-    ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
     assembler = Assembler(plan, [rank0_slot(full_tensors(0))] * 2)
     got, why = assembler.tensors(0, 0)
     assert got is None and "did not arrive within" in (why or "")
@@ -101,5 +116,25 @@ def test_a_full_dev_shm_fails_with_the_fix(plan: ShardPlan, monkeypatch: pytest.
     from train_telemetry import TelemetryConfigError
 
     with pytest.raises(TelemetryConfigError, match="shm-size"):
-        ShardFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+        SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
     assert not os.path.exists(plan.paths[1])
+
+
+def test_a_rank_without_a_batch_makes_the_global_counts_unknown_not_smaller(plan: ShardPlan) -> None:
+    """A rank that passes no batch adds "unknown" to the summed label counts (as under DDP):
+    rank 0 then records no batch statistics rather than the other ranks' rows as the global batch."""
+    from train_telemetry.batches import BatchFormatCache
+    from train_telemetry.metrics.batch import unpack_count_vector
+    from train_telemetry.shards import ShardSync
+
+    params = [torch.nn.Parameter(torch.zeros(7, 3)), torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))]
+    sync = ShardSync(params, plan, 1, torch.device("cpu"), BatchFormatCache(["x"], "y", False, need_inputs=False),
+                     want_counts=True)
+    given, missing = torch.zeros(sync.size, dtype=torch.float64), torch.zeros(sync.size, dtype=torch.float64)
+    sync._fill(given, {"x": torch.zeros(4, 3), "y": torch.tensor([0, 1, 1, 2])}, None, None)
+    sync._fill(missing, None, None, None)
+    counts = (given + missing)[sync.counts_at : sync.failed_at].to(torch.int64).tolist()
+    assert unpack_count_vector(counts) == (None, None)
+    assert unpack_count_vector(given[sync.counts_at : sync.failed_at].to(torch.int64).tolist())[1] == 4
+    assert not sync.failures
+
