@@ -27,9 +27,9 @@ class TelemetryConfigError(ValueError):
 
 DEFAULT_INPUT_KEYS = ("img1", "img2")
 DEFAULT_LABEL_KEY = "winner"
-# The built-in metrics that ``metrics:`` may name (train_telemetry.metrics registers each).
+# The built-in metrics beyond the seed's five, each turned on and off by its track_<name>
+# key like the seed's (train_telemetry.metrics registers each).
 BUILTIN_METRICS = ("layers", "activations", "model_mode")
-DEFAULT_METRICS = ("layers", "activations", "model_mode")
 # overhead_budget "auto" with on_full: drop: the share of training time the default may
 # cost; chosen on the stress runs of docs/benchmarks.md (issue 14).
 AUTO_OVERHEAD_BUDGET = 0.10
@@ -101,8 +101,10 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_keys: list[str | int] = msgspec.field(default_factory=lambda: list(DEFAULT_INPUT_KEYS))
     label_key: str | int = DEFAULT_LABEL_KEY
 
-    # --- metrics beyond the seed's five (by name; see train_telemetry.metrics) -------
-    metrics: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_METRICS))
+    # --- metrics beyond the seed's five, chosen the seed's way (track_*) ---------------
+    track_layers: bool = True  # layers: the per-group numbers per module
+    track_activations: bool = True  # activations: statistics of the holdout forward (needs the holdout)
+    track_model_mode: bool = True  # model_mode: model.training and BatchNorm running-stat movement
     layer_depth: Annotated[int, msgspec.Meta(ge=0)] = 0  # layers: module-name components kept (0: whole name)
 
     # --- how collection runs ---------------------------------------------------------
@@ -160,14 +162,6 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise TelemetryConfigError(
                 "input_keys: [] is not valid: name at least one batch key to feed the model"
             )
-        for i, name in enumerate(self.metrics):
-            if name not in BUILTIN_METRICS:
-                close = difflib.get_close_matches(name, BUILTIN_METRICS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise TelemetryConfigError(
-                    f"metrics[{i}]: {name!r} is not a built-in metric{hint} (built-ins: "
-                    f"{', '.join(BUILTIN_METRICS)}; pass your own with Telemetry(config, metrics=[...]))"
-                )
 
     @property
     def effective_overhead_budget(self) -> float | None:
@@ -239,6 +233,11 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"{where}{key!r} is no longer a setting: it is a tuning constant ({key} = {default!r}, "
                     f"its reason beside it in train_telemetry.config.Tuning). Remove it; a benchmark that "
                     f"must change it sets tuning: {{{key}: ...}}")
+            if key == "metrics":
+                raise TelemetryConfigError(
+                    f"{where}'metrics' is no longer a key: every metric is chosen the seed's way, "
+                    f"{', '.join(f'track_{m}' for m in BUILTIN_METRICS)} (true or false, all on by default) "
+                    "beside track_gradients and the others; your own metrics: Telemetry(config, metrics=[...])")
             if key not in valid:
                 close = difflib.get_close_matches(str(key), valid, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -320,7 +319,6 @@ _ALLOWED: dict[str, str] = {
     "output_dir": "a directory path (string) or null",
     "input_keys": "a list of batch keys (strings) or tuple positions (integers)",
     "label_key": "a batch key (string) or a tuple position (integer)",
-    "metrics": f"a list of built-in metric names ({', '.join(BUILTIN_METRICS)})",
     "layer_depth": "an integer >= 0 (0: the whole module name)",
     "expected_lr_ratios": "a mapping of group name to a number > 0, or null",
 }

@@ -32,7 +32,8 @@ from .writer import last_seq
 # The config keys that decide what a record holds: a resumed run must agree on them, or its
 # records would not read as one run. (Speed and fault settings may change between segments.)
 RECORDED_KEYS = ("track_gradients", "track_weight_delta", "track_learning_rates", "track_holdout_logits",
-                 "track_batch_stats", "holdout_size", "input_keys", "label_key", "metrics", "layer_depth")
+                 "track_batch_stats", "holdout_size", "input_keys", "label_key", "track_layers",
+                 "track_activations", "track_model_mode", "layer_depth")
 
 
 @dataclass

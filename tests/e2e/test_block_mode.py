@@ -35,8 +35,6 @@ def _train(tmp: Path, mode: str, on_full: str, metrics: list[Any] | None = None,
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = _batches(STEPS)
     (tmp / mode).mkdir(exist_ok=True)
-    if "builtin" in settings:  # the config's metrics: list (named built-ins)
-        settings["metrics"] = settings.pop("builtin")
     cfg = TelemetryConfig(output_dir=str(tmp / mode / on_full), mode=mode, on_full=on_full, collect_every_n=1,
                           num_slots=2, holdout_size=16, **settings)
     telemetry = Telemetry(cfg, metrics=metrics or [])
@@ -100,7 +98,8 @@ def _threads_metric(snap: SnapshotData) -> dict[str, float]:
     return {"threads": float(torch.get_num_threads()), "pid": float(os.getpid())}
 
 
-ONLY_THE_THREADS_METRIC = {"builtin": [], "track_weight_delta": False}
+ONLY_THE_THREADS_METRIC = {"track_layers": False, "track_activations": False, "track_model_mode": False,
+                           "track_weight_delta": False}
 
 
 @pytest.mark.skipif(boost_threads() < 2, reason="one core: nothing to boost to")

@@ -20,6 +20,9 @@ from train_telemetry import (
 )
 from train_telemetry.config import Tuning
 
+# Only the seed's metrics: the slow metric below is what these tests time.
+NO_EXTRA_METRICS = {"track_layers": False, "track_activations": False, "track_model_mode": False}
+
 
 @metric(key="slow", needs={"loss"})
 def slow_metric(snap: SnapshotData) -> dict[str, float]:
@@ -55,7 +58,7 @@ def _run_for(seconds: float, config: TelemetryConfig) -> tuple[int, TelemetrySum
 def test_over_budget_collections_are_skipped_evenly_and_counted(tmp_path: Path) -> None:
     """Records thin out on a power-of-two stride; records + drops = every due collection."""
     config = TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, overhead_budget=0.01,
-                             tuning=Tuning(worker_nice=0), metrics=[])
+                             tuning=Tuning(worker_nice=0), **NO_EXTRA_METRICS)
     steps, summary = _run_for(7.0, config)  # several budget periods (1 s each)
     records = read_records(tmp_path / "run")
     assert summary.snapshots_skipped > 0
@@ -73,7 +76,7 @@ def test_the_default_budget_applies_to_dropping_only(tmp_path: Path, on_full: st
     """overhead_budget 'auto' (the default): 10% with on_full drop, so a worker that costs far
     more makes the hook skip; off with on_full block, where every collection was asked for."""
     config = TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, on_full=on_full,  # type: ignore[arg-type]
-                             tuning=Tuning(worker_nice=0), metrics=[])
+                             tuning=Tuning(worker_nice=0), **NO_EXTRA_METRICS)
     assert config.overhead_budget == "auto"
     steps, summary = _run_for(4.0, config)
     records = read_records(tmp_path / "run")

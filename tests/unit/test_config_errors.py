@@ -26,6 +26,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "invalid_moved_key.yaml": ("'worker_nice' is no longer a setting", "tuning constant (worker_nice = 15",
                                "config.Tuning", "tuning: {worker_nice: ...}"),
     "invalid_float_for_int.yaml": ("num_slots:", "1.5", "expected an integer >= 1"),
+    "invalid_metrics_list.yaml": ("'metrics' is no longer a key", "track_layers, track_activations, track_model_mode",
+                                  "Telemetry(config, metrics=[...])"),
     "invalid_start_method.yaml": ("tuning.start_method:", "'thread'", "expected one of 'spawn', 'forkserver', 'fork'"),
     "invalid_lr_ratio.yaml": ("expected_lr_ratios.head:", "-10", "a number > 0"),
     "invalid_empty_input_keys.yaml": ("input_keys:", "[]", "name at least one batch key"),

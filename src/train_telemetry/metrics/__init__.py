@@ -4,7 +4,7 @@ Runs in: the worker process (or the training process in sync mode); ``needs`` is
 the training process at ``start()``.
 
 The seed's five families are on or off by their ``track_*`` keys; the others are named in
-the config's ``metrics:`` list (``config.BUILTIN_METRICS``); the user's own come from
+the config's ``track_<name>`` keys (``config.BUILTIN_METRICS``); the user's own come from
 ``Telemetry(config, metrics=[...])``.
 """
 
@@ -41,7 +41,7 @@ assert tuple(_NAMED) == BUILTIN_METRICS, "config.BUILTIN_METRICS and metrics._NA
 
 
 def resolve_metrics(config: TelemetryConfig, user: Sequence[Metric] = ()) -> list[Metric]:
-    """The metrics a run computes, in record order: the seed's (by track_*), named built-ins, the user's."""
+    """The metrics a run computes, in record order: the seed's, the other built-ins (each by its track_*), the user's."""
     out: list[Metric] = []
     if config.track_gradients:
         out += [GradientNorm(), GradientNormPreClip(), GradientClipping()]
@@ -55,7 +55,8 @@ def resolve_metrics(config: TelemetryConfig, user: Sequence[Metric] = ()) -> lis
         out.append(BatchStats())
     out.append(TrainStats())  # only when the hook got loss / outputs
     # activations observe the holdout forward: without holdout_logits there is none to observe.
-    out += [_NAMED[name]() for name in config.metrics if name != "activations" or config.track_holdout_logits]
+    out += [make() for name, make in _NAMED.items()
+            if getattr(config, f"track_{name}") and (name != "activations" or config.track_holdout_logits)]
     check_metrics(out, ())
     check_metrics(list(user), [m.key for m in out])
     return out + list(user)
