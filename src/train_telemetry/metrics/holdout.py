@@ -38,6 +38,10 @@ from .api import Metric, MetricResult, SnapshotData
 # logits of every position (nanoGPT's ``forward(idx, targets=None)``; without them it
 # returns only the last position's).
 TARGET_KWARGS = ("targets", "target")
+# Label positions per holdout forward for sequence labels: about one training micro-batch
+# (8 x 512), so the chunk's [positions, vocabulary] logits (0.8 GB in float32 at GPT-2's
+# 50,257) stay within what training itself allocates.
+TOKENS_PER_CHUNK = 4096
 
 
 def predictions_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -112,14 +116,20 @@ def evaluate_holdout(
 def _evaluate_tokens(model: torch.nn.Module, holdout: Any, labels: torch.Tensor,
                      forward: Callable[[torch.nn.Module, Any], torch.Tensor],
                      slice_batch: Callable[[Any, int, int], Any], eval_batch_size: int) -> dict[str, Any]:
-    """Sequence labels: per-token and per-sequence loss and accuracy, chunk by chunk."""
+    """Sequence labels: per-token and per-sequence loss and accuracy, chunk by chunk.
+
+    A chunk holds at most TOKENS_PER_CHUNK label positions (and eval_batch_size rows): its
+    logits are positions x vocabulary, and the default 50-row holdout of 1,024-token GPT-2
+    sequences would otherwise be one 10 GB float32 tensor in the worker.
+    """
     shift = bool(getattr(forward, "shift_labels", False))
+    rows = max(1, min(eval_batch_size, TOKENS_PER_CHUNK // max(1, labels[0].numel())))
     loss_sums, correct, counts = [], [], []
     scored = "all"
-    for start in range(0, int(labels.shape[0]), eval_batch_size):
-        part = slice_batch(holdout, start, start + eval_batch_size)
+    for start in range(0, int(labels.shape[0]), rows):
+        part = slice_batch(holdout, start, start + rows)
         logits = forward(model, part).detach()
-        target = labels[start : start + eval_batch_size]
+        target = labels[start : start + rows]
         loss_sum, right, count, scored = score_tokens(logits, target.to(logits.device), shift)
         loss_sums.append(loss_sum.cpu())
         correct.append(right.cpu())
