@@ -1,8 +1,11 @@
-"""Checks shared by the failure tests: strict whole-line records files and process liveness."""
+"""Checks shared by the failure and multi-process tests: strict whole-line records files, process
+liveness and process trees, a free port for torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,3 +48,29 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.02)
     return time.monotonic() - t0
+
+
+# The abort gloo's teardown sometimes prints at a rank's exit (pytorch/pytorch#190489): not ours.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every process below ``root`` (from /proc; torchrun's ranks run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from failure_checks import GLOO_TEARDOWN_ABORT, descendants, free_port
 
 from train_telemetry import Telemetry, TelemetryConfig, read_records
 from train_telemetry.records import read_json
@@ -55,13 +55,8 @@ def _load_example() -> ModuleType:
 example = _load_example()
 
 
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[int, dict[str, Any]]]:
@@ -76,7 +71,7 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[
     script = [str(EXAMPLE), "--out", str(out), "--result-dir", str(results), "--on-full", "block", *mode, *flags]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *script]
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script]
     else:
         cmd = [sys.executable, *script]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -86,7 +81,7 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[
     except subprocess.TimeoutExpired:
         # torchrun puts each rank in a session of its own: kill the whole tree by pid, so
         # that ranks stuck in a collective do not outlive the test.
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         output, _ = proc.communicate()
@@ -107,20 +102,6 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[
     return out, by_rank
 
 
-def _descendants(root: int) -> list[int]:
-    """Pids of every process below ``root`` (from /proc), children before their parents' siblings."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(pid)
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +24,13 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
-from failure_checks import strict_lines
+from failure_checks import GLOO_TEARDOWN_ABORT, descendants, free_port, strict_lines
 
 from train_telemetry.sinks import usable_cores
 
 SCRIPTS = Path(__file__).parent / "_trainer_scripts"
 RUN_TIMEOUT_S = 90  # a run takes ~5 s alone; a loaded 2-core machine may take many times that
 STARTING = "flat script: starting"
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,20 +38,6 @@ pytestmark = [
 ]
 
 
-def _descendants(root: int) -> list[int]:
-    """Pids of every process below ``root`` (torchrun's ranks run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(pid)
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -62,7 +46,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subproc
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
@@ -134,10 +118,6 @@ def test_script_classes_reach_the_worker_of_a_trainer_started_by_mp_spawn(tmp_pa
     assert_records_from_the_worker(tmp_path / "run" / "telemetry.jsonl", summary["expected"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(120)
@@ -145,7 +125,7 @@ def _free_port() -> int:
 def test_flat_ddp_script_under_torchrun_never_inits_a_process_group_in_the_worker(tmp_path: Path) -> None:
     """torchrun, 2 gloo ranks, init_process_group at the top level: each rank starts once and rank 0's worker writes every record."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(SCRIPTS / "flat_ddp.py"), str(tmp_path / "run")]
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPTS / "flat_ddp.py"), str(tmp_path / "run")]
     done = run(cmd, cwd=tmp_path, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     # Searched in the whole stream, not by line: torchrun may interleave the two ranks' output.
     summaries = {int(rank): json.loads(found) for rank, found in re.findall(r"summary rank (\d) (\{[^{}]*\})", done.stdout)}
