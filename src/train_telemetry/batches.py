@@ -36,6 +36,7 @@ __all__ = [
     "BatchFormatCache",
     "forward_in_chunks",
     "is_one_batch",
+    "labels_are_inputs",
     "logits_of",
     "merge_batches",
     "slice_batch",
@@ -263,6 +264,22 @@ def logits_of(output: Any) -> torch.Tensor:
         "object with .logits, a dict with 'logits' or a tuple whose first element is the logits, "
         "or pass forward_fn=f with f(model, batch) -> logits"
     )
+
+
+def labels_are_inputs(batch: Any, labels: torch.Tensor) -> bool:
+    """Whether sequence ``labels`` are the batch's ``input_ids`` at every position they score.
+
+    A Hugging Face causal LM is given labels equal to its input_ids (-100 where ignored) and
+    shifts them inside its forward: its logits at t predict the token at t + 1. nanoGPT-style
+    targets are shifted already (they differ from the inputs) and are scored as they are.
+    The comparison is a sync on CUDA: callers decide once (per holdout, per batch shape).
+    """
+    if not _is_mapping(batch) or labels.dim() < 2:
+        return False
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.shape != labels.shape:
+        return False
+    return bool(((labels == ids.to(labels.device)) | (labels < 0)).all())
 
 
 def is_one_batch(data: Any) -> bool:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections import UserDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import batches
 from .batches import BatchFormat, BatchFormatCache, logits_of
 from .clipping import PreClip
 from .config import TelemetryConfig
@@ -359,22 +359,9 @@ class Collector:
 
 
 def labels_are_inputs(batch: Any, labels: torch.Tensor, outputs: torch.Tensor) -> bool:
-    """Whether the labels are the batch's ``input_ids`` at every position they score.
-
-    A Hugging Face causal LM is given labels equal to its input_ids (-100 where ignored)
-    and shifts them inside its forward: its logits at t predict the token at t + 1. nanoGPT
-    style targets are shifted already (they differ from the inputs) and are compared as
-    they are. Called once per batch format and shape (``_plan_aux``): the comparison is a
-    sync on CUDA, paid once, never per step.
-    """
-    if not isinstance(batch, (Mapping, UserDict)):
-        return False
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.shape != labels.shape or labels.dim() < 2:
-        return False
+    """Whether train accuracy scores ``outputs`` shifted (batches.labels_are_inputs), given one
+    logit vector per position. Called once per batch format and shape (``_plan_aux``)."""
     if outputs.dim() != labels.dim() + 1 or outputs.shape[:2] != labels.shape[:2]:
         return False  # not one logit vector per position: nothing to shift
-    if ids.device != labels.device:
-        ids = ids.to(labels.device)
-    return bool(((labels == ids) | (labels < 0)).all())  # a sync on CUDA: once per shape
+    return batches.labels_are_inputs(batch, labels)
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..batches import labels_are_inputs, logits_of
 from .api import Metric, MetricResult, SnapshotData
 
 # Keyword names under which a model's forward takes the targets and then returns the
@@ -221,8 +222,6 @@ class HoldoutForward:
         self.target_kwarg = target_kwarg
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        from ..batches import logits_of
-
         if self.forward_fn is not None:
             out = self.forward_fn(model, batch)
         elif self.target_kwarg is not None:
@@ -241,9 +240,7 @@ class HoldoutForward:
         if not is_sequence_labels(labels):
             return cls(batch_format, forward_fn)
         assert isinstance(labels, torch.Tensor)
-        inputs = holdout.get("input_ids") if isinstance(holdout, dict) else None
-        shift = (isinstance(inputs, torch.Tensor) and inputs.shape == labels.shape
-                 and bool(((labels == inputs) | (labels < 0)).all()))
+        shift = labels_are_inputs(holdout, labels)
         target_kwarg = None
         if forward_fn is None and batch_format.call_style == "args" and not shift:
             target_kwarg = _target_kwarg(model)
