@@ -820,18 +820,15 @@ def _count_range(r: Mapping[str, float] | None, unit: str = "") -> str:
     return f"{r['mean']:.0f}{unit} mean{span}"
 
 
+def _median_range(r: Mapping[str, float]) -> str:
+    """``32`` or ``32 (16..32)``: a median, and the range when it varies."""
+    span = f" ({format_number(r['min'])}..{format_number(r['max'])})" if r["min"] != r["max"] else ""
+    return f"{format_number(r['median'])}{span}"
+
+
 def _token_batch_lines(b: Mapping[str, Any]) -> list[str]:
     size = b["batch_size"]
-    size_text = (
-        f"{format_number(size['median'])} sequences per batch"
-        + (
-            f" ({format_number(size['min'])}..{format_number(size['max'])})"
-            if size["min"] != size["max"]
-            else ""
-        )
-        if size
-        else "batch size unknown"
-    )
+    size_text = f"{_median_range(size)} sequences per batch" if size else "batch size unknown"
     label = f"'{b['label_key']}', " if b["label_key"] else ""
     ignored = b["ignored_pct"]
     ignored_text = (
@@ -862,16 +859,7 @@ def _batch_lines(s: dict[str, Any]) -> list[str]:
     if b.get("kind") == "tokens":
         return _token_batch_lines(b)
     size = b["batch_size"]
-    size_text = (
-        f"batch size {format_number(size['median'])}"
-        + (
-            f" ({format_number(size['min'])}..{format_number(size['max'])})"
-            if size["min"] != size["max"]
-            else ""
-        )
-        if size
-        else "batch size unknown"
-    )
+    size_text = f"batch size {_median_range(size)}" if size else "batch size unknown"
     label = f"'{b['label_key']}', " if b["label_key"] else ""
     lines = ["", f"  batch balance ({label}{size_text}, {b['records']} batches recorded)"]
     if b.get("tokens"):
