@@ -3,6 +3,11 @@
 Runs in: the worker process (or the training process in sync mode). Pure: no I/O; the
 slot reading and the reference checkpoint are the processor's (processor.py), the
 writing is the writer's (writer.py).
+
+The record comes out as a :class:`~.records.TypedRecord`, checked against the schema the
+readers use: a metric whose value does not fit it (a user metric returning a string) costs
+its own key and an ``errors`` entry, never the record, and nothing is written that
+``load_run`` would skip.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from typing import Any
 
 from .messages import Snapshot
 from .metrics.api import InputFailed, Metric, SnapshotData
-from .records import SCHEMA_VERSION, error_entry, nonfinite_keys
+from .records import (
+    SCHEMA_VERSION,
+    RecordError,
+    TypedRecord,
+    error_entry,
+    nonfinite_keys,
+    typed_record,
+)
 
 OnError = Callable[[str, BaseException], None]
 
@@ -26,16 +38,19 @@ def build_record(
     errors: list[dict[str, str]],
     on_error: OnError,
     built_by: str = "worker",
-) -> dict[str, Any]:
+    stamp: dict[str, int] | None = None,
+) -> TypedRecord:
     """The record of one snapshot: its core keys, one key per metric that returned numbers.
 
-    ``built_by``: "worker" or "trainer" (inline), written in ``telemetry``.
+    ``built_by``: "worker" or "trainer" (inline), written in ``telemetry``; ``stamp``: the
+    run's ``restarts`` / ``segment`` when not 0, written last.
     ``errors`` holds what already failed (in the hook, reading the slot); a metric that
     raises adds its entry and costs only its own key. ``on_error(where, exc)`` counts it.
     """
     record: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "batch_idx": data.batch_idx,
+        **({"step": data.step} if data.step is not None else {}),
         "epoch": data.epoch,
         "seq": data.seq,
         "timestamp": datetime.fromtimestamp(data.time, timezone.utc).astimezone().isoformat(),
@@ -70,4 +85,27 @@ def build_record(
         record["nonfinite"] = nonfinite
     if errors:
         record["errors"] = errors
-    return record
+    record.update(stamp or {})
+    try:
+        return typed_record(record)
+    except RecordError:
+        return _without_misfits(record, on_error)
+
+
+def _without_misfits(record: dict[str, Any], on_error: OnError) -> TypedRecord:
+    """``record`` less each key whose value does not fit the schema, with its ``errors`` entry."""
+    errors = list(record.pop("errors", []))
+    base = {k: v for k, v in record.items() if k in _BASE}
+    for key in [k for k in record if k not in _BASE]:
+        try:
+            typed_record(base | {key: record[key]})
+        except RecordError as exc:
+            del record[key]
+            errors.append(error_entry(key, exc))
+            on_error(key, exc)
+    if errors:
+        record["errors"] = errors
+    return typed_record(record)
+
+
+_BASE = frozenset({"schema", "batch_idx", "step", "epoch", "seq", "timestamp", "time"})

@@ -142,7 +142,7 @@ class Collector:
             torch._foreach_copy_(fill.plan.views[slot], fill.aux_src, non_blocking=True)
         return fill
 
-    def publish_header(self, slot: int, fill: Fill, *, seq: int, ordinal: int, batch_idx: int, epoch: int, t0: float,
+    def publish_header(self, slot: int, fill: Fill, *, seq: int, ordinal: int, batch_idx: int, step: int, epoch: int, t0: float,
                        dropped_before: int, dropped_total: int, groups_version: int,
                        optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module,
                        values: dict[str, Any] | None) -> None:
@@ -165,7 +165,7 @@ class Collector:
         else:
             extra = plan.extra_bytes if plan is not None else b""
         header = Snapshot(
-            seq=seq, ordinal=ordinal, batch_idx=batch_idx, epoch=epoch, time=time.time(), hook_ms=(time.perf_counter() - t0) * 1000.0,
+            seq=seq, ordinal=ordinal, batch_idx=batch_idx, step=step, epoch=epoch, time=time.time(), hook_ms=(time.perf_counter() - t0) * 1000.0,
             dropped_before=dropped_before, dropped_total=dropped_total, batch_size=fill.batch_size,
             groups_version=groups_version, grads=fill.grads, loss_kind=fill.loss_kind, accuracy_kind=fill.acc_kind,
             counts_kind=fill.counts_kind, training=int(model.training) if self.want_mode else -1, loss=fill.loss,

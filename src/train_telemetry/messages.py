@@ -102,6 +102,7 @@ class Snapshot:
     seq: _I64
     ordinal: _I64  # due collection steps before this one (drops included): the same on every rank
     batch_idx: _I64
+    step: _I64  # batch_idx counted on where it went back (a new epoch): never decreases
     epoch: _I64
     time: _F64  # time.time() at the hook
     hook_ms: _F64

@@ -25,7 +25,7 @@ from .messages import ALL_MISSING, IN_AUX, IN_EXTRA, IN_SLOT, Groups, Setup, Sna
 from .metrics.api import RunInfo, SnapshotData, _Lazy
 from .metrics.batch import LabelCounts, batch_accuracy, label_counts, unpack_count_vector
 from .metrics.holdout import evaluate_holdout
-from .records import encode_record, error_entry
+from .records import TypedRecord, encode_record, error_entry, typed_record
 from .reference import ReferenceCheckpoint
 from .shards import Assembler, RankFailed, materialize
 from .snapshot import RANK_PARTS, aux_view, bind_model, meta_views
@@ -138,9 +138,8 @@ class SnapshotProcessor:
                 return  # on disk already: written by the worker that died
             reason = setup.skip.get(snap.seq)
             if reason is not None:  # this snapshot killed two workers: record that, not it
-                record = self._core(snap)
-                record["errors"] = [{"where": "worker", "type": "WorkerCrash", "message": reason}]
                 self.count_error("worker", RuntimeError(reason))
+                record = self._core(snap, [{"where": "worker", "type": "WorkerCrash", "message": reason}])
             else:
                 record = self.process(snap)
             self.write(record)
@@ -148,10 +147,10 @@ class SnapshotProcessor:
             self.release_shards(snap.ordinal)  # the other ranks' shards first: rank 0's slot frees the next copy
             release(snap.slot)
 
-    def _core(self, snap: Snapshot) -> dict[str, Any]:
-        return build_record(self.read_slot(snap, []), [], snap, [], self.count_error, self.built_by)
+    def _core(self, snap: Snapshot, errors: list[dict[str, str]]) -> TypedRecord:
+        return build_record(self.read_slot(snap, []), [], snap, errors, self.count_error, self.built_by)
 
-    def process(self, snap: Snapshot) -> dict[str, Any]:
+    def process(self, snap: Snapshot) -> TypedRecord:
         """The record of ``snap``, read from its slot (which stays taken)."""
         errors: list[dict[str, str]] = list(snap.extra.get("errors", ()))
         data = self.read_slot(snap, errors)
@@ -159,19 +158,17 @@ class SnapshotProcessor:
             errors.append({"where": "weight_delta", "type": "ReferenceTorn", "message":
                            "the reference checkpoint was being rewritten when a worker died: no delta "
                            "for this collection (the next one measures from this snapshot)"})
-        record = build_record(data, self.setup.metrics, snap, errors, self.count_error, self.built_by)
-        if self.setup.restart:
-            record["restarts"] = self.setup.restart
-        if self.setup.segment:
-            record["segment"] = self.setup.segment
+        stamp = {k: v for k, v in (("restarts", self.setup.restart), ("segment", self.setup.segment)) if v}
+        record = build_record(data, self.setup.metrics, snap, errors, self.count_error, self.built_by, stamp)
         if self.reference is not None and data.params is not None:
             try:  # the next delta's reference; a failure makes it null, never wrong
                 self.reference.save(data.params + list((data.buffers or {}).values()), snap.batch_idx, snap.epoch,
                                     data.weight_norms)
             except Exception as exc:
-                errors.append(error_entry("weight_delta", exc))
-                record["errors"] = errors
                 self.count_error("weight_delta", exc)
+                built = record.to_dict()
+                built["errors"] = [*built.get("errors", ()), error_entry("weight_delta", exc)]
+                record = typed_record(built)
         return record
 
     def read_slot(self, snap: Snapshot, errors: list[dict[str, str]]) -> SnapshotData:
@@ -183,7 +180,7 @@ class SnapshotProcessor:
             errors.append({"where": "weights", "type": "ShardsMissing", "message": why})
         n = setup.num_params
         data = SnapshotData(
-            batch_idx=snap.batch_idx, epoch=snap.epoch, seq=snap.seq, time=snap.time, config=self.config,
+            batch_idx=snap.batch_idx, step=snap.step, epoch=snap.epoch, seq=snap.seq, time=snap.time, config=self.config,
             param_names=self.param_names, group_names=groups.names, group_of=groups.group_of,
             learning_rates=snap.learning_rates, loss=snap.header_loss, batch_size=snap.rows,
             training=None if snap.training < 0 else bool(snap.training), rank=setup.rank, world_size=setup.world_size,
@@ -270,7 +267,7 @@ class SnapshotProcessor:
             self._aux_views[key] = views
         return views
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: TypedRecord) -> None:
         try:
             line = encode_record(record)
         except Exception as exc:  # never let one odd value cost the run: write what we can

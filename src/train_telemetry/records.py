@@ -54,6 +54,7 @@ __all__ = [
     "TrainMetrics",
     "TypedRecord",
     "error_entry",
+    "typed_record",
     "nonfinite_keys",
     "validate_record",
     "SCHEMA_VERSION",
@@ -115,8 +116,11 @@ def _restore_nonfinite(value: Any) -> Any:
     return value
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    """One whole JSON line (with its newline) for ``record``; non-finite floats as strings."""
+def encode_record(record: Mapping[str, Any] | TypedRecord) -> bytes:
+    """One whole JSON line (with its newline) for ``record`` (a dict, or a :class:`TypedRecord`:
+    its keys in the order built); non-finite floats as strings."""
+    if isinstance(record, TypedRecord):
+        record = record.to_dict()
     return _encoder.encode(to_strict_json_value(record)) + b"\n"
 
 
@@ -288,6 +292,9 @@ class Record(msgspec.Struct, omit_defaults=True):
     seq: int
     timestamp: str
     time: float
+    # Never decreases: batch_idx, counted on where it went back (a loop that restarts it each
+    # epoch) and across the segments of a resumed run. Absent from records of versions before it.
+    step: int | UnsetType = UNSET
     rank: int | UnsetType = UNSET
     world_size: int | UnsetType = UNSET
     reference_batch_idx: int | None | UnsetType = UNSET
@@ -317,7 +324,7 @@ CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
 """Every key typed by :class:`Record`; any other top-level key belongs to a metric."""
 
 BOOKKEEPING_KEYS = frozenset(
-    {"schema", "batch_idx", "epoch", "seq", "timestamp", "time", "rank", "world_size",
+    {"schema", "batch_idx", "step", "epoch", "seq", "timestamp", "time", "rank", "world_size",
      "reference_batch_idx", "telemetry", "nonfinite", "errors", "segment", "restarts"}
 )
 """Keys that describe the record or the collector, not the model: never scanned for NaN."""
@@ -528,6 +535,12 @@ def decode_typed_record(data: bytes | str | Mapping[str, Any]) -> TypedRecord:
     """
     raw = _decoder.decode(data) if isinstance(data, (bytes, str)) else data
     return _checked(_restore_nonfinite(raw))
+
+
+def typed_record(record: Mapping[str, Any]) -> TypedRecord:
+    """``record`` (built in code, non-finite values as floats) as a :class:`TypedRecord`,
+    keeping its key order; :class:`RecordError` naming the key path if it does not match."""
+    return _checked(record)
 
 
 def validate_record(record: Mapping[str, Any]) -> None:

@@ -27,7 +27,7 @@ from .records import (
     read_json,
     to_strict_json_value,
 )
-from .writer import last_seq
+from .writer import last_record
 
 # The config keys that decide what a record holds: a resumed run must agree on them, or its
 # records would not read as one run. (Speed and fault settings may change between segments.)
@@ -44,6 +44,32 @@ class Resume:
     first_seq: int = 0
     segments: list[dict[str, Any]] = field(default_factory=list)
     previous: dict[str, Any] | None = None  # the earlier run.json
+    clock: StepClock = field(default_factory=lambda: StepClock())  # the step goes on from the last record
+
+
+class StepClock:
+    """The records' ``step``: ``batch_idx`` plus an offset that grows where ``batch_idx`` goes back.
+
+    Within one ``start()`` a ``batch_idx`` lower than the previous call's is a new epoch: the
+    offset grows by the previous call's ``batch_idx`` + 1, so a loop that restarts it each
+    epoch gets consecutive steps and one that passes a global counter gets ``step ==
+    batch_idx``. A resumed run (``start()`` into a directory with records) starts from the
+    last record's offset; there the first drop is read with the epoch: a later epoch is a new
+    epoch (counted on from the last *recorded* ``batch_idx``: fewer than ``collect_every_n``
+    steps may go uncounted), the same or an earlier one is the script repeating steps from
+    its checkpoint, which get their step numbers again. The hook pays one comparison a call.
+    """
+
+    __slots__ = ("offset", "last_batch", "resumed_epoch")
+
+    def __init__(self, offset: int = 0, last_batch: int = -1, resumed_epoch: int | None = None) -> None:
+        self.offset, self.last_batch, self.resumed_epoch = offset, last_batch, resumed_epoch
+
+    def went_back(self, epoch: int) -> None:
+        """``batch_idx`` went below ``last_batch`` at ``epoch`` (the hook then sets ``last_batch``)."""
+        resumed, self.resumed_epoch = self.resumed_epoch, None
+        if resumed is None or epoch > resumed:
+            self.offset += self.last_batch + 1
 
 
 class RunDir:
@@ -105,13 +131,15 @@ class RunDir:
                 with contextlib.suppress(FileNotFoundError):
                     self.file(name).unlink()
             return Resume()
-        seq = last_seq(records)
-        if seq is None:
+        last = last_record(records)
+        if last is None:
             return Resume()
+        seq, batch_idx, step = last["seq"], int(last.get("batch_idx", 0)), last.get("step")
+        clock = StepClock(step - batch_idx if isinstance(step, int) else 0, batch_idx, int(last.get("epoch", 0)))
         previous = read_json(self.file(RUN_FILE)) or {}
         segment = int(previous.get("segment", 0)) + 1
         segments = list(previous.get("segments") or [{"segment": 0, "started": previous.get("started"), "first_seq": 0}])
-        return Resume(segment=segment, first_seq=seq + 1, segments=segments, previous=previous)
+        return Resume(segment=segment, first_seq=seq + 1, segments=segments, previous=previous, clock=clock)
 
     def check_same_run(self, resume: Resume, config: Mapping[str, Any], model: Sequence[Any] | None) -> None:
         """Refuse to append records of another model or another kind of record to this run."""

@@ -35,7 +35,7 @@ from .groups import ParamGroups
 from .metrics import Metric, all_needs, resolve_metrics
 from .model_setup import Optimizers, as_list, holdout_format, set_up_model
 from .records import CHECKPOINT_FILE
-from .rundir import Resume, RunDir, run_info
+from .rundir import Resume, RunDir, StepClock, run_info
 from .signals import track
 from .sinks import Sink, open_sink, resolve_mode, take_slot
 from .snapshot import build_layout, unwrap_model
@@ -99,6 +99,7 @@ class Telemetry:
         self._worker_dead = False
         self._groups = ParamGroups()
         self._seq = 0
+        self._clock = StepClock()
         self._counts = Counts()
         self._budget: OverheadBudget | None = None
         self._unsent_slot: int | None = None  # taken by the hook, not yet handed to the sink
@@ -173,12 +174,14 @@ class Telemetry:
                      outputs: Any = None, extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Call after ``optimizer.step()``. A no-op except every ``collect_every_n`` steps.
 
-        ``extra``: more top-level record keys, each a dict of numbers (e.g. what an
-        integration knows about clipping), written as given.
+        ``extra``: more top-level record keys, each a dict of numbers, written as given.
         """
         if not self._collecting:
             self._idle_hook(model, optimizer, batch_idx)
             return
+        if batch_idx < (clock := self._clock).last_batch:  # the record's step: rundir.StepClock
+            clock.went_back(epoch)
+        clock.last_batch = batch_idx
         if batch_idx % self._every:
             return
         budget = self._budget
@@ -279,7 +282,8 @@ class Telemetry:
         inner = unwrap_model(model) if model is not None else None
         signature = build_layout(inner).signature() if inner is not None else None
         self._resume = self._rundir.begin(cfg.overwrite, cfg.to_dict(), signature)
-        self._seq = self._resume.first_seq  # seq counts on across the segments of a resumed run
+        # seq and step count on across the segments of a resumed run
+        self._seq, self._clock = self._resume.first_seq, self._resume.clock
         self.mode, self.mode_reason = resolve_mode(cfg, inner)
         self._sink = open_sink(self.mode, cfg, self.output_dir, self._rundir.records)
         if model is not None:
@@ -358,11 +362,12 @@ class Telemetry:
         self._unsent_slot = slot  # on_batch_end releases it if we fail before it is submitted
         pre_clip, self._pre_clip = self._pre_clip, None
         fill = collector.fill(slot, model, optimizers, batch, loss, outputs, shared.counts, shared.reduced, pre_clip)
-        seq = self._seq
+        seq, self._clock.resumed_epoch = self._seq, None  # a resumed run's first drop is read by now
         self._seq += 1
         counts.taken += 1
         dropped_before, counts.dropped_since = counts.dropped_since, 0
         collector.publish_header(slot, fill, seq=seq, ordinal=ordinal, batch_idx=batch_idx, epoch=epoch, t0=t0,
+                                 step=self._clock.offset + batch_idx,
                                  dropped_before=dropped_before, dropped_total=counts.dropped,
                                  groups_version=self._groups.version, optimizers=optimizers, model=model,
                                  values=dict(extra) if extra else None)
@@ -374,9 +379,8 @@ class Telemetry:
                                 f"{e['message']}); recorded in the record's errors")
 
     def _setup_later(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> Collector | None:
-        """Set up the model on a thread (background.py); the collector once ready. Only
-        ``on_full: block`` (the user asked for every collection, at the cost of waiting)
-        waits for it, at most ``block_timeout_s``."""
+        """Set up the model on a thread (background.py); the collector once ready. Only ``on_full:
+        block`` (every collection, at the cost of waiting) waits for it, at most ``block_timeout_s``."""
         if self._late_setup is None:
             self._late_setup = set_up_from_hook(model, lambda: self._set_up_late(model, optimizers), self._warn_once)
         if self.config.on_full == "block":
@@ -391,18 +395,14 @@ class Telemetry:
         if self._worker_dead or self._sink is None:
             return
         self._worker_dead = True
-        self._warn_once(
-            "worker_dead",
-            f"the telemetry worker (pid {self.worker_pid}) exited unexpectedly with "
-            f"{describe_exit(self._sink.worker_exitcode)}; training continues without telemetry, "
-            "later collections are counted as dropped",
-        )
+        self._warn_once("worker_dead", f"the telemetry worker (pid {self.worker_pid}) exited unexpectedly with "
+                        f"{describe_exit(self._sink.worker_exitcode)}; training continues without telemetry, "
+                        "later collections are counted as dropped")
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(f"train-telemetry: {message}", RuntimeWarning, stacklevel=3)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"train-telemetry: {message}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ stop
     def _shutdown(self, deadline: float) -> TelemetrySummary:

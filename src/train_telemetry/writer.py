@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .records import decode_record, repair_torn_tail
 
@@ -128,6 +129,12 @@ class RecordWriter:
 
 def last_seq(path: Path) -> int | None:
     """The ``seq`` of the last whole record in ``path`` (None: no file or no record)."""
+    record = last_record(path)
+    return None if record is None else record["seq"]
+
+
+def last_record(path: Path) -> dict[str, Any] | None:
+    """The last whole record in ``path`` that has a ``seq`` (None: no file or no record)."""
     if not path.is_file():
         return None
     try:
@@ -139,9 +146,9 @@ def last_seq(path: Path) -> int | None:
         return None
     for line in reversed(lines[:-1]):  # whole lines only: the last element follows the final newline
         with contextlib.suppress(Exception):
-            seq = decode_record(line).get("seq")
-            if isinstance(seq, int):
-                return seq
+            record = decode_record(line)
+            if isinstance(record.get("seq"), int):
+                return record
     return None
 
 

@@ -174,3 +174,36 @@ def test_bad_metrics_are_refused_with_the_fix(tmp_path: Path) -> None:
         Telemetry(config, metrics=[metric(key="x", needs={"gradients"})(lambda snap: {})])
     with pytest.raises(ValueError, match="two metrics write the record key 'gradient_norm'"):
         Telemetry(config, metrics=[metric(key="gradient_norm")(lambda snap: {})])
+
+
+@metric(key="named_best", needs={"weights"})
+def named_best(snap: SnapshotData) -> dict[str, object]:
+    """A user's metric with a mistake: a string where the record holds numbers."""
+    return {"group": "head", "value": 1.0}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_metric_value_the_schema_refuses_costs_its_key_not_the_record(tmp_path: Path, mode: str) -> None:
+    """Every line written matches the schema its readers use: a metric returning a string is left out
+    with an errors entry naming it and the bad key; the rest of the record, and load_run, are intact."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=2, mode=mode,  # type: ignore[arg-type]
+                                          on_full="block", overhead_budget=None), metrics=[named_best])
+    telemetry.start(model, opt)
+    for step in range(4):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        telemetry.on_batch_end(model, opt, step, 0, None, (x, y))
+    summary = telemetry.stop()
+    records = read_records(tmp_path / "run")
+    assert len(records) == 2 and summary.errors == {"named_best: RecordError": 2}
+    for rec in records:
+        assert "named_best" not in rec and rec["gradient_norm"]["overall"] > 0
+        (entry,) = rec["errors"]
+        assert entry["where"] == "named_best" and "$.named_best.group" in entry["message"], entry
+    assert len(load_run(tmp_path / "run").records) == 2

@@ -62,6 +62,8 @@ def test_a_resumed_run_appends_a_segment_and_seq_counts_on(tmp_path: Path) -> No
     assert [(r.get("segment", 0), r["batch_idx"]) for r in records] == (
         [(0, s) for s in range(0, 61, 10)] + [(1, s) for s in range(60, 81, 10)])
     assert [r["seq"] for r in records] == list(range(len(records)))
+    # batch_idx is a global counter here: the step is batch_idx, the repeated 60 included.
+    assert [r["step"] for r in records] == [r["batch_idx"] for r in records]
     meta = json.loads((out / "run.json").read_text())
     assert meta["segment"] == 1 and [s["first_seq"] for s in meta["segments"]] == [0, 7]
     assert json.loads((out / "summary.json").read_text())["segment"] == 1
@@ -86,3 +88,35 @@ def test_another_model_in_the_directory_is_refused_with_the_fix(tmp_path: Path) 
         _train(out, range(0, 21), None, holdout_size=7)
     _train(out, range(0, 11), None, model=Net(width=16), overwrite=True)
     assert [(r.get("segment", 0), r["seq"]) for r in read_records(out)] == [(0, 0), (0, 1)]
+
+
+def _epochs(out: Path, epochs: range, mode: str) -> None:
+    """Train ``epochs`` of 10 batches whose ``batch_idx`` restarts at 0 each epoch."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    telemetry = Telemetry(TelemetryConfig(output_dir=str(out), collect_every_n=3, mode=mode,  # type: ignore[arg-type]
+                                          on_full="block", overhead_budget=None))
+    telemetry.start(model, opt)
+    for epoch in epochs:
+        for batch_idx in range(10):
+            x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            telemetry.on_batch_end(model, opt, batch_idx, epoch, None, (x, y))
+    assert telemetry.stop().records_written == 4 * len(epochs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_step_counts_on_where_batch_idx_restarts_each_epoch_and_across_a_resume(tmp_path: Path, mode: str) -> None:
+    """The record's ``step`` never goes back: epoch e's batch b is step 10e + b, from the worker and
+    inline alike, and a resumed run's next epoch counts on from the last record."""
+    out = tmp_path / "run"
+    _epochs(out, range(0, 2), mode)
+    _epochs(out, range(2, 3), mode)  # resumed: a new start() into the same directory, at epoch 2
+    records = read_records(out)
+    expected = [(e, b, 10 * e + b) for e in range(3) for b in (0, 3, 6, 9)]
+    assert [(r["epoch"], r["batch_idx"], r["step"]) for r in records] == expected
+    assert load_run(out).steps == [step for _, _, step in expected]

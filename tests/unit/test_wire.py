@@ -24,7 +24,7 @@ from train_telemetry.snapshot import Channel, meta_size, meta_views
 
 
 def _snap(**changes: object) -> Snapshot:
-    values: dict = dict(seq=7, ordinal=9, batch_idx=1200, epoch=3, time=1.7e9 + 0.25, hook_ms=0.31, dropped_before=2,
+    values: dict = dict(seq=7, ordinal=9, batch_idx=1200, step=4821, epoch=3, time=1.7e9 + 0.25, hook_ms=0.31, dropped_before=2,
                         dropped_total=5, batch_size=64, groups_version=4, grads=IN_SLOT, loss_kind=IN_HEADER,
                         accuracy_kind=IN_AUX, counts_kind=NONE, training=1, loss=0.693, learning_rates=[0.1, 1e-3])
     values.update(changes)

@@ -218,14 +218,8 @@ def record_position(record: TypedRecord) -> tuple[int, int]:
 
 
 def _written_step(record: TypedRecord) -> int | None:
-    """The record's own global ``step``, once the collector writes one (see :attr:`Run.steps`).
-
-    records.Record has no ``step`` field yet, so this is None for every record today. When
-    the builder writes ``step`` (and Record declares ``step: int | UnsetType = UNSET``),
-    this reads it and the reconstruction in Run.steps is left to records written before.
-    """
-    written = getattr(record, "step", UNSET)
-    return written if isinstance(written, int) else None
+    """The record's own ``step`` (rundir.StepClock); None for records of versions before it."""
+    return record.step if record.step is not UNSET else None
 
 
 class Segment(NamedTuple):
@@ -374,16 +368,12 @@ class Run:
 
     @property
     def steps(self) -> list[int]:
-        """A step per record that never goes back: ``batch_idx``, counted on across epochs.
+        """A step per record that never goes back: the record's ``step`` as the collector wrote it.
 
-        Where ``batch_idx`` drops (a loop that restarts it each epoch), the steps go on from
-        the previous epoch's largest ``batch_idx``; that undercounts an epoch by the fewer
-        than ``collect_every_n`` steps after its last collection, and is exact when
-        ``batch_idx`` is already a global counter.
-
-        The one place a step is reconstructed. The collector sees every hook call, so it
-        could write the exact global step (``step: int`` beside ``batch_idx``: see
-        :func:`_written_step`); a record that carries one is taken as it is.
+        Records written before the collector wrote ``step`` get one reconstructed: where
+        ``batch_idx`` drops (a loop that restarts it each epoch), the steps go on from the
+        previous epoch's largest recorded ``batch_idx`` (undercounting an epoch by the fewer
+        than ``collect_every_n`` steps after its last collection).
         """
         if self._steps is None or len(self._steps) != len(self.records):
             done = list(self._steps or [])[: len(self.records)]

@@ -264,6 +264,7 @@ class SnapshotData:
     training: bool | None = None  # model.training at the hook ("mode")
     rank: int = 0
     world_size: int = 1
+    step: int | None = None  # the collector's monotonic step (messages.Snapshot.step)
     _weight_norms: list[float] | None = field(default=None, repr=False)
     _deltas: _Lazy | None = field(default=None, repr=False)
     _holdout: _Lazy | None = field(default=None, repr=False)
