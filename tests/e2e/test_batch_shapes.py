@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
-
-
-class Mlp(nn.Module):
-    """Module level: spawn sends it by reference."""
-
-    def __init__(self, n_in: int = 5, n_out: int = 3) -> None:
-        super().__init__()
-        self.body = nn.Linear(n_in, 16)
-        self.head = nn.Linear(16, n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
 
 
 class KwModel(nn.Module):
@@ -59,7 +48,7 @@ def test_tensordataset_tuples_need_no_keys(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 5), torch.randint(0, 3, (64,)))
     loader = DataLoader(data, batch_size=16, shuffle=False)
-    model = Mlp()
+    model = TinyNet(n_in=5, hidden=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, holdout_size=20,
                                           on_full="block"))
@@ -128,7 +117,7 @@ def test_a_configured_position_works_from_yaml(tmp_path: Path) -> None:
     config = TelemetryConfig.from_yaml(path)
     assert (config.input_keys, config.label_key) == ([1], 0)
     torch.manual_seed(0)
-    model = Mlp()
+    model = TinyNet(n_in=5, hidden=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     y, x = torch.tensor([0, 0, 2, 1]), torch.randn(4, 5)
     telemetry = Telemetry(config)
@@ -148,14 +137,14 @@ def test_an_ambiguous_holdout_fails_start_showing_its_structure(tmp_path: Path) 
     telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode="sync"))
     telemetry.set_holdout_data({"a": torch.zeros(4, 5), "b": torch.zeros(4)})
     with pytest.raises(TelemetryConfigError, match=r"'a' \(tensor \[4, 5\]\).*'b' \(tensor \[4\]\).*label_key"):
-        telemetry.start(Mlp(), None)
+        telemetry.start(TinyNet(n_in=5, hidden=16), None)
 
 
 @pytest.mark.timeout(180)
 def test_several_optimizers_are_all_recorded(tmp_path: Path) -> None:
     """start(model, [opt_a, opt_b]): every group of every optimizer is a group; names stay unique; all LRs."""
     torch.manual_seed(0)
-    model = Mlp()
+    model = TinyNet(n_in=5, hidden=16)
     opt_a = torch.optim.SGD([{"params": model.body.parameters(), "lr": 0.1, "name": "body"}])
     opt_b = torch.optim.Adam([{"params": model.head.parameters(), "lr": 0.01}])  # unnamed: group_1
     sched = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: 1.0 / (1 + s))

@@ -11,30 +11,15 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import TinyNet, tiny_config
 from torch import nn
 
 import train_telemetry.collect as telemetry_module
 from train_telemetry import Telemetry, TelemetryConfig, read_records
-from train_telemetry.config import MOVED_TO_TUNING, Tuning
-
-
-class TwoLayer(nn.Module):
-    """Module level, so that spawn can pickle it for the worker's holdout eval."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(6, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
 
 
 def _config(tmp_path: Path, mode: str, **extra: object) -> TelemetryConfig:
-    tuning: dict[str, Any] = {k: extra.pop(k) for k in list(extra) if k in MOVED_TO_TUNING}
-    return TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=1, mode=mode, on_full="block",
-                           input_keys=["x"], label_key="y", holdout_size=8, tuning=Tuning(worker_nice=0, **tuning),
-                           **extra)  # type: ignore[arg-type]
+    return tiny_config(tmp_path / "run", mode, input_keys=["x"], label_key="y", holdout_size=8, **extra)
 
 
 def _batch(g: torch.Generator, n: int = 12) -> dict[str, torch.Tensor]:
@@ -51,12 +36,12 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.T
 
 
 def _start(
-    tmp_path: Path, mode: str, seed: int, groups: Callable[[TwoLayer], Any] | None = None, **config: object
-) -> tuple[TwoLayer, torch.optim.Optimizer, Telemetry, torch.Generator]:
-    """A started run: a fresh TwoLayer, SGD (over ``groups(model)`` if given), the holdout set when tracked."""
+    tmp_path: Path, mode: str, seed: int, groups: Callable[[TinyNet], Any] | None = None, **config: object
+) -> tuple[TinyNet, torch.optim.Optimizer, Telemetry, torch.Generator]:
+    """A started run: a fresh TinyNet, SGD (over ``groups(model)`` if given), the holdout set when tracked."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(seed)
-    model = TwoLayer()
+    model = TinyNet()
     opt = torch.optim.SGD(groups(model) if groups else model.parameters(), lr=0.1)
     telemetry = Telemetry(_config(tmp_path, mode, **config))
     if telemetry.config.track_holdout_logits:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyRun
 from torch import nn
 
 from train_telemetry import Metric, SnapshotData, Telemetry, TelemetryConfig, metric, read_records
@@ -184,26 +186,17 @@ def named_best(snap: SnapshotData) -> dict[str, object]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_a_metric_value_the_schema_refuses_costs_its_key_not_the_record(tmp_path: Path, mode: str) -> None:
+def test_a_metric_value_the_schema_refuses_costs_its_key_not_the_record(tiny_run: Callable[..., TinyRun], mode: str) -> None:
     """Every line written matches the schema its readers use: a metric returning a string is left out
     with an errors entry naming it and the bad key; the rest of the record, and load_run, are intact."""
-    torch.manual_seed(0)
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), collect_every_n=2, mode=mode,  # type: ignore[arg-type]
-                                          on_full="block", overhead_budget=None), metrics=[named_best])
-    telemetry.start(model, opt)
-    for step in range(4):
-        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        telemetry.on_batch_end(model, opt, step, 0, None, (x, y))
+    run = tiny_run(mode, collect_every_n=2, metrics=[named_best])
+    run.train(range(4))
+    telemetry = run.telemetry
     summary = telemetry.stop()
-    records = read_records(tmp_path / "run")
+    records = read_records(telemetry.output_dir)
     assert len(records) == 2 and summary.errors == {"named_best: RecordError": 2}
     for rec in records:
         assert "named_best" not in rec and rec["gradient_norm"]["overall"] > 0
         (entry,) = rec["errors"]
         assert entry["where"] == "named_best" and "$.named_best.group" in entry["message"], entry
-    assert len(load_run(tmp_path / "run").records) == 2
+    assert len(load_run(telemetry.output_dir).records) == 2

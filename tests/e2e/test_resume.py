@@ -10,26 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyNet
 from torch import nn
 
 from train_telemetry import Telemetry, TelemetryConfig, TelemetryConfigError, read_records
 from train_telemetry.analysis import load_run
 
 
-class Net(nn.Module):
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, width)
-        self.fc2 = nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _train(out: Path, steps: range, state: dict | None, model: nn.Module | None = None, **cfg: object) -> dict:
     """One 'script run': load the checkpoint if any, train ``steps`` with telemetry, return the checkpoint at step 50."""
     torch.manual_seed(0)
-    model = model or Net()
+    model = model or TinyNet(n_in=4, n_out=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -82,18 +73,18 @@ def test_another_model_in_the_directory_is_refused_with_the_fix(tmp_path: Path) 
     """A different model (or record settings) in an output_dir with records: a clear error; overwrite replaces."""
     out = tmp_path / "run"
     _train(out, range(0, 21), None)
-    with pytest.raises(TelemetryConfigError, match=r"fresh directory.*overwrite: true.*model differs: fc1.weight"):
-        _train(out, range(0, 21), None, model=Net(width=16))
+    with pytest.raises(TelemetryConfigError, match=r"fresh directory.*overwrite: true.*model differs: body.weight"):
+        _train(out, range(0, 21), None, model=TinyNet(n_in=4, hidden=16, n_out=2))
     with pytest.raises(TelemetryConfigError, match=r"holdout_size was 50, now 7"):
         _train(out, range(0, 21), None, holdout_size=7)
-    _train(out, range(0, 11), None, model=Net(width=16), overwrite=True)
+    _train(out, range(0, 11), None, model=TinyNet(n_in=4, hidden=16, n_out=2), overwrite=True)
     assert [(r.get("segment", 0), r["seq"]) for r in read_records(out)] == [(0, 0), (0, 1)]
 
 
 def _epochs(out: Path, epochs: range, mode: str) -> None:
     """Train ``epochs`` of 10 batches whose ``batch_idx`` restarts at 0 each epoch."""
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(n_in=4, n_out=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     telemetry = Telemetry(TelemetryConfig(output_dir=str(out), collect_every_n=3, mode=mode,  # type: ignore[arg-type]
                                           on_full="block", overhead_budget=None))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyNet
 from torch import nn
 
 import train_telemetry.collect as collect_module
@@ -33,16 +34,6 @@ class TokenModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.emb(x))
-
-
-class Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(5, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
 
 
 def _config(tmp_path: Path, mode: str) -> TelemetryConfig:
@@ -162,7 +153,7 @@ def test_hugging_face_causal_lm_scores_shifted_tokens_and_reports_padding(tmp_pa
 def test_tuple_batches_without_a_holdout_name_the_labels_by_position(tmp_path: Path, mode: str) -> None:
     """(x, y) classification batches and no holdout: batch_stats keys are 1_<cls>_pct (the label's position)."""
     torch.manual_seed(0)
-    model = Mlp()
+    model = TinyNet(n_in=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     telemetry = Telemetry(_config(tmp_path, mode))
     telemetry.start(model, opt)
@@ -183,6 +174,6 @@ def test_tuple_batches_without_a_holdout_name_the_labels_by_position(tmp_path: P
 def test_a_failing_holdout_forward_says_where_it_ran(tmp_path: Path, mode: str, where: str) -> None:
     """start() fails on a holdout the model cannot take, naming the thread or process that ran the forward."""
     telemetry = Telemetry(TelemetryConfig(output_dir=str(tmp_path / "run"), mode=mode, tuning=Tuning(worker_nice=0)))  # type: ignore[arg-type]
-    telemetry.set_holdout_data((torch.randn(4, 7), torch.tensor([0, 1, 2, 0])))  # Mlp takes 5 features
+    telemetry.set_holdout_data((torch.randn(4, 7), torch.tensor([0, 1, 2, 0])))  # TinyNet(n_in=5) takes 5 features
     with pytest.raises(TelemetryStartError, match=f"the holdout forward failed {where}"):
-        telemetry.start(Mlp(), None)
+        telemetry.start(TinyNet(n_in=5), None)
