@@ -19,6 +19,7 @@ from typing import Any
 
 from .messages import Snapshot
 from .metrics.api import InputFailed, Metric, SnapshotData
+from .provenance import nonfinite_origin
 from .records import (
     SCHEMA_VERSION,
     RecordError,
@@ -39,11 +40,13 @@ def build_record(
     on_error: OnError,
     built_by: str = "worker",
     stamp: dict[str, int] | None = None,
+    since_step: int | None = None,
 ) -> TypedRecord:
     """The record of one snapshot: its core keys, one key per metric that returned numbers.
 
     ``built_by``: "worker" or "trainer" (inline), written in ``telemetry``; ``stamp``: the
-    run's ``restarts`` / ``segment`` when not 0, written last.
+    run's ``restarts`` / ``segment`` when not 0, written last; ``since_step``: the step of the
+    last record with only finite values (``nonfinite_origin``, provenance.py).
     ``errors`` holds what already failed (in the hook, reading the slot); a metric that
     raises adds its entry and costs only its own key. ``on_error(where, exc)`` counts it.
     """
@@ -83,6 +86,11 @@ def build_record(
     nonfinite = nonfinite_keys(record)
     if nonfinite:
         record["nonfinite"] = nonfinite
+        try:
+            record["nonfinite_origin"] = nonfinite_origin(data, since_step)
+        except Exception as exc:
+            errors.append(error_entry("nonfinite_origin", exc))
+            on_error("nonfinite_origin", exc)
     if errors:
         record["errors"] = errors
     record.update(stamp or {})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from msgspec import UNSET
 
 from .build import build_record
 from .config import TelemetryConfig
@@ -53,6 +54,7 @@ class SnapshotProcessor:
         self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self.errors: dict[str, int] = {}
         self.last_errors: list[str] = []
+        self.last_finite_step: int | None = None  # of the last record with no NaN/Inf (provenance.py)
         self.param_names = [spec.name for spec in setup.specs[: setup.num_params]]
         self.buffer_names = [spec.name for spec in setup.specs[setup.num_params :]]
         self.reference: ReferenceCheckpoint | None = None
@@ -159,7 +161,10 @@ class SnapshotProcessor:
                            "the reference checkpoint was being rewritten when a worker died: no delta "
                            "for this collection (the next one measures from this snapshot)"})
         stamp = {k: v for k, v in (("restarts", self.setup.restart), ("segment", self.setup.segment)) if v}
-        record = build_record(data, self.setup.metrics, snap, errors, self.count_error, self.built_by, stamp)
+        record = build_record(data, self.setup.metrics, snap, errors, self.count_error, self.built_by, stamp,
+                              self.last_finite_step)
+        if record.nonfinite is UNSET:
+            self.last_finite_step = record.step if record.step is not UNSET else record.batch_idx
         if self.reference is not None and data.params is not None:
             try:  # the next delta's reference; a failure makes it null, never wrong
                 self.reference.save(data.params + list((data.buffers or {}).values()), snap.batch_idx, snap.epoch,

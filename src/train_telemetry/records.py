@@ -48,6 +48,8 @@ __all__ = [
     "OVERALL",
     "ErrorEntry",
     "HoldoutLogits",
+    "NonfiniteOrigin",
+    "NonfiniteTensor",
     "Record",
     "RecordError",
     "TelemetryCost",
@@ -283,6 +285,30 @@ class TelemetryCost(msgspec.Struct, forbid_unknown_fields=True):
     built_by: str | None = None  # "worker" (the worker process) or "trainer" (inline: mode sync, or auto)
 
 
+class NonfiniteTensor(msgspec.Struct, forbid_unknown_fields=True):
+    """One entry of ``nonfinite_origin.first``: a tensor whose values are not all finite."""
+
+    kind: Literal["loss", "gradient", "weight"]
+    param: str | None  # the parameter's name (null for the loss)
+    group: str | None  # its optimizer param group
+    layer: str | None  # its module: the name less the last part
+    value: Literal["nan", "+inf", "-inf"]  # its norm (the loss itself)
+
+
+class NonfiniteOrigin(msgspec.Struct, forbid_unknown_fields=True):
+    """``nonfinite_origin``: where the record's NaN/Inf came from (provenance.py).
+
+    Written only on a record with ``nonfinite``. The bad step lies in ``(since_step, step]``.
+    """
+
+    since_step: int | None  # the last record of this process whose values were all finite
+    first: list[NonfiniteTensor]  # the loss, then gradients, then weights, in model order
+    gradients: int  # parameters whose gradient is not finite
+    weights: int  # parameters whose weight is not finite
+    parameters: int
+    step_skipped: bool | None  # non-finite gradients on finite weights: the optimizer did not apply them
+
+
 class Record(msgspec.Struct, omit_defaults=True):
     """The core keys of one line of ``telemetry.jsonl`` (other keys are metrics' dicts)."""
 
@@ -309,6 +335,7 @@ class Record(msgspec.Struct, omit_defaults=True):
     train: TrainMetrics | UnsetType = UNSET
     telemetry: TelemetryCost | UnsetType = UNSET
     nonfinite: list[str] | UnsetType = UNSET
+    nonfinite_origin: NonfiniteOrigin | UnsetType = UNSET
     errors: list[ErrorEntry] | UnsetType = UNSET
     layers: dict[str, dict[str, float | None]] | UnsetType = UNSET
     activations: dict[str, dict[str, float | str | None]] | UnsetType = UNSET
@@ -325,7 +352,7 @@ CORE_KEYS: frozenset[str] = frozenset(Record.__struct_fields__)
 
 BOOKKEEPING_KEYS = frozenset(
     {"schema", "batch_idx", "step", "epoch", "seq", "timestamp", "time", "rank", "world_size",
-     "reference_batch_idx", "telemetry", "nonfinite", "errors", "segment", "restarts"}
+     "reference_batch_idx", "telemetry", "nonfinite", "nonfinite_origin", "errors", "segment", "restarts"}
 )
 """Keys that describe the record or the collector, not the model: never scanned for NaN."""
 # The order nonfinite_keys reports the seed's families in (then the rest, in record order).

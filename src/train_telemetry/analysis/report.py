@@ -609,6 +609,10 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
             f"  {len(run['segments'])} segments: resumed at step{'s' if len(run['resumes']) > 1 else ''} "
             f"{steps}; {run['superseded']} earlier records superseded by the resumed run"
         )
+    # A NaN/Inf outranks every table below: where it came from leads (rules/nonfinite.py).
+    for d in data["diagnoses"]:
+        if d["code"] == "nonfinite":
+            add(f"  !! {d['title']}")
 
     lines.extend(_group_table(s, ascii_only=ascii_only))
     lines.extend(_holdout_lines(s, ascii_only=ascii_only))
