@@ -1,4 +1,4 @@
-"""The ``train-telemetry`` command: report on, plot, compare, export and watch run directories.
+"""The ``train-telemetry`` command: report on, plot, compare, export, watch and mirror run directories.
 
 Runs in: a shell, on any machine that can read the run directory. Needs no torch (the rule
 is written in :mod:`train_telemetry.analysis`); plotting and exporting import their
@@ -7,7 +7,7 @@ optional libraries only when asked to.
 Exit status: 0 when nothing serious was found (or the files were written), 1 when
 ``report``, ``compare`` or ``watch`` found a serious diagnosis, 2 when the command could
 not do its job (bad arguments, no run at the path, an optional dependency missing, a file
-that cannot be written), 130 on Ctrl-C.
+that cannot be written, a tracker ``mirror`` could not send every record to), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from train_telemetry.analysis.extras import MissingExtraError
 from train_telemetry.analysis.load import Run, RunNotFoundError, load_runs
 from train_telemetry.analysis.report import render_report, report_data, report_json
 from train_telemetry.analysis.rules import CODES
+from train_telemetry.config import MIRROR_NAMES, TelemetryConfigError
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_SERIOUS", "build_parser", "main"]
 
@@ -168,6 +169,47 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     )
 
 
+# Shortcuts for the options most replays need: (flag, option, the trackers that take it).
+_MIRROR_SHORTCUTS = (
+    ("log_dir", "log_dir", ("tensorboard",)),
+    ("tracking_uri", "tracking_uri", ("mlflow",)),
+    ("experiment", "experiment", ("mlflow",)),
+    ("project", "project", ("wandb", "trackio")),
+)
+
+
+def _mirror_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
+    options: dict[str, dict[str, object]] = {name: {} for name in args.to}
+    for attr, key, trackers in _MIRROR_SHORTCUTS:
+        value = getattr(args, attr)
+        if value is not None:
+            targets = [t for t in trackers if t in options]
+            if not targets:
+                raise CommandError(f"--{attr.replace('_', '-')} is an option of {' or '.join(trackers)}, "
+                                   f"not of --to {', '.join(args.to)}")
+            for t in targets:
+                options[t][key] = value
+    for item in args.set or []:
+        target, _, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not eq or not key or target not in options:
+            raise CommandError(f"--set {item!r}: expected TRACKER.KEY=VALUE with TRACKER one of --to "
+                               f"({', '.join(args.to)})")
+        options[target][key] = value
+    return list(options.items())
+
+
+def _cmd_mirror(args: argparse.Namespace) -> int:
+    from train_telemetry.mirrors import mirror_run
+
+    try:
+        stats = mirror_run(args.run_dir, _mirror_specs(args), follow=args.follow, rank=args.rank,
+                           interval_s=args.interval, max_seconds=args.max_seconds, out=sys.stdout)
+    except TelemetryConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return EXIT_OK if all(s.state == "ok" and not s.dropped for s in stats.values()) else EXIT_ERROR
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -285,6 +327,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rank_option(watch)
     watch.set_defaults(func=_cmd_watch)
+
+    mirror = sub.add_parser(
+        "mirror",
+        help="send a run to trackers (TensorBoard, MLflow, W&B, trackio), or follow a live one",
+        description="Send every record of a run to trackers, as a live run's `mirror:` does; "
+        "with --follow, also what a run still training appends, until it stops. Exit 2 if a "
+        "tracker could not take every record.",
+    )
+    mirror.add_argument("run_dir", metavar="RUN_DIR")
+    mirror.add_argument(
+        "--to",
+        action="append",
+        required=True,
+        metavar="TRACKER",
+        help=f"a tracker ({', '.join(MIRROR_NAMES)}, or package.module:Class); repeat for several",
+    )
+    mirror.add_argument("--log-dir", metavar="DIR", help="tensorboard: event file directory (default RUN_DIR/tensorboard)")
+    mirror.add_argument("--tracking-uri", metavar="URI", help="mlflow: tracking URI (e.g. sqlite:///mlflow.db)")
+    mirror.add_argument("--experiment", metavar="NAME", help="mlflow: experiment name")
+    mirror.add_argument("--project", metavar="NAME", help="wandb / trackio: project")
+    mirror.add_argument(
+        "--set",
+        action="append",
+        metavar="TRACKER.KEY=VALUE",
+        help="any other option of a tracker (e.g. wandb.mode=offline, mlflow.run_id=...)",
+    )
+    mirror.add_argument("--follow", action="store_true", help="keep sending what the run appends until it stops")
+    mirror.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                        help="--follow: seconds between reads (default 1)")
+    mirror.add_argument("--max-seconds", type=_positive_float, default=None, metavar="S",
+                        help="--follow: stop after S seconds (default: until the run writes summary.json)")
+    rank_option(mirror)
+    mirror.set_defaults(func=_cmd_mirror)
     return parser
 
 

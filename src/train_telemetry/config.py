@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-__all__ = ["TelemetryConfig", "TelemetryConfigError", "Tuning"]
+__all__ = ["MIRROR_NAMES", "TelemetryConfig", "TelemetryConfigError", "Tuning"]
 
 
 class TelemetryConfigError(ValueError):
@@ -70,6 +70,123 @@ class Tuning(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_worker_restarts: NonNegativeInt = 3
     # A full disk: records wait in memory up to this many bytes, then are written when space returns.
     io_buffer_bytes: NonNegativeInt = 4 << 20
+    # At stop, mirrors send what they hold for at most half of stop_timeout_s; one whose call
+    # has not returned for this long is taken for hung and abandoned sooner (what it held is
+    # counted as dropped; the JSONL has it all: `train-telemetry mirror` sends it later). Long
+    # enough for a tracker's first call (MLflow creating its sqlite tables: seconds, more on a
+    # loaded machine), short enough that a hung one does not make stop() feel stuck.
+    mirror_drain_s: PositiveFloat = 10.0
+
+
+# --- mirrors: each tracker's options (train_telemetry.mirrors: one file per tracker) --------
+# Kept here, not beside each tracker, so a typo in a tracker's options fails the config
+# where torch and the trackers are absent; mirrors/__init__.py registers one class per name
+# and a unit test keeps the two (and the README's sections) equal.
+
+
+class _MirrorOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Put before every series name, e.g. "telemetry/": keeps ours apart from the user's own
+    # metrics in a run we attach to.
+    prefix: str = ""
+
+
+class TensorBoardOptions(_MirrorOptions):
+    log_dir: str | None = None  # default: <output_dir>/tensorboard
+
+
+class MlflowOptions(_MirrorOptions):
+    tracking_uri: str | None = None  # default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment: str | None = None  # default: MLflow's default experiment
+    run_name: str | None = None  # default: output_dir's name
+    run_id: str | None = None  # log into this run (default: the active run at start(), else a new one)
+
+
+class WandbOptions(_MirrorOptions):
+    project: str | None = None  # default: WANDB_PROJECT, else "train-telemetry"
+    entity: str | None = None
+    name: str | None = None  # default: output_dir's name
+    group: str | None = None
+    mode: Literal["online", "offline"] | None = None  # default: WANDB_MODE, else wandb's default
+    dir: str | None = None  # where wandb keeps its run files (default: output_dir)
+    run_id: str | None = None  # attach to this run (default: the active wandb.run at start())
+
+
+class TrackioOptions(_MirrorOptions):
+    project: str | None = None  # default: output_dir's name
+    name: str | None = None  # default: output_dir's name
+    group: str | None = None
+
+
+MIRROR_OPTIONS: dict[str, type[_MirrorOptions]] = {
+    "tensorboard": TensorBoardOptions,
+    "mlflow": MlflowOptions,
+    "wandb": WandbOptions,
+    "trackio": TrackioOptions,
+}
+MIRROR_NAMES = tuple(MIRROR_OPTIONS)
+# ``mirror: framework``: the trackers the Hugging Face Trainer (report_to) or Lightning
+# (its loggers) is configured with, resolved by the integration's callback.
+FRAMEWORK_MIRROR = "framework"
+
+
+def mirror_specs(value: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``mirror`` as (name, options) pairs: a name or a list of names (options defaulted), or a
+    mapping of name to options. A name is a tracker of MIRROR_NAMES, ``framework``, or your
+    own class as ``"package.module:Class"`` (its options are its keyword arguments)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, type)):
+        value = [value]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = [(name, {}) for name in value]
+    else:
+        raise TelemetryConfigError(
+            f"mirror: {value!r} is not valid: expected {_ALLOWED['mirror']}")
+    specs = []
+    for name, options in items:
+        if isinstance(name, type):  # your own Mirror class, given in Python
+            name = f"{name.__module__}:{name.__qualname__}"
+        if not isinstance(name, str):
+            raise TelemetryConfigError(f"mirror: {name!r} is not valid: expected {_ALLOWED['mirror']}")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise TelemetryConfigError(
+                f"mirror.{name}: {options!r} is not valid: expected a mapping of the tracker's options")
+        specs.append((name, dict(options)))
+    return specs
+
+
+def check_mirror(name: str, options: dict[str, Any]) -> None:
+    """Raise TelemetryConfigError naming the valid trackers (or options) if ``name`` is neither a
+    tracker, ``framework``, nor a ``module:Class`` path, or an option is not the tracker's."""
+    if name == FRAMEWORK_MIRROR:
+        if options:
+            raise TelemetryConfigError("mirror.framework takes no options: the framework's own configuration is used")
+        return
+    if ":" in name and all(part.replace(".", "").replace("_", "").isalnum() for part in name.split(":", 1)):
+        return  # your own Mirror class: its options are checked when it is made
+    kind = MIRROR_OPTIONS.get(name)
+    if kind is None:
+        close = difflib.get_close_matches(name, [*MIRROR_NAMES, FRAMEWORK_MIRROR], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TelemetryConfigError(
+            f"mirror: unknown tracker {name!r}; {hint}valid: {', '.join(MIRROR_NAMES)}, "
+            f"{FRAMEWORK_MIRROR} (the Trainer's / Lightning's own trackers), or your own class as "
+            "'package.module:Class'")
+    fields = [f.name for f in msgspec.structs.fields(kind)]
+    for key in options:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TelemetryConfigError(
+                f"mirror.{name}: unknown option {key!r}{hint} ({name} options: {', '.join(fields)})")
+    try:
+        msgspec.convert(options, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise TelemetryConfigError(f"mirror.{name}: {exc}") from None
 
 
 # Top-level keys of earlier versions that are Tuning fields now: a config that sets one
@@ -140,6 +257,11 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # e.g. {backbone: 1, head: 10}: the LR of each group relative to the others.
     expected_lr_ratios: dict[str, PositiveFloat] | None = None
 
+    # --- mirrors: the records also sent to trackers, off the training path (mirrors/) ---
+    # [tensorboard, mlflow], or {mlflow: {tracking_uri: ...}} with each tracker's options
+    # (MIRROR_OPTIONS), or framework (the integrations: the framework's own trackers).
+    mirror: list[Any] | dict[str, Any] | str | None = None
+
     # --- not settings: the constants the worker and the waits run with (see Tuning) ---
     tuning: Tuning = msgspec.field(default_factory=Tuning)
 
@@ -147,8 +269,14 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if isinstance(self.output_dir, Path):  # accept Path as the seed's API did
             self.output_dir = str(self.output_dir)
         self.tuning = _checked_tuning(self.tuning)
+        if self.mirror is not None:
+            specs = mirror_specs(self.mirror)
+            for name, options in specs:
+                check_mirror(name, options)
+            # A class given in Python is kept as its import path: the worker imports it by name.
+            self.mirror = {name: options for name, options in specs} if specs else None
         for field in msgspec.structs.fields(self):
-            if field.name == "tuning":
+            if field.name in ("tuning", "mirror"):
                 continue
             value = getattr(self, field.name)
             try:
@@ -207,6 +335,15 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def io_buffer_bytes(self) -> int:
         return self.tuning.io_buffer_bytes
+
+    @property
+    def mirror_drain_s(self) -> float:
+        return self.tuning.mirror_drain_s
+
+    @property
+    def mirrors(self) -> list[tuple[str, dict[str, Any]]]:
+        """The trackers the records are mirrored to: (name, options) pairs."""
+        return mirror_specs(self.mirror)
 
     @property
     def keys_are_default(self) -> bool:
@@ -321,6 +458,8 @@ _ALLOWED: dict[str, str] = {
     "label_key": "a batch key (string) or a tuple position (integer)",
     "layer_depth": "an integer >= 0 (0: the whole module name)",
     "expected_lr_ratios": "a mapping of group name to a number > 0, or null",
+    "mirror": "a tracker name, a list of them, or a mapping of name to options (tensorboard, mlflow, wandb, trackio, framework, or 'package.module:Class')",
+    "mirror_drain_s": "a number of seconds > 0",
 }
 
 

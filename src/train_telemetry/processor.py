@@ -26,6 +26,7 @@ from .messages import ALL_MISSING, IN_AUX, IN_EXTRA, IN_SLOT, Groups, Setup, Sna
 from .metrics.api import RunInfo, SnapshotData, _Lazy
 from .metrics.batch import LabelCounts, batch_accuracy, label_counts, unpack_count_vector
 from .metrics.holdout import evaluate_holdout
+from .mirrors import open_mirrors
 from .records import TypedRecord, encode_record, error_entry, typed_record
 from .reference import ReferenceCheckpoint
 from .shards import Assembler, RankFailed, materialize
@@ -46,6 +47,8 @@ class SnapshotProcessor:
         self.setup = setup
         self.writer = writer
         self.log = log
+        # Trackers the records are mirrored to, each on its own thread (mirrors/hub.py); None: none.
+        self.mirrors = open_mirrors(config, run_dir, writer.path, setup.rank, log.once)
         self.built_by = "worker"  # "trainer" when the training process runs us inline (sinks.InlineSink)
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
         views = meta_views(setup.meta, max(setup.num_params, 1))
@@ -282,6 +285,8 @@ class SnapshotProcessor:
                 | {"errors": [error_entry("encode", exc)]}
             )
         self.writer.write(line)
+        if self.mirrors is not None:  # an append per mirror: never waits (NOTE [mirror isolation])
+            self.mirrors.feed(record)
 
     # -- errors -------------------------------------------------------------------
     @contextlib.contextmanager

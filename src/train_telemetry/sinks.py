@@ -36,6 +36,7 @@ from .budget import usable_cores
 from .config import TelemetryConfig
 from .messages import Done, Groups, Setup, SetupDone, read_header
 from .metrics.holdout import plain_numerics
+from .mirrors import attach_active_runs, close_mirrors
 from .processor import SnapshotProcessor
 from .records import repair_torn_tail
 from .sending import dumps_for_worker
@@ -112,6 +113,8 @@ class InlineSink:
         with contextlib.suppress(OSError):  # counted in io_errors; stop() never raises
             self.writer.close()
         p = self.processor
+        if p is not None:  # the records are on disk: now the trackers, abandoned at the deadline
+            close_mirrors(p.mirrors, self.config, deadline)
         done = Done(self.writer.records_written, dict(p.errors) if p else {}, list(p.last_errors) if p else [],
                     self.writer.io_errors)
         done.last_errors += self.writer.problems.values()
@@ -407,6 +410,7 @@ def take_slot(sink: Sink, config: TelemetryConfig) -> int | None:
 
 
 def open_sink(mode: str, config: TelemetryConfig, run_dir: Path, records_file: Path) -> Sink:
+    config = attach_active_runs(config)  # mirrors log into the user's active MLflow/W&B run, not a second one
     if mode == "sync":
         return InlineSink(config, run_dir, records_file)
     return WorkerSink(config, run_dir, records_file)

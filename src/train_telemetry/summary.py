@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from .mirrors.base import MirrorStats
+from .mirrors.hub import read_stats, stats_file_for
 from .sinks import Finished
 from .worker_handle import describe_exit, signal_name
 from .writer import count_records
@@ -57,6 +59,9 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     worker_restarts: int = 0  # dead workers replaced (each replayed what it held)
     segment: int = 0  # which start() in this output_dir (0: the first; resumed runs append)
     snapshots_skipped: int = 0  # of snapshots_dropped: skipped to keep within overhead_budget
+    # Each mirror (config `mirror`): records sent to its tracker, dropped, and its state. A
+    # mirror's losses never make the run unclean: every record is in the JSONL.
+    mirrors: dict[str, MirrorStats] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -92,6 +97,7 @@ def summarize(finished: Finished, mode: str, output_dir: Path | None, records_fi
         worker_restarts=finished.restarts,
         segment=segment,
         snapshots_skipped=skipped,
+        mirrors=read_stats(stats_file_for(records_file)) if records_file else {},
     )
 
 

@@ -93,6 +93,7 @@ from .budget import usable_cores
 from .config import TelemetryConfig
 from .messages import Done, Groups, Ready, Setup, SetupDone, Stop, read_header
 from .metrics.api import set_before_input
+from .mirrors import close_mirrors
 from .processor import SnapshotProcessor
 from .snapshot import Channel
 from .writer import OnceLog, RecordWriter
@@ -271,6 +272,8 @@ class _Loop:
         """Close the records file and send ``Done``: what was written and what went wrong."""
         with contextlib.suppress(OSError):  # e.g. EIO from close(): still send Done
             self.writer.close()
+        if self.processor is not None:  # the records are on disk: now the trackers, bounded in time
+            close_mirrors(self.processor.mirrors, self.config)
         processor, writer = self.processor, self.writer
         errors = dict(processor.errors) if processor else {}
         last = (list(processor.last_errors) if processor else []) + self.fatal

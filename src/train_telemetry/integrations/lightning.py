@@ -85,6 +85,9 @@ class TelemetryCallback(pl.Callback):
             first ``holdout_size`` examples of the validation dataloader.
         forward_fn: ``f(model, batch) -> logits`` for the holdout (module level, so it pickles).
         metrics: your own metrics (``Telemetry(config, metrics=...)``).
+        mirror: the config's ``mirror`` (trackers the records are also sent to); ``"framework"``:
+            the trackers of the Trainer's loggers (TensorBoardLogger, MLFlowLogger, WandbLogger),
+            into their runs.
     """
 
     def __init__(
@@ -93,8 +96,11 @@ class TelemetryCallback(pl.Callback):
         holdout: Any = None,
         forward_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
         metrics: Sequence[Any] | None = None,
+        mirror: Any = None,
     ) -> None:
         self.config = load_config(config)
+        if mirror is not None:
+            self.config = self.config.replace(mirror=mirror)
         self.holdout = holdout
         self.forward_fn = forward_fn
         self.metrics = list(metrics) if metrics else None
@@ -116,6 +122,10 @@ class TelemetryCallback(pl.Callback):
             root = str(trainer.default_root_dir)
             os.makedirs(root, exist_ok=True)
             config = config.replace(output_dir=os.path.join(root, "telemetry"))
+        if any(name == "framework" for name, _ in config.mirrors):
+            from ..mirrors.framework import lightning_mirrors, resolve_framework
+
+            config = resolve_framework(config, *lightning_mirrors(trainer.loggers), "Trainer's loggers")
         holdout = self.holdout
         if holdout is None and config.track_holdout_logits:
             holdout = _holdout_from_validation(trainer, pl_module, config.holdout_size)

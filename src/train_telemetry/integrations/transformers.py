@@ -203,6 +203,8 @@ class TelemetryCallback(TrainerCallback):
         forward_fn: ``f(model, batch) -> logits`` for the holdout (module level, so it pickles);
             default :func:`forward_transformers`.
         metrics: your own metrics (``Telemetry(config, metrics=...)``).
+        mirror: the config's ``mirror`` (trackers the records are also sent to); ``"framework"``:
+            the trackers of the Trainer's ``report_to``, into the runs they opened.
     """
 
     def __init__(
@@ -211,8 +213,11 @@ class TelemetryCallback(TrainerCallback):
         holdout: Any = None,
         forward_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
         metrics: Sequence[Any] | None = None,
+        mirror: Any = None,
     ) -> None:
         self.config = load_config(config)
+        if mirror is not None:
+            self.config = self.config.replace(mirror=mirror)
         self.holdout = holdout
         self.forward_fn = forward_fn
         self.metrics = list(metrics) if metrics else None
@@ -241,9 +246,17 @@ class TelemetryCallback(TrainerCallback):
             forward_fn = forward_transformers
             if config.keys_are_default:  # the seed's img1/img2/winner: a Trainer's batches say labels
                 config = config.replace(label_key="labels")
+        trainer = _find_trainer()
+        if trainer is not None and any(name == "framework" for name, _ in config.mirrors):
+            # report_to's callbacks come before ours (Trainer: default + report_to + user callbacks),
+            # so their runs are open now: mirror into them.
+            from ..mirrors.framework import resolve_framework, transformers_mirrors
+
+            config = resolve_framework(config, *transformers_mirrors(trainer.callback_handler.callbacks),
+                                       "Trainer's report_to")
         holdout = self.holdout
         if holdout is None and config.track_holdout_logits:
-            holdout = _holdout_from_trainer(_find_trainer(), model, args, config.holdout_size)
+            holdout = _holdout_from_trainer(trainer, model, args, config.holdout_size)
         extra_args: dict[str, Any] = {"metrics": self.metrics} if self.metrics else {}
         telemetry = Telemetry(config, forward_fn=forward_fn, **extra_args)
         if holdout is not None:
