@@ -138,7 +138,7 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
     """
     dist = torch.distributed
     world = dist.get_world_size()
-    mine: dict[str, Any] = {"host": socket.gethostname(), "token": uuid.uuid4().hex[:12], "error": None}
+    mine: dict[str, Any] = {"host": host_identity(dist.get_rank(), world), "token": uuid.uuid4().hex[:12], "error": None}
     try:
         mine["tensors"] = [_describe(name, t, world) for name, t in tensors]
     except Exception as exc:
@@ -174,6 +174,19 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
     plan.paths = [None, *(os.path.join(SHM_DIR, f"train-telemetry-{token}-rank{r}") if same_host else None
                           for r in range(1, world))]
     return plan
+
+
+TEST_HOSTS_ENV = "TRAIN_TELEMETRY_TEST_HOSTS"
+
+
+def host_identity(rank: int, world: int) -> str:
+    """The host this rank runs on: its hostname. For tests only, ``TRAIN_TELEMETRY_TEST_HOSTS=N``
+    puts rank r on host ``r * N // world``, so that one machine stands in for N hosts that
+    share no memory (the multi-host path, tested without a second machine)."""
+    hosts = os.environ.get(TEST_HOSTS_ENV)
+    if hosts:
+        return f"test-host-{rank * int(hosts) // world}"
+    return socket.gethostname()
 
 
 def _describe(name: str, t: torch.Tensor, world: int) -> tuple[str, list[int], str, int | None, int, int]:
@@ -367,6 +380,8 @@ class Assembler:
         self.files: dict[int, SlotFile] = {}
         self.gone: set[int] = set()
         self.error: str | None = None
+        self.full: dict[int, torch.Tensor] = {}
+        self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
         if not plan.same_host:
             self.error = (f"the ranks run on {plan.hosts} hosts: rank 0's worker cannot read the other hosts' "
                           "shards, so weight metrics (norms, deltas, holdout) are not recorded; gradient norms, "
@@ -376,9 +391,7 @@ class Assembler:
             path = plan.paths[r]
             assert path is not None
             self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
-        self.full: dict[int, torch.Tensor] = {
-            j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
-        self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
+        self.full = {j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
 
     def tensors(self, slot: int, ordinal: int | None) -> tuple[list[torch.Tensor] | None, str | None]:
         """The full tensors (layout order) of the collection in rank 0's ``slot``; or None and why not.

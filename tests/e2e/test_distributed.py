@@ -59,8 +59,10 @@ example = _load_example()
 
 
 
-def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[int, dict[str, Any]]]:
-    """Run the example (under torchrun when ranks > 1); return its output dir and each rank's result."""
+def run_example(workdir: Path, *flags: str, ranks: int = 2,
+                env: dict[str, str] | None = None) -> tuple[Path, dict[int, dict[str, Any]]]:
+    """Run the example (under torchrun when ranks > 1), with ``env`` added to the environment;
+    return its output dir and each rank's result."""
     out = workdir / "telemetry"
     results = workdir / "results"
     results.mkdir(parents=True)
@@ -74,7 +76,7 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2) -> tuple[Path, dict[
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script]
     else:
         cmd = [sys.executable, *script]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)

@@ -25,6 +25,7 @@ from test_distributed import EXAMPLE, REL, assert_all_written, pytestmark, run_e
 
 from train_telemetry import read_records
 from train_telemetry.records import read_json
+from train_telemetry.shards import TEST_HOSTS_ENV
 
 STEPS = ["--steps", "8", "--collect-every-n", "2", "--accum", "2"]
 NOT_COMPARED = {"timestamp", "time", "hook_ms", "worker_lag_ms", "rank", "world_size"}
@@ -56,6 +57,29 @@ def assert_same(got: Any, want: Any, where: str) -> None:
         assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-7), (where, got, want)
     else:
         assert got == want, (where, got, want)
+
+
+@pytest.mark.timeout(150)
+def test_fsdp2_on_two_hosts_records_every_collection_and_says_what_is_missing(
+        tmp_path: Path, one_process: list[dict[str, Any]]) -> None:
+    """Each rank on a host of its own (no shared memory between them): every collection is
+    recorded, the gradient norms, LRs, loss and batch statistics equal one process's, and the
+    weight metrics the other host's shards would need are absent with an error saying why."""
+    out, results = run_example(tmp_path, *STEPS, "--fsdp", "full", env={TEST_HOSTS_ENV: "2"})
+    assert_all_written(results[0]["summary"])
+    assert results[0]["summary"]["hook_errors"] == 0 == results[1]["summary"]["hook_errors"]
+    records = read_records(out)
+    assert len(records) == len(one_process) == 4
+    for got, want in zip(records, one_process, strict=True):
+        for key in ("gradient_norm", "learning_rates", "train", "batch_stats"):
+            assert_same(got[key], want[key], f"batch {want['batch_idx']}.{key}")
+        # Null where the other host's shards are needed, never a value from rank 0's half alone.
+        assert "weight_norm" not in got and "holdout_logits" not in got
+        assert all(v is None for family in ("weight_delta", "update_ratio") for v in got[family].values())
+        assert list(got["layers"]) == ["gradient_norm"]
+        assert_same(got["layers"]["gradient_norm"], want["layers"]["gradient_norm"], f"batch {want['batch_idx']}.layers")
+        (missing,) = [e for e in got["errors"] if e["where"] == "weights"]
+        assert missing["type"] == "ShardsMissing" and "run on 2 hosts" in missing["message"], missing
 
 
 @pytest.mark.timeout(150)
