@@ -102,8 +102,10 @@ PRESET_KEYS = {
     "depth": int, "batch_size": int, "optimizer": str, "steps": int, "warmup_steps": int,
 }
 # --quick: every code path, a few steps each, small wide model (tests/e2e/test_stress_script.py).
-# One trainer thread: a CI machine is busy, and a descheduled second thread stalls every op.
-QUICK = {"collect_every_n": [1, 4], "repeats": 1, "segment_time_limit_s": 5.0, "microbench_calls": 2000,
+# One interval, 2: collection and idle steps alternate, so both hook paths run (each interval
+# more is 12 worker starts). One trainer thread: a CI machine is busy, and a descheduled
+# second thread stalls every op.
+QUICK = {"collect_every_n": [2], "repeats": 1, "segment_time_limit_s": 5.0, "microbench_calls": 2000,
          "quiet_wait_s": 0.0, "threads": 1, "budget_settle_s": 0.0}
 QUICK_PRESET = {"steps": 8, "warmup_steps": 2}
 QUICK_SIZES = {"siamese": {"width": 8, "embed": 16, "image_size": 8, "batch_size": 16},

@@ -54,7 +54,7 @@ def test_quick_run_writes_every_field(quick_run: tuple[dict[str, Any], str, str]
     for preset in result["presets"]:
         assert not PRESET_FIELDS - preset.keys()
         modes = {(r["mode"], r["every"]) for r in preset["rows"]}
-        assert {("off", None), ("floor", 1)} | {(m, e) for m in TELEMETRY_MODES for e in (1, 4)} == modes
+        assert {("off", None), ("floor", 1)} | {(m, e) for m in TELEMETRY_MODES for e in (2,)} == modes
         for row in preset["rows"]:
             assert not ROW_FIELDS - row.keys(), row["mode"]
         async_rows = [r for r in preset["rows"] if r["built_by"] == ["worker"]]
@@ -106,4 +106,4 @@ def test_quick_run_prints_one_line_per_segment_and_a_table(quick_run: tuple[dict
     assert "block / sync (mean)" in md and "| delivered |" in md
     assert "Targets (issue 14" in md and "python scripts/stress_test.py --quick" in md
     targets = {t["target"] for t in result["targets"]}
-    assert {"block mean step / sync mean step (every 1)", "budget: mean step / off (every 4)"} <= targets
+    assert {"block mean step / sync mean step (every 2)", "budget: mean step / off (every 2)"} <= targets
