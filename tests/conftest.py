@@ -3,7 +3,8 @@
 Unit tests first (under a minute: what to run while working, ``pytest tests/unit``), then
 the end-to-end runs, then the ones marked ``slow`` (real training subprocesses:
 ``pytest -m "not slow"`` leaves them out): a failure in the fast layers shows first, and
-the suite stops early on ``-x`` before the long runs start.
+the suite stops early on ``-x`` before the long runs start. The whole suite runs on two
+workers (``-n 2 --dist loadgroup``, pytest-xdist), with the torchrun files first on one.
 
 Fixtures (from ``tests/tiny.py``, which test files may also import directly):
 
@@ -15,6 +16,7 @@ Fixtures (from ``tests/tiny.py``, which test files may also import directly):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,15 @@ from tiny import tiny_run as _tiny_run
 from train_telemetry import TelemetryConfig
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Under pytest-xdist (the README's `-n 2 --dist loadgroup`) the tests that must share one
+    # worker (xdist_group: the torchrun files) go first: that worker runs them while the other
+    # takes the rest, instead of the whole group running alone at the end.
+    parallel = bool(os.environ.get("PYTEST_XDIST_WORKER")) or bool(getattr(config.option, "numprocesses", None))
+
     def rank(item: pytest.Item) -> int:
+        if parallel and item.get_closest_marker("xdist_group"):
+            return -1
         if "tests/unit/" in item.nodeid or item.nodeid.startswith("unit/"):
             return 0
         return 2 if item.get_closest_marker("slow") else 1

@@ -39,6 +39,9 @@ COMPARED = ("gradient_norm", "weight_delta", "weight_norm", "learning_rates")
 
 pytestmark = [
     pytest.mark.slow,
+    # test_fsdp.py (which imports these marks) lists /dev/shm before and after its runs: under
+    # `-n 2` no other torchrun test may run beside it, so both files go to one worker.
+    pytest.mark.xdist_group("torchrun"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups"),
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
 ]

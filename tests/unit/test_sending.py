@@ -264,9 +264,13 @@ def test_flat_script_classes_go_by_value_to_a_worker_that_does_not_rerun_the_scr
     assert results["ours"] == ["ok", True], results
 
 
-def test_without_main_rerun_drops_the_main_script_for_its_own_thread_only() -> None:
+def test_without_main_rerun_drops_the_main_script_for_its_own_thread_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside the block this thread's preparation data names no main script, another thread's still does; after it, this one's does again."""
     main_keys = {"init_main_from_name", "init_main_from_path"}
+    # A main script, as a trainer run from a file has (under pytest-xdist, __main__ is execnet's, which names none).
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    monkeypatch.setattr(main, "__file__", __file__, raising=False)
 
     def names_main() -> bool:
         return bool(main_keys & set(multiprocessing.spawn.get_preparation_data("probe")))
