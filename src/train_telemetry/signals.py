@@ -35,7 +35,6 @@ class Drainable(Protocol):
     def sigterm_drain_s(self) -> float: ...
 
 
-_previous: Any = None
 _targets: Callable[[], Iterable[Drainable]] = list
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -60,26 +59,50 @@ def track(target: Drainable, at_exit: Callable[[], None]) -> None:
 
 def install_sigterm_drain(targets: Callable[[], Iterable[Drainable]]) -> None:
     """Drain ``targets()`` on SIGTERM, then let it act as before (default: die by it; the user's: chain)."""
-    global _previous, _targets
+    global _targets
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers; the at-exit hook still covers normal exits
     current = signal.getsignal(signal.SIGTERM)
     if current is _on_sigterm or current == signal.SIG_IGN:
         return  # installed already, or the user ignores SIGTERM: nothing to drain for
-    _previous, _targets = current, targets
+    _previous.append(current)
+    _targets = targets
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+# The handlers ours replaced, oldest first. Usually one. More when a handler installed after
+# ours calls the one it replaced (Lightning's signal connector does) and a later start()
+# installs ours on top of it again: SIGTERM then runs ours -> theirs -> ours. Each time ours
+# is entered again inside that chain it calls the next older handler instead, so every
+# handler runs once, the drain first, and the oldest ends it as it would have without us.
+_previous: list[Any] = []
+_depth = 0
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _depth
+    depth, _depth = _depth, _depth + 1
+    try:
+        if depth == 0:
+            _drain()
+        index = len(_previous) - 1 - depth
+        previous = _previous[index] if index >= 0 else signal.SIG_DFL
+        if callable(previous):
+            previous(signum, frame)
+            return
+        if previous == signal.SIG_IGN:
+            return
+        # The default action, exactly as without us: die by SIGTERM (exit status -15 / 143).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        _depth = depth
+
+
+def _drain() -> None:
     live = list(_targets())
     bound = max([t.sigterm_drain_s for t in live], default=0.0)
     deadline = time.monotonic() + bound  # the user's handler runs no later than this (plus kill grace)
     for t in live:
         with contextlib.suppress(Exception):  # never keep the signal from acting
             t.drain_for_signal(deadline)
-    if callable(_previous):
-        _previous(signum, frame)
-        return
-    # The default action, exactly as without us: die by SIGTERM (exit status -15 / 143).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
