@@ -52,6 +52,7 @@ TUNABLE: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "training_stalled": ("stall", "STALL_TOLERANCE", (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)),
     "lr_schedule_ends_early": ("schedule", "ENDS_EARLY_SHARE", (0.05, 0.1, 0.2, 0.3, 0.5)),
     "lr_warmup_unfinished": ("schedule", "WARMUP_TAIL_RISE", (1.02, 1.05, 1.1, 1.2, 1.5)),
+    "lr_too_high": ("step_size", "TOO_LARGE_RATIO", (0.1, 0.2, 0.3, 0.5, 1.0)),
 }
 SPIKE_MATCH_BEFORE, SPIKE_MATCH_AFTER = 1, 10
 # Consecutive detections this close (in steps) are one event.

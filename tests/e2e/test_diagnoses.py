@@ -42,7 +42,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "shuffled_labels": ({"no_learning", "overfitting"}, {"prediction_collapse"}),
     "exploding_lr": (
         {"exploding_gradients"},
-        {"nonfinite", "no_learning", "prediction_collapse", "vanishing_gradients", "dying_relu"},
+        {"nonfinite", "no_learning", "prediction_collapse", "vanishing_gradients", "dying_relu", "lr_too_high"},
     ),
     # The silent bugs. Gradients summed over steps swamp the model, a cut embedding or an
     # optimiser swinging ever wider leaves the holdout at chance: those are consequences too.
@@ -51,8 +51,9 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "saturated_tanh": ({"saturated_activations"}, {"no_learning", "vanishing_gradients"}),
     "eval_mode": ({"eval_mode_training"}, {"no_learning"}),
     "frozen_bn": ({"frozen_batchnorm_stats"}, set()),  # a warning: frozen BN can be intended
-    "unstable": ({"unstable_training"}, {"no_learning", "prediction_collapse"}),
-    "non_convergence": ({"non_convergence"}, {"unstable_training"}),
+    # Both are an LR too high for the head: its oversized steps (lr_too_high) are the cause.
+    "unstable": ({"unstable_training"}, {"no_learning", "prediction_collapse", "lr_too_high"}),
+    "non_convergence": ({"non_convergence"}, {"unstable_training", "lr_too_high"}),
 }
 # Presets that need a longer run than the default 96 steps to show their problem.
 STEPS = {"non_convergence": "256"}

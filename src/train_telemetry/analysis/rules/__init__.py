@@ -42,6 +42,7 @@ from train_telemetry.analysis.rules import (
     schedule,
     spikes,
     stall,
+    step_size,
     updates,
 )
 from train_telemetry.analysis.rules._common import one_pass
@@ -74,6 +75,7 @@ RULES: tuple[Rule, ...] = (
     batches.DataImbalance(),
     groups.FrozenGroup(),
     learning_rates.LrRatioMismatch(),
+    step_size.LrTooHigh(),
     schedule.LrWarmupUnfinished(),
     scale.PoorInitialScale(),
     activations.DyingRelu(),
