@@ -36,7 +36,7 @@ class LrTooHigh(Rule):
     severity = "serious"
     summary = (
         f"a param group's steps move its weights by {TOO_LARGE_RATIO:g}x their norm or more "
-        f"(update/weight) in {TOO_LARGE_MIN_RECORDS}+ records, where healthy training moves ~1e-3: "
+        f"(update/weight per step) in {TOO_LARGE_MIN_RECORDS}+ records, where healthy training moves ~1e-3: "
         "its LR is too high"
     )
     silent_bug = True
@@ -44,9 +44,14 @@ class LrTooHigh(Rule):
     def check(self, run: Run) -> list[Diagnosis]:
         if any(d.severity == "serious" for d in GradientsNotZeroed().check(run)):
             return []  # the steps are large because the gradients add up: named there, with its fix
+        # A record's update ratio spans the steps since the record before it (collect_every_n):
+        # divided by them it is the mean step's, a lower bound of the typical one (steps that
+        # do not all point the same way add up to less than their sum).
+        steps = run.steps
+        span = {s: max(1, s - steps[i - 1]) if i else 1 for i, s in enumerate(steps)}
         out = []
         for group in run.groups or ["overall"]:
-            series = run.series("update_ratio", group, finite=True)
+            series = [(s, v / span.get(s, 1)) for s, v in run.series("update_ratio", group, finite=True)]
             large = [(s, v) for s, v in series if v >= TOO_LARGE_RATIO]
             if len(large) < TOO_LARGE_MIN_RECORDS:
                 continue
@@ -56,11 +61,12 @@ class LrTooHigh(Rule):
             lr_words = f" at LR {format_number(lr)}" if lr is not None and math.isfinite(lr) else ""
             out.append(
                 self.diagnosis(
-                    title=f"group '{group}': {len(large)} of {len(series)} records moved its weights by "
-                    f"{TOO_LARGE_RATIO:g}x their norm or more (update/weight up to {format_number(peak)} "
-                    f"at step {peak_step}{lr_words}, first at step {large[0][0]}); healthy steps move ~1e-3",
+                    title=f"group '{group}': in {len(large)} of {len(series)} records its steps moved its weights "
+                    f"by {TOO_LARGE_RATIO:g}x their norm or more (update/weight per step up to "
+                    f"{format_number(peak)} at step {peak_step}{lr_words}, first at step {large[0][0]}); "
+                    "healthy steps move ~1e-3",
                     evidence=[
-                        Evidence(s, {f"update_ratio.{group}": v}
+                        Evidence(s, {f"update_ratio_per_step.{group}": v}
                                  | ({f"learning_rates.{group}": lrs[s]} if s in lrs else {}))
                         for s, v in pick(large)
                     ],
