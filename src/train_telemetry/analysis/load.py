@@ -725,6 +725,17 @@ def holdout_chance(holdout: HoldoutLogits) -> tuple[float, int]:
     return max(1.0 / k, majority), len(labels)
 
 
+def records_file_of(path: Path, rank: int | None = None) -> Path:
+    """The records file ``watch`` and ``mirror`` follow: ``path`` itself if a file; in a run
+    directory rank ``rank``'s, else the plain one, else the first rank's (it may not exist yet)."""
+    if path.is_file():
+        return path
+    if rank is not None:
+        return path / f"telemetry.rank{rank}.jsonl"
+    found = find_record_files(path) if path.is_dir() else []
+    return found[0][1] if found else path / RECORDS_FILE
+
+
 def find_record_files(directory: Path) -> list[tuple[int | None, Path]]:
     """(rank, file) for the records files of a run directory: the plain one, else per rank."""
     plain = directory / RECORDS_FILE

@@ -24,11 +24,11 @@ from train_telemetry.analysis.load import (
     Run,
     TypedRecord,
     family_values,
-    find_record_files,
     format_number,
     holdout_is_sequence,
     holdout_perplexity,
     record_segment,
+    records_file_of,
 )
 from train_telemetry.analysis.report import render_diagnoses
 from train_telemetry.analysis.rules import Diagnosis, diagnose
@@ -36,7 +36,6 @@ from train_telemetry.analysis.rules import Diagnosis, diagnose
 # records.py owns the format (the NaN/Inf strings, the schema); the tail reader decodes
 # line by line into the same typed records as load_run.
 from train_telemetry.records import (
-    RECORDS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
     RecordError,
@@ -158,15 +157,6 @@ def format_record_line(run: Run, record: TypedRecord, index: int) -> str:
     return " | ".join(parts)
 
 
-def _records_file(path: Path, rank: int | None) -> Path:
-    if path.is_file():
-        return path
-    if rank is not None:
-        return path / f"telemetry.rank{rank}.jsonl"
-    found = find_record_files(path) if path.is_dir() else []
-    return found[0][1] if found else path / RECORDS_FILE
-
-
 def _summary_is_current(summary: dict[str, Any], run: Run, directory: Path) -> bool:
     """Whether ``summary`` was written by the run's latest segment (so the run has stopped).
 
@@ -206,7 +196,7 @@ def watch(
     """
     path = Path(path)
     directory = path.parent if path.is_file() else path
-    file = _records_file(path, rank)
+    file = records_file_of(path, rank)
     follower = RecordFollower(file)
     run = Run(path=directory, records=[], records_file=file, rank=rank)
     shown: set[tuple[str, str | None]] = set()

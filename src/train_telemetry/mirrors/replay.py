@@ -57,17 +57,6 @@ def _diagnoser(directory: Path, records_file: Path, finished: Callable[[], bool]
     return run
 
 
-def _records_file(path: Path, rank: int | None) -> Path:
-    from ..analysis.load import find_record_files
-
-    if path.is_file():
-        return path
-    if rank is not None:
-        return path / f"telemetry.rank{rank}.jsonl"
-    found = find_record_files(path) if path.is_dir() else []
-    return found[0][1] if found else path / "telemetry.jsonl"
-
-
 def _stopped(directory: Path, last: TypedRecord | None) -> bool:
     """Whether the run's latest segment wrote summary.json (it stopped)."""
     summary = read_json(directory / SUMMARY_FILE)
@@ -83,13 +72,13 @@ def replay(path: str | Path, mirrors: list[tuple[str, dict[str, Any]]] | list[Mi
            out: TextIO | None = None) -> dict[str, MirrorStats]:
     """Send every record of the run at ``path`` to ``mirrors``; with ``follow``, also what it
     appends until it stops (summary.json) or ``max_seconds``. Returns each mirror's stats."""
-    from ..analysis.load import RunNotFoundError
+    from ..analysis.load import RunNotFoundError, records_file_of
     from ..analysis.watch import RecordFollower
 
     out = out or sys.stdout
     path = Path(path)
     directory = path.parent if path.is_file() else path
-    records_file = _records_file(path, rank)
+    records_file = records_file_of(path, rank)
     if not records_file.exists() and not follow:
         raise RunNotFoundError(f"{path}: no records file ({records_file.name}) here")
     meta = read_json(directory / RUN_FILE) or {}
