@@ -136,8 +136,8 @@ def test_mlflow_holds_the_jsonls_series_step_for_step(tmp_path: Path, mode: str)
 
 
 def test_mlflow_logs_into_the_users_active_run(tmp_path: Path) -> None:
-    """An MLflow run active in the trainer at start(): the worker logs into it (no second run)
-    and leaves it open."""
+    """An MLflow run active in the trainer at start(): the worker logs into it (no second run),
+    its series under telemetry/, and leaves it open."""
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -154,7 +154,10 @@ def test_mlflow_logs_into_the_users_active_run(tmp_path: Path) -> None:
 
     assert len(MlflowClient(uri).search_runs(["0"])) == 1
     assert summary.mirrors["mlflow"].sent == summary.records_written > 0
-    assert_same(mlflow_series(uri, run_id), jsonl_series(tmp_path / "run"))
+    # ours under telemetry/ (mirrors.ATTACHED_PREFIX), the user's own series untouched beside them
+    held = mlflow_series(uri, run_id)
+    assert_same(held, jsonl_series(tmp_path / "run", lambda k: "telemetry/" + k))
+    assert held["my_loss"] == [(1, 1.0)]
 
 
 def wandb_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -112,6 +112,13 @@ def close_mirrors(hub: MirrorHub | None, config: TelemetryConfig, deadline: floa
         hub.close(end if deadline is None else min(end, deadline), stall_s=config.mirror_drain_s)
 
 
+# The series prefix of a mirror that logs into a run it did not open (the user's active run,
+# or the framework's under ``mirror: framework``), unless its options set one: the Trainer
+# logs `train/loss` to TensorBoard and `epoch` to MLflow, Lightning what the user names; ours
+# beside theirs under the same name would interleave two series into one.
+ATTACHED_PREFIX = "telemetry/"
+
+
 def attach_active_runs(config: TelemetryConfig) -> TelemetryConfig:
     """``config`` with the user's active MLflow / W&B run (in this, the training process) named
     in the options of those mirrors that name no run, so the worker logs into that run instead
@@ -123,6 +130,7 @@ def attach_active_runs(config: TelemetryConfig) -> TelemetryConfig:
     mirror: dict[str, dict[str, Any]] = {}
     for name, options in specs:
         options = dict(options)
+        attached = False
         with contextlib.suppress(Exception):  # a tracker's odd state never fails start()
             if name == "mlflow" and not options.get("run_id") and "mlflow" in sys.modules:
                 mlflow = sys.modules["mlflow"]
@@ -130,18 +138,21 @@ def attach_active_runs(config: TelemetryConfig) -> TelemetryConfig:
                 if active is not None:
                     options["run_id"] = active.info.run_id
                     options.setdefault("tracking_uri", mlflow.get_tracking_uri())
-                    changed = True
+                    attached = True
             elif name == "wandb" and not options.get("run_id") and "wandb" in sys.modules:
                 run = getattr(sys.modules["wandb"], "run", None)
                 if run is not None:
                     options.update(wandb_run_options(run, options))
-                    changed = True
+                    attached = True
             elif name == "trackio" and "trackio" in sys.modules:
                 run = sys.modules["trackio"].context_vars.current_run.get()
                 if run is not None and not options.get("name"):
                     options.setdefault("project", run.project)
                     options["name"] = run.name
-                    changed = True
+                    attached = True
+        if attached:
+            options.setdefault("prefix", ATTACHED_PREFIX)
+            changed = True
         mirror[name] = options
     return config.replace(mirror=mirror) if changed else config
 

@@ -34,8 +34,13 @@ __all__ = [
     "record_step",
 ]
 
-# Bookkeeping, not a training signal: never a series (export --tensorboard leaves out the same).
-NOT_SCALARS = frozenset({"schema", "batch_idx", "step", "seq", "time", "rank", "world_size", "segment", "restarts"})
+# Bookkeeping, not a training signal: never a series (export --tensorboard leaves out the
+# same, but keeps epoch and reference_batch_idx: its event files are ours alone). A mirror may
+# log into the framework's own run (mirror: framework, an active MLflow / wandb run), where
+# the Trainer and Lightning log an `epoch` series of their own: ours would be interleaved
+# into it, at other steps, and corrupt it. The step axis says where a record is anyway.
+NOT_SCALARS = frozenset({"schema", "batch_idx", "step", "epoch", "seq", "time", "rank", "world_size",
+                         "segment", "restarts", "reference_batch_idx"})
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..config import FRAMEWORK_MIRROR, TelemetryConfig
-from . import wandb_run_options
+from . import ATTACHED_PREFIX, wandb_run_options
 
 
 def _log_dir(writer: Any) -> str | None:
@@ -107,7 +107,7 @@ def resolve_framework(config: TelemetryConfig, found: dict[str, dict[str, Any]],
         return config
     mirror = {name: options for name, options in specs if name != FRAMEWORK_MIRROR}
     for name, options in found.items():
-        mirror.setdefault(name, options)
+        mirror.setdefault(name, {"prefix": ATTACHED_PREFIX, **options})
     if skipped:
         warnings.warn(f"train-telemetry: mirror: framework: not mirrored from the {framework}: {', '.join(skipped)}",
                       RuntimeWarning, stacklevel=3)
