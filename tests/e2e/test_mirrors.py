@@ -135,20 +135,26 @@ def test_mlflow_holds_the_jsonls_series_step_for_step(tmp_path: Path, mode: str)
         "train_telemetry/holdout.json", "train_telemetry/holdout.csv"}
 
 
-def test_mlflow_logs_into_the_users_active_run(tmp_path: Path) -> None:
+def use_tracking_uri(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """mlflow.set_tracking_uri(uri) for this test only (it is process-wide: under -n 2 the next
+    test in this worker must find MLflow as it was, not pinned to this test's store)."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+
+def test_mlflow_logs_into_the_users_active_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An MLflow run active in the trainer at start(): the worker logs into it (no second run),
     its series under telemetry/, and leaves it open."""
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_name="mine") as mine:
-            mlflow.log_metric("my_loss", 1.0, step=1)
-            summary = train(config(tmp_path, ["mlflow"]), step_s=0.02)
-            run_id = mine.info.run_id
-            status = mlflow.tracking.MlflowClient(uri).get_run(run_id).info.status
-    finally:
-        mlflow.set_tracking_uri("")
+    use_tracking_uri(monkeypatch, uri)
+    with mlflow.start_run(run_name="mine") as mine:
+        mlflow.log_metric("my_loss", 1.0, step=1)
+        summary = train(config(tmp_path, ["mlflow"]), step_s=0.02)
+        run_id = mine.info.run_id
+        status = mlflow.tracking.MlflowClient(uri).get_run(run_id).info.status
     assert status == "RUNNING"  # ours to end, not the mirror's
     from mlflow.tracking import MlflowClient
 

@@ -12,7 +12,13 @@ pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 from test_integration_lightning import Automatic  # noqa: E402
-from test_mirrors import assert_same, jsonl_series, mlflow_series, tensorboard_series  # noqa: E402
+from test_mirrors import (  # noqa: E402
+    assert_same,
+    jsonl_series,
+    mlflow_series,
+    tensorboard_series,
+    use_tracking_uri,
+)
 
 from train_telemetry.integrations.lightning import TelemetryCallback  # noqa: E402
 
@@ -58,7 +64,7 @@ def test_hf_trainer_framework_mirror_logs_into_report_tos_runs(tmp_path: Path, m
     from train_telemetry.integrations.transformers import TelemetryCallback as HFCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    use_tracking_uri(monkeypatch, uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=6, learning_rate=5e-2,

@@ -143,12 +143,12 @@ BUGS: dict[str, tuple[str, Setup, set[str]]] = {
     "lr_too_high_with_momentum": (
         "unstable_training",
         Setup("breast_cancer", "sgdm", lr=0.5, steps=60, every=2),
-        {"non_convergence"},
+        {"non_convergence", "lr_too_high"},  # lr_too_high: the cause, named from the step size
     ),
     "adam_lr_too_high": (
         "non_convergence",
         Setup("breast_cancer", "adam", lr=0.1, steps=40, every=1),
-        {"unstable_training", "dying_relu"},  # Adam at 0.1 also kills ReLUs
+        {"unstable_training", "dying_relu", "lr_too_high"},  # Adam at 0.1 also kills ReLUs
     ),
     "dead_relu": (
         "dying_relu",
@@ -196,3 +196,14 @@ def test_healthy_counterpart_gets_no_serious_diagnosis(tmp_path: Path, name: str
     """The same data sets and models trained correctly get no serious diagnosis."""
     found = train(HEALTHY[name], tmp_path / name)
     assert not codes(found, "serious"), [(d.code, d.title) for d in found]
+
+
+@pytest.mark.parametrize("bug", ["lr_too_high_with_momentum", "adam_lr_too_high"])
+def test_an_lr_far_too_high_is_named_from_the_step_size(tmp_path: Path, bug: str) -> None:
+    """Whatever else the LR does to the run, its steps moving the weights by a large share of
+    their norm name the cause: lr_too_high, with the group, its LR and the step sizes."""
+    _, setup, _ = BUGS[bug]
+    found = train(setup, tmp_path / bug)
+    (named,) = [d for d in found if d.code == "lr_too_high"]
+    assert named.severity == "serious" and f"at LR {setup.lr:g}" in named.title, named.title
+    assert all(v >= 0.3 for e in named.evidence for k, v in e.values.items() if k.startswith("update_ratio_per_step"))
