@@ -17,6 +17,7 @@ After each collection step's hook it prints ``collected <step>``.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -41,6 +42,8 @@ def batch(g: torch.Generator, n: int = 8) -> dict[str, torch.Tensor]:
 
 
 def main(output_dir: str, scenario: str) -> None:
+    # A test whose trainer does not exit sends SIGUSR1 first: every thread's stack goes to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # "<scenario>+inline": the records built on the training thread (mode sync, what the
     # default auto chooses on a CPU trainer whose threads take every core); else the worker.
     scenario, _, variant = scenario.partition("+")
