@@ -45,6 +45,7 @@ __all__ = [
     "BOOKKEEPING_KEYS",
     "CORE_KEYS",
     "GROUP_FAMILIES",
+    "NOT_SCALARS",
     "OVERALL",
     "ErrorEntry",
     "HoldoutLogits",
@@ -355,6 +356,9 @@ BOOKKEEPING_KEYS = frozenset(
      "reference_batch_idx", "telemetry", "nonfinite", "nonfinite_origin", "errors", "segment", "restarts"}
 )
 """Keys that describe the record or the collector, not the model: never scanned for NaN."""
+NOT_SCALARS = frozenset({"schema", "batch_idx", "step", "seq", "time", "rank", "world_size", "segment", "restarts"})
+"""Keys with numbers that are bookkeeping, not training signals: never a scalar series
+(``export --tensorboard``, and the mirrors, which leave out a few more)."""
 # The order nonfinite_keys reports the seed's families in (then the rest, in record order).
 _SCAN_FIRST = (*GROUP_FAMILIES, "learning_rates", "train", "holdout_logits")
 

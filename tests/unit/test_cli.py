@@ -193,3 +193,20 @@ def test_report_and_export_show_a_metric_without_code_changes(
     assert main(["export", str(run_dir), "--format", "csv"]) == EXIT_OK
     header = next(run_dir.glob("*.csv")).read_text().splitlines()[0].split(",")
     assert {"mean_abs_weight.overall", "mean_abs_weight.head", "layers.gradient_norm.backbone.0"} <= set(header)
+
+
+def test_export_tensorboard_leaves_the_bookkeeping_out(tmp_path: Path) -> None:
+    """Records with their step (and batch_idx, seq, time) become training series only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = make_records("healthy", n=4)
+    for i, record in enumerate(records):
+        record["step"] = 100 + i
+    run = write_run(tmp_path / "run", records)
+    assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb")]) == EXIT_OK
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "gradient_norm/overall" in tags
+    assert not tags & {"step", "batch_idx", "seq", "time", "schema"}, sorted(tags)
+    assert [e.step for e in events.Scalars("gradient_norm/overall")] == [100, 101, 102, 103]

@@ -20,6 +20,7 @@ from msgspec import UNSET
 
 from train_telemetry.analysis.extras import require
 from train_telemetry.analysis.load import Run, TypedRecord, load_run, number
+from train_telemetry.records import NOT_SCALARS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,8 +45,6 @@ _PER_EXAMPLE = (
     "holdout_logits.example_accuracy",
 )
 _LEADING = ("batch_idx", "epoch", "seq", "timestamp", "segment", "superseded")
-# Bookkeeping that is not a training signal: left out of TensorBoard scalars.
-_NOT_SCALARS = {"schema", "batch_idx", "seq", "time", "rank", "world_size", "segment", "restarts"}
 
 
 def flatten_record(record: TypedRecord, *, per_example: bool = False) -> dict[str, Any]:
@@ -176,7 +175,7 @@ def _scalars(run: Run) -> Iterator[tuple[str, int, float, float]]:
         wall = record.time if math.isfinite(record.time) else time.time()
         for key, value in flatten_record(record).items():
             f = number(value)  # a flattened column: a number, a string (timestamp) or null
-            if f is None or key in _NOT_SCALARS:
+            if f is None or key in NOT_SCALARS:
                 continue
             # TensorBoard groups tags by their first '/' part: gradient_norm/head, train/loss.
             yield key.replace(".", "/", 1), step, wall, f

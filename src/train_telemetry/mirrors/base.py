@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 from msgspec import UNSET
 
+from ..records import NOT_SCALARS as RECORD_NOT_SCALARS
 from ..records import TypedRecord
 
 __all__ = [
@@ -34,13 +35,11 @@ __all__ = [
     "record_step",
 ]
 
-# Bookkeeping, not a training signal: never a series (export --tensorboard leaves out the
-# same, but keeps epoch and reference_batch_idx: its event files are ours alone). A mirror may
-# log into the framework's own run (mirror: framework, an active MLflow / wandb run), where
-# the Trainer and Lightning log an `epoch` series of their own: ours would be interleaved
-# into it, at other steps, and corrupt it. The step axis says where a record is anyway.
-NOT_SCALARS = frozenset({"schema", "batch_idx", "step", "epoch", "seq", "time", "rank", "world_size",
-                         "segment", "restarts", "reference_batch_idx"})
+# export's bookkeeping, and two keys export --tensorboard keeps (its event files are ours
+# alone): a mirror may log into the framework's own run (mirror: framework, an active MLflow
+# / wandb run), where the Trainer and Lightning log an `epoch` series of their own: ours would
+# be interleaved into it, at other steps. The step axis says where a record is anyway.
+NOT_SCALARS = RECORD_NOT_SCALARS | {"epoch", "reference_batch_idx"}
 
 
 @dataclass
