@@ -22,6 +22,7 @@ from .metrics.api import InputFailed, Metric, SnapshotData
 from .provenance import nonfinite_origin
 from .records import (
     SCHEMA_VERSION,
+    Record,
     RecordError,
     TypedRecord,
     error_entry,
@@ -116,4 +117,5 @@ def _without_misfits(record: dict[str, Any], on_error: OnError) -> TypedRecord:
     return typed_record(record)
 
 
-_BASE = frozenset({"schema", "batch_idx", "step", "epoch", "seq", "timestamp", "time"})
+# The keys every record has (Record's fields without a default): each other key is checked beside them.
+_BASE = frozenset(Record.__struct_fields__[: len(Record.__struct_fields__) - len(Record.__struct_defaults__)])
