@@ -81,6 +81,46 @@ def floors(weights: list[torch.Tensor], workdir: Path, forward: Any) -> dict[str
         os.close(fd)
 
 
+def record_chain(preset: Any, tcfg: dict[str, Any], out: Path, collections_n: int,
+                 metric_ms: dict[str, list[float]]) -> int:
+    """Build ``collections_n`` records inline (the worker's code, ``mode: sync``) with the
+    default metrics of ``tcfg``, timing each metric's ``compute`` into ``metric_ms`` (ms,
+    less the delta pass / holdout forward it triggered first: those are stages)."""
+    cfg = TelemetryConfig.from_dict({**tcfg, "mode": "sync", "tuning": {"fsync": False}, "collect_every_n": 1,
+                                     "output_dir": str(out / "run"), "input_keys": preset.input_keys,
+                                     "label_key": "winner"})
+    telemetry = Telemetry(cfg)
+    for m in telemetry.metrics:
+        fn = m.compute
+
+        def timed_compute(snap: Any, fn: Any = fn, key: str = m.key) -> Any:
+            nested0 = sum(map(sum, (times_ref["delta pass"], times_ref["holdout eval"])))
+            t0 = time.perf_counter()
+            try:
+                return fn(snap)
+            finally:
+                nested = sum(map(sum, (times_ref["delta pass"], times_ref["holdout eval"]))) - nested0
+                metric_ms[key].append((time.perf_counter() - t0) * 1e3 - nested)
+
+        m.compute = timed_compute  # type: ignore[method-assign]
+    model, opt = preset.fresh()
+    telemetry.set_holdout_data(preset.holdout)
+    telemetry.start(model, opt)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for i in range(collections_n):
+        batch = preset.batches[i % len(preset.batches)]
+        out_ = model(*[batch[k] for k in preset.input_keys])
+        loss = loss_fn(out_, batch["winner"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        telemetry.on_batch_end(model, opt, i, 0, None, batch, loss=loss, outputs=out_)
+    return telemetry.stop().records_written
+
+
+times_ref: dict[str, list[float]] = collections.defaultdict(list)  # the stage timings (main's `times`)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wide")
@@ -90,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     _, specs, tcfg = stress_test.load_config(stress_test.DEFAULT_CONFIG)
     preset = stress_test.build_preset(args.preset, specs[args.preset])
-    times: dict[str, list[float]] = collections.defaultdict(list)
+    times = times_ref
 
     def timed(owner: Any, attr: str, label: str) -> None:
         fn = getattr(owner, attr)
@@ -108,24 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     timed(reference_mod.ReferenceCheckpoint, "save", "reference save")
     timed(processor_mod.SnapshotProcessor, "evaluate", "holdout eval")
     timed(processor_mod.SnapshotProcessor, "handle", "whole record")
+    metric_ms: dict[str, list[float]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TelemetryConfig.from_dict({**tcfg, "mode": "sync", "tuning": {"fsync": False}, "collect_every_n": 1,
-                                         "output_dir": str(Path(tmp) / "run"), "input_keys": preset.input_keys,
-                                         "label_key": "winner"})
-        model, opt = preset.fresh()
-        telemetry = Telemetry(cfg)
-        telemetry.set_holdout_data(preset.holdout)
-        telemetry.start(model, opt)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        for i in range(args.collections):
-            batch = preset.batches[i % len(preset.batches)]
-            out = model(*[batch[k] for k in preset.input_keys])
-            loss = loss_fn(out, batch["winner"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            telemetry.on_batch_end(model, opt, i, 0, None, batch, loss=loss, outputs=out)
-        telemetry.stop()
+        per_record = record_chain(preset, tcfg, Path(tmp), args.collections, metric_ms)
+        # The activation statistics' cost is in their hooks on the holdout forward: the same
+        # chain without them, and the difference of the holdout stage.
+        plain: dict[str, list[float]] = collections.defaultdict(list)
+        with_hooks = list(times["holdout eval"])
+        times["holdout eval"].clear()
+        record_chain(preset, {**tcfg, "track_activations": False}, Path(tmp) / "b", args.collections, plain)
+        without_hooks = list(times["holdout eval"])
+        times["holdout eval"] = with_hooks
+        model, _ = preset.fresh()
         model.eval()
         holdout_inputs = [preset.holdout[k] for k in preset.input_keys]
 
@@ -134,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 model(*holdout_inputs)
 
         floor = floors([p.detach() for p in model.parameters()], Path(tmp), bare_forward)
+    del per_record
     med = {k: statistics.median(v[2:] or v) for k, v in times.items()}
     med["rest"] = med["whole record"] - med["delta pass"] - med["reference save"] - med.get("holdout eval", 0.0)
     stage_floor = {"delta pass": floor["read"] + floor["copy"], "reference save": floor["write"],
@@ -149,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         if k in med:
             f = stage_floor[k]
             print(f"| {k} | {med[k]:.1f} | {f:.1f} | {med[k] / f:.2f}x |" if f else f"| {k} | {med[k]:.1f} | - | - |")
+    record = med["whole record"]
+    hooks = statistics.median(with_hooks[2:] or with_hooks) - statistics.median(without_hooks[2:] or without_hooks)
+    print()
+    print(f"Per metric, ms per record (median; the stages they trigger first are counted as stages above), "
+          f"of a {record:.1f} ms record:")
+    print()
+    print("| metric (record key) | ms | share of the record |")
+    print("|---|---|---|")
+    rows = [(k, statistics.median(v[2:] or v)) for k, v in metric_ms.items()]
+    rows.append(("activations: hooks on the holdout forward (in holdout eval)", hooks))
+    for key, ms in sorted(rows, key=lambda kv: -kv[1]):
+        print(f"| {key} | {ms:.2f} | {100 * ms / record:.1f}% |")
     return 0
 
 

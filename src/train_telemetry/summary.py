@@ -27,6 +27,7 @@ class Counts:
     dropped_since: int = 0  # ... since the last one taken: its record's dropped_before
     skipped: int = 0  # of dropped: skipped to keep within overhead_budget
     hook_errors: int = 0  # collections the hook failed (and skipped)
+    overhead: float | None = None  # set at stop(): the budget's measured overhead (budget.py)
 
     def drop(self) -> None:
         self.dropped += 1
@@ -62,6 +63,10 @@ class TelemetrySummary(msgspec.Struct, kw_only=True):
     # Each mirror (config `mirror`): records sent to its tracker, dropped, and its state. A
     # mirror's losses never make the run unclean: every record is in the JSONL.
     mirrors: dict[str, MirrorStats] = {}
+    # The training time telemetry added, as the overhead budget measured it from the step
+    # times (NOTE [measured overhead] in budget.py): the mean step over the step without
+    # telemetry, minus one. None without a budget, or when no window could be measured.
+    overhead: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -97,6 +102,7 @@ def summarize(finished: Finished, mode: str, output_dir: Path | None, records_fi
         worker_restarts=finished.restarts,
         segment=segment,
         snapshots_skipped=skipped,
+        overhead=counts.overhead,
         mirrors=read_stats(stats_file_for(records_file)) if records_file else {},
     )
 

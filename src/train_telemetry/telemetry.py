@@ -182,12 +182,11 @@ class Telemetry:
         if batch_idx < (clock := self._clock).last_batch:  # the record's step: rundir.StepClock
             clock.went_back(epoch)
         clock.last_batch = batch_idx
+        if (budget := self._budget) is not None:
+            budget.tick()  # every call: the budget measures step times (NOTE [measured overhead])
         if batch_idx % self._every:
             return
-        budget = self._budget
-        if budget is not None:
-            budget.due += 1
-        t0 = time.perf_counter()
+        taken, t0 = self._counts.taken, time.perf_counter()
         try:
             # Grad mode off: outputs, loss (and create_graph grads) require grad; copying them
             # must build no graph. The C call, not `with torch.no_grad()`: 11 vs 27 us from the
@@ -199,7 +198,7 @@ class Telemetry:
             finally:
                 torch._C._set_grad_enabled(grad_mode)
                 if budget is not None:
-                    budget.hook_seconds += time.perf_counter() - t0
+                    budget.collected(time.perf_counter() - t0, self._counts.taken != taken)
         except Exception as exc:  # never let telemetry crash training
             self._counts.hook_errors += 1
             if self._unsent_slot is not None and self._sink is not None:
@@ -244,7 +243,7 @@ class Telemetry:
             self._collecting = False
             self._state = _STOPPED
             if self._budget is not None:
-                self._budget.close()
+                self._counts.overhead = self._budget.close()
             deadline = time.monotonic() + (self.config.stop_timeout_s if timeout is None else timeout)
             if self._late_setup is not None:
                 self._late_setup.join(max(0.0, deadline - time.monotonic()))

@@ -104,6 +104,7 @@ def test_quick_run_prints_one_line_per_segment_and_a_table(quick_run: tuple[dict
     assert sum(1 for line in stdout.splitlines() if " steps mean " in line) == len(result["segments"])
     assert md.count("| mode | every |") == 2 and md.count("| every | drop (built by ") == 2
     assert "block / sync (mean)" in md and "| delivered |" in md
-    assert "Targets (issue 14" in md and "python scripts/stress_test.py --quick" in md
+    assert "Targets (issue 27" in md and "python scripts/stress_test.py --quick" in md
     targets = {t["target"] for t in result["targets"]}
-    assert {"block mean step / sync mean step (every 2)", "budget: mean step / off (every 2)"} <= targets
+    assert "budget 0.05: mean step / off (every 2)" in targets
+    assert any(t.startswith("default (drop, budget auto 0.10): mean step / off (every 2, ") for t in targets)

@@ -3,7 +3,14 @@ overhead under it, well under it the stride halves, within bounds."""
 
 from __future__ import annotations
 
-from train_telemetry.budget import MAX_GROWTH, MAX_STRIDE, MAX_WINDOW_S, OverheadBudget
+from train_telemetry.budget import (
+    MAX_GROWTH,
+    MAX_STRIDE,
+    MAX_WINDOW_S,
+    RING,
+    OverheadBudget,
+    measure_steps,
+)
 
 
 def _budget(limit: float) -> OverheadBudget:
@@ -86,3 +93,103 @@ def test_a_window_holds_at_least_one_stride_of_due_collections() -> None:
     assert b.stride == 16
     assert b.observe(1.1, 2.2, 0.076, 16, None)  # the 16th due collection was taken: 76 ms in 1.1 s
     assert b.stride == 16 and abs((b.last_overhead or 0) - 0.076 / 1.1) < 1e-9  # 6.9%: held
+
+
+# --- NOTE [measured overhead]: the overhead is measured from the trainer's step times ---
+
+def _ticks(pattern: list[float], repeats: int, start: float = 100.0) -> list[float]:
+    """Hook call start times for steps of the given seconds, the pattern repeated."""
+    times = [start]
+    for _ in range(repeats):
+        for step in pattern:
+            times.append(times[-1] + step)
+    return times
+
+
+def test_measured_overhead_counts_what_a_collection_costs_the_steps_after_it() -> None:
+    """Every 8th call takes a collection (5 ms in the hook), and the two steps after it run 2 ms
+    slower (caches the record used): the plain steps give the 10 ms baseline, and the
+    overhead is everything beyond it, 9 ms per 80, not the hook's 5 ms alone."""
+    pattern = [0.015, 0.012, 0.012] + [0.010] * 5  # the step after call 0 holds its 5 ms hook
+    ticks = _ticks(pattern, 10)
+    dues = {c: (0.005, True) for c in range(0, 80, 8)}
+    steps, last = measure_steps(ticks, 0, dues, None, 0.0, None)
+    assert steps.own_baseline and abs((steps.baseline or 0) - 0.010) < 1e-12
+    assert steps.plain == 50 and steps.steps == 80
+    assert abs((steps.overhead or 0) - 0.009 / 0.080) < 1e-9
+    assert last == (72, ticks[72] + 0.005)
+
+
+def test_a_pause_between_two_calls_is_not_a_step_and_the_worker_settles() -> None:
+    """An eval loop between two calls (2 s) is left out of the baseline and of the overhead;
+    with a worker, steps are plain only once it had settle_s to build the record: here the
+    first 30 ms after each collection, so three more steps per collection are not plain."""
+    pattern = [0.010] * 8
+    ticks = _ticks(pattern, 10)
+    ticks = ticks[:40] + [t + 2.0 for t in ticks[40:]]  # a 2 s pause before call 40
+    dues = {c: (0.0, True) for c in range(0, 80, 8)}
+    steps, _ = measure_steps(ticks, 0, dues, None, 0.0, None)
+    assert steps.steps == 79 and abs(steps.overhead or 0) < 1e-9 and abs((steps.baseline or 0) - 0.01) < 1e-12
+    settled, _ = measure_steps(ticks, 0, dues, None, 0.035, None)
+    assert settled.plain == steps.plain - 10  # call 3 (30 ms after the end of call 0) is no longer plain
+
+
+def test_too_few_plain_steps_use_the_last_baseline_or_none() -> None:
+    """Every call collected: no plain step. The last baseline measures the window; without
+    one there is no measurement (the budget then probes)."""
+    ticks = _ticks([0.012], 20)
+    dues = {c: (0.002, True) for c in range(20)}
+    steps, _ = measure_steps(ticks, 0, dues, None, 0.0, 0.010)
+    assert not steps.own_baseline and steps.plain == 0 and abs((steps.overhead or 0) - 0.2) < 1e-9
+    none, _ = measure_steps(ticks, 0, dues, None, 0.0, None)
+    assert none.overhead is None
+
+
+def _feed(b: OverheadBudget, steps: list[float], taken_every: int, hook_s: float, t: float) -> float:
+    """Calls of the hook as the training loop makes them: stamp, and every ``taken_every``-th
+    call a due collection taken in ``hook_s`` (0: every call due, skipped by the budget if
+    it says so). Returns the time after the last step."""
+    for i, step in enumerate(steps):
+        n = b.calls
+        b.ticks[n % RING] = t
+        b.calls = n + 1
+        if taken_every and i % taken_every == 0:
+            taken = not b.skips(b.due)
+            b.collected(hook_s if taken else 0.0, taken)
+        t += step
+    return t
+
+
+def test_the_stride_rises_on_a_cost_the_hook_time_does_not_show() -> None:
+    """The issue-27 failure: a 1 ms hook every 8th step reads 0.7% by the estimate, while each
+    collection slows the two steps after it by 10 ms (caches, contention): 21 ms per 120,
+    17.5% > 10%. The measurement sees it, and the stride becomes the power of two at which
+    it would cost the budget (1.75 -> 2). The window ends where its last collection begins:
+    that collection's slowed steps are measured with it, in the next window."""
+    b = _budget(0.10)
+    pattern = [0.015 + 0.001, 0.025, 0.025] + [0.015] * 5  # collection, 2 slowed, 5 plain
+    b.observe(0.0, 0.0, 0.0, 0, None)
+    _feed(b, pattern * 8, 8, 0.001, 50.0)
+    assert b.observe(2.0, 4.0, b.hook_seconds, b.due, None)  # the trainer took both cores
+    expected = 0.021 / 0.120  # whole cycles: the steps up to the last collection taken (7 of 8)
+    assert abs((b.last_overhead or 0) - expected) < 1e-9 and b.stride == 2
+    assert abs((b.measured_overhead() or 0) - expected) < 1e-9
+
+
+def test_with_no_plain_step_a_probe_measures_the_baseline_then_the_stride_follows() -> None:
+    """Every step collected by a worker on an idle core: nothing is plain, there is no
+    baseline, so the budget probes (skips every due collection) until plain steps are in;
+    then the next window is measured against them: steps 30% slower than plain -> stride up."""
+    b = _budget(0.10)
+    b.observe(0.0, 0.0, 0.0, 0, None)
+    t = _feed(b, [0.013] * 60, 1, 0.0005, 10.0)
+    assert b.observe(1.0, 1.0, b.hook_seconds, b.due, None)  # the estimate: 3% -> held at 1
+    assert b.stride == 1 and b.probing and b.skips(12345)
+    t = _feed(b, [0.010] * 6, 1, 0.0005, t)  # skipped collections: plain steps at 10 ms, too few yet
+    assert not b.observe(1.5, 1.5, b.hook_seconds, b.due, None) and b.probing  # still probing
+    t = _feed(b, [0.010] * 8, 1, 0.0005, t)  # 3 + 8 plain steps (the first 2 follow a record)
+    assert not b.observe(2.0, 2.0, b.hook_seconds, b.due, None)  # the probe ends; no stride update
+    assert not b.probing and abs((b.baseline or 0) - 0.010) < 1e-9
+    t = _feed(b, [0.013] * 60, 1, 0.0005, t)
+    assert b.observe(3.0, 3.0, b.hook_seconds, b.due, None)
+    assert abs((b.last_overhead or 0) - 0.3) < 0.01 and b.stride == 4  # 1 * 0.3 / 0.1 -> 4

@@ -513,6 +513,8 @@ def _telemetry_summary(run: Run) -> dict[str, Any]:
         "records_written": summary.get("records_written"),
         "snapshots_taken": summary.get("snapshots_taken"),
         "snapshots_dropped": summary.get("snapshots_dropped"),
+        "snapshots_skipped": summary.get("snapshots_skipped"),
+        "overhead": summary.get("overhead"),  # measured by the overhead budget (budget.py)
         "errors": errors if isinstance(errors, dict) else {},
         "record_errors": sum(len(r.errors or []) for r in run.records),
         "clean": summary.get("clean"),
@@ -909,6 +911,7 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"    records built by {where}" + (f": {reason}" if reason and built == ["trainer"] else ""))
     if parts:
         lines.append("    " + "; ".join(parts))
+    lines += _cost_lines(t)
     restarts = t.get("worker_restarts") or 0
     if restarts:
         after = t.get("records_after_restart") or 0
@@ -925,6 +928,20 @@ def _telemetry_lines(s: dict[str, Any]) -> list[str]:
             f" ({after} records written after a restart){lost}"
         )
     return lines
+
+
+def _cost_lines(t: Mapping[str, Any]) -> list[str]:
+    """What telemetry cost the run (the budget's measurement) and the share of due collections kept."""
+    overhead, taken, dropped = number(t.get("overhead")), number(t.get("snapshots_taken")), number(t.get("snapshots_dropped"))
+    out = []
+    if overhead is not None:  # below 0.5% (or below 0: step times drifting) it is not told from noise
+        slower = f"{100 * overhead:.1f}% slower" if overhead >= 0.005 else "not measurably slower"
+        out.append(f"training steps {slower} than without telemetry (measured from step times)")
+    if taken is not None and dropped is not None and taken + dropped > 0:
+        skipped = int(number(t.get("snapshots_skipped")) or 0)
+        why = f", {skipped} skipped to stay within overhead_budget" if skipped else ""
+        out.append(f"{100 * taken / (taken + dropped):.0f}% of due collections recorded{why}")
+    return ["    cost: " + "; ".join(out)] if out else []
 
 
 def _layer_lines(layers: Mapping[str, Any] | None) -> list[str]:
