@@ -1,6 +1,6 @@
 """How often the diagnoses are right on programs they were not written against.
 
-    python3 scripts/eval_diagnosis.py              # every program, healthy and with each bug (~8 min on 2 cores)
+    python3 scripts/eval_diagnosis.py              # every program, healthy and with each bug (~4 min on 2 cores)
     python3 scripts/eval_diagnosis.py --quick      # smoke run: two programs, four runs
     python3 scripts/eval_diagnosis.py --out runs/eval --keep   # keep the run directories
     python3 scripts/eval_diagnosis.py --score runs/eval        # score runs trained before

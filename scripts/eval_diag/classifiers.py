@@ -21,11 +21,14 @@ from .common import Case, table, telemetry_config
 BUGS = {
     "healthy": "Adam 3e-3, constant LR (seed 1: SGD+momentum 0.05, warm-up then cosine decay)",
     "no_zero_grad": "optimizer.zero_grad() never called",
+    "no_zero_grad_clip": "optimizer.zero_grad() never called, gradients clipped at 1.0 (telemetry.clip_grad_norm_)",
     "eval_mode": "model.eval() before training and never model.train() (BatchNorm model)",
     "frozen_bn": "BatchNorm momentum 0",
     "dead_relu": "first layer's bias at -20",
     "saturated_tanh": "tanh activations, weights x20",
     "unstable": "SGD momentum 0.9 at LR 0.5",
+    "momentum_high": "SGD at LR 0.05 with momentum 0.99 (0.9 meant): the loss swings ever wider",
+    "lr_raised": "a step schedule that multiplies the LR by 40 at 2/3 of the run (gamma 40, 1/40 meant)",
     "adam_lr_high": "Adam at LR 0.1",
     "stale_optimizer": "the head (MLP) / the whole model (CNN) re-created after the optimizer was built",
     "softmax_ce": "the model ends in Softmax, fed to CrossEntropyLoss",
@@ -35,6 +38,18 @@ BUGS = {
     "lr_zero_early": "linear decay that reaches 0 at 30% of the run (scheduler length wrong)",
     "warmup_unfinished": "a linear warm-up 10x longer than the run",
 }
+
+
+# lr_raised: the LR x40 at 2/3 of the run, once the model has learned (the demo's
+# non_convergence preset raises it 15x at AdamW 1e-3 / 1e-2). Tried by hand on the three
+# classifier programs: at 15x (Adam 0.045) the loss settles back near where it got; at 40x
+# (0.12) it bounces far above it; at 100x the CNN's and the Lightning MLP's ReLUs die and
+# nothing is learned any more (no_learning). 40x is the strength that gives the symptom.
+LR_RAISE = 40.0
+# momentum_high: SGD momentum 0.99 where 0.9 was meant, at LR 0.05 (the demo's unstable preset:
+# 0.99 at 0.05): the effective step is 100x the LR, the loss swings ever wider.
+MOMENTUM_HIGH = 0.99
+MOMENTUM_LR = 0.05
 
 
 class Net(nn.Module):
@@ -106,10 +121,10 @@ def run(case: Case, out: Path, steps: int) -> None:
 
     model = build()
     _alter(model, bug)
-    sgd = bug == "unstable" or (bug == "healthy" and seed == 1)
-    lr = {"unstable": 0.5, "adam_lr_high": 0.1, "lr_tiny": 1e-6}.get(bug, 0.05 if sgd else 3e-3)
+    sgd = bug in ("unstable", "momentum_high") or (bug == "healthy" and seed == 1)
+    lr = {"unstable": 0.5, "adam_lr_high": 0.1, "lr_tiny": 1e-6, "momentum_high": MOMENTUM_LR}.get(bug, 0.05 if sgd else 3e-3)
     opt: torch.optim.Optimizer = (
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM_HIGH if bug == "momentum_high" else 0.9)
         if sgd
         else torch.optim.Adam(model.parameters(), lr=lr)
     )
@@ -124,6 +139,8 @@ def run(case: Case, out: Path, steps: int) -> None:
             return max(0.0, 1 - s / (0.3 * steps))
         if bug == "warmup_unfinished":
             return min(1.0, (s + 1) / (10 * steps))
+        if bug == "lr_raised":
+            return LR_RAISE if s >= 2 * steps // 3 else 1.0
         if bug == "healthy" and seed == 1:
             warm = 20
             return (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
@@ -143,9 +160,11 @@ def run(case: Case, out: Path, steps: int) -> None:
             xb, yb = x[order[start : start + batch_size]], y[order[start : start + batch_size]]
             outputs = model(xb)
             loss = loss_fn(outputs, yb)
-            if bug != "no_zero_grad":
+            if bug not in ("no_zero_grad", "no_zero_grad_clip"):
                 opt.zero_grad()
             loss.backward()
+            if bug == "no_zero_grad_clip":
+                telemetry.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             scheduler.step()
             step += 1

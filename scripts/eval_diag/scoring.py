@@ -53,6 +53,10 @@ TUNABLE: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "lr_schedule_ends_early": ("schedule", "ENDS_EARLY_SHARE", (0.05, 0.1, 0.2, 0.3, 0.5)),
     "lr_warmup_unfinished": ("schedule", "WARMUP_TAIL_RISE", (1.02, 1.05, 1.1, 1.2, 1.5)),
     "lr_too_high": ("step_size", "TOO_LARGE_RATIO", (0.1, 0.2, 0.3, 0.5, 1.0)),
+    # The older rules' thresholds that the harness's injections now measure (docs/diagnosis.md).
+    "gradients_not_zeroed": ("gradients", "NOT_ZEROED_CLIPPED_SHARE", (0.7, 0.8, 0.9, 0.95)),
+    "unstable_training": ("gradients", "UNSTABLE_GROWTH", (1.5, 2.0, 3.0, 5.0)),
+    "non_convergence": ("holdout", "NONCONV_HOLDOUT_GAP", (1.5, 2.0, 3.0, 5.0)),
 }
 SPIKE_MATCH_BEFORE, SPIKE_MATCH_AFTER = 1, 10
 # Consecutive detections this close (in steps) are one event.

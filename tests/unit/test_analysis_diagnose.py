@@ -450,3 +450,50 @@ def test_each_rule_alone_finds_what_diagnose_reports_for_its_code(
         assert sorted(alone) == sorted(
             (d.severity, d.subject, d.title) for d in reported if d.code == rule.code
         ), rule.code
+
+
+def _clipped(records: list[dict[str, Any]], pre_clip: list[float], loss: list[float]) -> None:
+    """Clipping at max_norm 1.0 with ``pre_clip`` as the overall norm before it, and ``loss``."""
+    for record, v, train_loss in zip(records, pre_clip, loss, strict=True):
+        record["gradient_norm_pre_clip"] = {"overall": v, "backbone": 0.5 * v, "head": 0.85 * v}
+        record["gradient_clipping"] = {"max_norm": 1.0, "pre_clip_norm": v}
+        record["gradient_norm"] = {g: min(1.0, v) * f for g, f in (("overall", 1.0), ("backbone", 0.5), ("head", 0.85))}
+        record["train"]["loss"] = train_loss
+
+
+@pytest.mark.parametrize(
+    ("case", "named"),
+    [
+        ("held at max_norm, loss falling", True),
+        ("held at max_norm, loss flat", False),  # an LR too small: the gradient itself stays there
+        ("far above max_norm, loss falling", False),  # a max_norm set below the gradients' size
+        ("falling below max_norm", False),  # one batch's gradient following the loss down
+        # every batch above max_norm from the first step (nanoGPT at its own clip of 1.0): held
+        # there with zero_grad too, so nothing shows a sum
+        ("held at max_norm from the first record, loss falling", False),
+    ],
+)
+def test_a_gradient_sum_held_at_the_clipping_threshold_is_gradients_not_zeroed(
+    tmp_path: Path, case: str, named: bool
+) -> None:
+    """Under clipping the never-zeroed sum is rescaled to max_norm in place each step: a
+    pre-clip norm at max_norm (1.0-1.3) in every record after the first while the train loss
+    falls 0.7 -> 0.2 is gradients_not_zeroed when the first record (one batch's gradient) was
+    under max_norm; the same norms with a flat loss, or above max_norm from the first record,
+    norms 6-8x max_norm, or norms falling below max_norm with the loss are not."""
+    n = 15
+    records = make_records(n=n)
+    falling = [0.7 * (1 - 0.75 * i / (n - 1)) for i in range(n)]
+    held = [0.6] + [1.0 + 0.3 * (i % 3) / 2 for i in range(1, n)]
+    pre_clip, loss = {
+        "held at max_norm, loss falling": (held, falling),
+        "held at max_norm, loss flat": (held, [0.7 + 0.01 * (i % 2) for i in range(n)]),
+        "far above max_norm, loss falling": ([6.0 + 2.0 * (i % 2) for i in range(n)], falling),
+        "falling below max_norm": ([1.2 * (1 - 0.75 * i / (n - 1)) for i in range(n)], falling),
+        "held at max_norm from the first record, loss falling": ([1.28] + held[1:], falling),
+    }[case]
+    _clipped(records, pre_clip, loss)
+    found = [d for d in _run(tmp_path, records) if d.code == "gradients_not_zeroed"]
+    assert bool(found) == named, [d.title for d in found]
+    if named:
+        assert found[0].severity == "serious" and "held at the clipping threshold" in found[0].title
