@@ -5,6 +5,8 @@
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --per-rank # one file set per rank
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/ddp --accum 2  # no_sync accumulation
     torchrun --nproc-per-node=2 scripts/ddp_example.py --out runs/fsdp --fsdp full    # FSDP2 fully_shard
+    torchrun --nproc-per-node=4 scripts/ddp_example.py --out runs/hsdp --fsdp hsdp    # HSDP, a 2x2 mesh
+    torchrun --nproc-per-node=4 scripts/ddp_example.py --out runs/fsdp-tp --fsdp tp   # FSDP2 + tensor parallel, 2x2
     python scripts/ddp_example.py --out runs/single                              # the same, one process
 
 Every optimizer step trains on the same global batch of GLOBAL_BATCH rows however many
@@ -94,15 +96,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if world_size > 1:  # under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the env
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
-    per_rank_rows = GLOBAL_BATCH // world_size
-    if GLOBAL_BATCH % (world_size * args.accum):
-        raise SystemExit(f"GLOBAL_BATCH={GLOBAL_BATCH} must divide into {world_size} ranks x {args.accum} micro-batches")
+    # The ranks that see different rows: every rank, except under tensor parallelism, where
+    # the two ranks of a "tp" pair train on the same rows (their data-parallel coordinate's).
+    data_rank, data_world = rank, world_size
+    if args.fsdp == "tp" and world_size > 1:
+        data_rank, data_world = rank // TP_SIZE, world_size // TP_SIZE
+    per_rank_rows = GLOBAL_BATCH // data_world
+    if GLOBAL_BATCH % (data_world * args.accum):
+        raise SystemExit(f"GLOBAL_BATCH={GLOBAL_BATCH} must divide into {data_world} ranks x {args.accum} micro-batches")
     micro = per_rank_rows // args.accum
 
     model, optimizer, scheduler = build()
     ddp: nn.Module = model
     if world_size > 1 and args.fsdp != "none":
-        shard(model, args.fsdp)
+        shard(model, args.fsdp, world_size)
         optimizer, scheduler = make_optimizer(model)  # over the sharded (DTensor) parameters
         ddp = model
     elif world_size > 1:
@@ -136,8 +143,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise
         start_error = str(exc)
 
+    collectives: dict[int, list[list[Any]]] = {}  # --count-collectives: what each hook issued
     for step in range(args.steps):
-        share = rank_share(global_batch(step), rank, world_size)
+        share = rank_share(global_batch(step), data_rank, data_world)
         step_loss, step_logits = torch.zeros(()), []
         for i in range(args.accum):
             rows = slice(i * micro, (i + 1) * micro)
@@ -159,7 +167,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             hook_batch = {"x": share["x"], "y": ["?"] * per_rank_rows}
         # After optimizer.step(), once per optimizer step, with the step counter (the same
         # on every rank) and this rank's whole share of the step's rows.
-        telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=step_loss, outputs=torch.cat(step_logits))
+        outputs = torch.cat(step_logits)
+        with _counting(collectives, step, args.count_collectives):
+            telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=step_loss, outputs=outputs)
         if step == args.kill_worker_at and telemetry.worker_pid is not None:
             _kill_and_wait(telemetry.worker_pid)  # for the tests: the worker dies mid-run
         scheduler.step()
@@ -168,7 +178,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.step_sleep)  # for the tests: a longer step, so the overhead budget's periods pass
 
     summary = telemetry.stop()
-    result = {"rank": rank, "world_size": world_size, "worker_pid": telemetry.worker_pid,
+    result = {"rank": rank, "world_size": world_size, "worker_pid": telemetry.worker_pid, "collectives": collectives,
               "steps": args.steps, "summary": summary.to_dict(), "start_error": start_error}
     if args.result_dir:
         Path(args.result_dir, f"result.rank{rank}.json").write_text(json.dumps(result))
@@ -183,11 +193,38 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def shard(model: TinyNet, how: str) -> None:
+TP_SIZE = 2  # --fsdp tp: the size of the mesh's "tp" dimension
+
+
+def shard(model: TinyNet, how: str, world_size: int) -> None:
     """FSDP2: ``full`` shards every Linear and the root; ``mixed`` shards the backbone's
-    Linears only and replicates the head (plain tensors, gradients all-reduced by ``replicate``)."""
+    Linears only and replicates the head (plain tensors, gradients all-reduced by ``replicate``).
+
+    On a 2-D mesh (``world_size // 2`` x 2): ``hsdp`` shards every Linear and the root over
+    the mesh's "shard" dimension and replicates them over "replicate"; ``tp`` splits the
+    backbone's Linears over "tp" (column-wise, then row-wise: Megatron's MLP) and shards
+    every Linear and the root over "dp" (torchtitan's FSDP2 + TP)."""
     from torch.distributed.fsdp import fully_shard
 
+    if how in ("hsdp", "tp"):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = ("replicate", "shard") if how == "hsdp" else ("dp", "tp")
+        mesh = init_device_mesh("cpu", (world_size // TP_SIZE, TP_SIZE), mesh_dim_names=names)
+        if how == "tp":
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                RowwiseParallel,
+                parallelize_module,
+            )
+
+            parallelize_module(model.backbone, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        dp_mesh = mesh if how == "hsdp" else mesh["dp"]
+        for layer in [*model.backbone, model.head]:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        return
     for layer in model.backbone:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -197,6 +234,45 @@ def shard(model: TinyNet, how: str) -> None:
         from torch.distributed._composable.replicate import replicate
 
         replicate(model.head)
+
+
+# torch.distributed's collectives (what a hook could call, directly or through DTensor's
+# redistribute, which ends in these or in the process group's own methods, counted below too).
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "all_to_all", "all_to_all_single",
+               "reduce", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+@contextlib.contextmanager
+def _counting(counts: dict[int, list[list[Any]]], step: int, enabled: bool) -> Any:
+    """For the tests: record every collective the hook issues at ``step`` as [name, group size,
+    elements]: torch.distributed's functions wrapped for the hook's duration, and gloo's own
+    events (the profiler) for collectives that bypass them (DTensor's functional collectives)."""
+    if not enabled:
+        yield
+        return
+    seen: list[list[Any]] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            group = kwargs.get("group")
+            size = dist.get_world_size(group) if group is not None else dist.get_world_size()
+            seen.append([name, size, tensor.numel() if tensor is not None else None])
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    gloo = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+    counts[step] = seen + [["gloo", None, name] for name in gloo]
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
@@ -236,9 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--collect-every-n", type=int, default=3)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (no_sync)")
     parser.add_argument("--per-rank", action="store_true", help="every rank writes telemetry.rank<r>.jsonl")
-    parser.add_argument("--fsdp", choices=["none", "full", "mixed"], default="none",
+    parser.add_argument("--fsdp", choices=["none", "full", "mixed", "hsdp", "tp"], default="none",
                         help="FSDP2 instead of DDP: full = fully_shard every Linear and the root; mixed = the "
-                        "backbone sharded, the head replicated")
+                        "backbone sharded, the head replicated; on a 2-D mesh (4 ranks: 2x2): hsdp = HSDP, "
+                        "tp = FSDP2 over 'dp' + tensor parallel backbone over 'tp'")
     parser.add_argument("--mode", choices=["auto", "async", "sync"], default="auto",
                         help="telemetry.mode (auto: the worker where it has a core of its own, else inline)")
     tests = parser.add_argument_group("for the tests")
@@ -251,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tests.add_argument("--overhead-budget", type=float, default=None, help="telemetry.overhead_budget")
     tests.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
     tests.add_argument("--bad-labels-rank", type=int, default=None, help="this rank passes labels it cannot count")
+    tests.add_argument("--count-collectives", action="store_true",
+                       help="record the collectives each on_batch_end issues (result.rank<r>.json: collectives)")
     return parser.parse_args(argv)
 
 

@@ -42,7 +42,16 @@ from .messages import (
 )
 from .metrics.batch import TOP_LABELS, batch_accuracy, label_counts
 from .records import error_entry
-from .snapshot import AUX_BYTES, Layout, SlotPool, aux_view, grad_norms
+from .snapshot import (
+    AUX_BYTES,
+    MANY_TENSORS,
+    Layout,
+    SlotPool,
+    aux_view,
+    flat_sources,
+    grad_norms,
+    shape_groups,
+)
 
 __all__ = ["Collector", "Fill"]
 
@@ -99,6 +108,10 @@ class Collector:
         self.srcs: list[torch.Tensor] = list(layout.sources) if self.copy_weights else []
         self.dsts = [list(t) if self.copy_weights else [] for t in pool.slots]
         self.on_cuda = layout.on_cuda
+        # Many small tensors: the weights in one cat per dtype, the norms stacked (snapshot.MANY_TENSORS)
+        self.flat = flat_sources(layout) if self.copy_weights else None
+        self.stack_norms = self.on_cuda or len(layout.params) >= MANY_TENSORS
+        self.norm_groups = shape_groups(layout.params) if not layout.sharded else None
         self.formats = BatchFormatCache(config.input_keys, config.label_key, config.keys_are_default, need_inputs=False)
         self._aux_plans: dict[tuple[Any, ...], _AuxPlan] = {}
         self._param_index: dict[int, int] | None = None  # id(param) -> layout index, for pre-clip norms
@@ -114,12 +127,16 @@ class Collector:
         what ``Telemetry.clip_grad_norm_`` measured before this step's clip.
         """
         # Each Python call here costs a few us with cold caches: the common cases are inline.
-        fill = Fill(list(self.layout.live_sources() if self.copy_weights else ()), list(self.dsts[slot]))
+        flat = self.flat
+        if flat is None:
+            fill = Fill(list(self.layout.live_sources() if self.copy_weights else ()), list(self.dsts[slot]))
+        else:  # the weights are copied by the cats below
+            fill = Fill([], [])
         if reduced is not None:
             self._add_reduced(fill, slot, batch, outputs, counts, reduced)
         else:
             if self.want_grads:
-                norms = grad_norms(self.layout.params, stack=self.on_cuda)
+                norms = grad_norms(self.layout.params, stack=self.stack_norms, groups=self.norm_groups)
                 if type(norms) is list:  # every parameter has a dense gradient (0-d norms, CPU)
                     fill.src += norms
                     fill.dst += self.pool.norm_views[slot]
@@ -138,6 +155,10 @@ class Collector:
             if batch is not None and (self.want_batch or counts is not None):
                 self._add_batch(fill, slot, batch, outputs, counts)
         torch._foreach_copy_(fill.dst, fill.src, non_blocking=self.on_cuda)
+        if flat is not None:
+            flats = self.pool.flats[slot]
+            for dtype, views in flat:
+                torch.cat(views, out=flats[dtype])
         if fill.plan is not None and fill.aux_src and not fill.plan.same_device:
             torch._foreach_copy_(fill.plan.views[slot], fill.aux_src, non_blocking=True)
         return fill

@@ -23,7 +23,8 @@ The strategies: :class:`Local` (no collective: one process, ``per_rank``, DDP wi
 batch statistics), :class:`DataParallel` (DDP: the label-count all_reduce) and
 :class:`Sharded` (FSDP2: global gradient norms, loss, accuracy and counts in one
 all_reduce, each rank's weight shards in shared memory; NOTE [sharded snapshots] in
-shards.py). 2-D meshes and several hosts are refused or reported by ``Sharded``.
+shards.py), on 1-D and 2-D meshes alike (HSDP, FSDP2 + tensor parallel). Several hosts
+are reported by ``Sharded`` (no weight metrics), pipeline parallelism is refused.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class DataParallel(Local):
 
 
 class Sharded:
-    """FSDP2 (``fully_shard``, DTensor parameters): NOTE [sharded snapshots] in shards.py.
+    """FSDP2 (``fully_shard``, DTensor parameters; 1-D or 2-D meshes: HSDP, FSDP2 + TP):
+    NOTE [sharded snapshots] in shards.py.
 
     ``at_start`` agrees on the plan with the other ranks; each collection runs ShardSync's
     all_reduce (global gradient norms, loss, accuracy, counts), then rank 0 records and
@@ -238,7 +240,7 @@ class Sharded:
                 "the model has DTensor parameters but torch.distributed is not initialised: "
                 "call start() on every rank after init_process_group and fully_shard")
         inner = unwrap_model(model)
-        plan = plan_shards(list(inner.named_parameters()) + list(inner.named_buffers()), self.config.num_slots)
+        plan = plan_shards(list(inner.named_parameters()) + list(inner.named_buffers()), self.config.num_slots, inner)
         if isinstance(plan, Exception):
             raise plan
         if self.config.per_rank:

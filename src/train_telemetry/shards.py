@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``): exact telemetry of a model whose parameters are sharded DTensors.
+"""FSDP2 (``fully_shard``; HSDP; FSDP2 + tensor parallel): exact telemetry of a model whose parameters
+are DTensors on a 1-D or 2-D device mesh.
 
 Runs in: every rank's training process (``ShardSync``; at ``start()`` and
 at collection steps) and rank 0's worker (``Assembler``). See docs/distributed.md.
@@ -11,8 +12,18 @@ Design (NOTE [sharded snapshots]):
   gradient norms (one ``_foreach_norm``), its loss, its correct predictions and its label
   counts to one float64 vector. After the all_reduce, rank 0 has each parameter's global
   gradient norm ``sqrt(sum over ranks)``, the mean loss, the global accuracy and counts:
-  what one process with the full model and the global batch would record. Replicated
-  parameters (plain tensors, or ``Replicate()`` DTensors) count rank 0's value only. A
+  what one process with the full model and the global batch would record.
+- **Each element counts once** (``ShardPlan.blocks``, agreed at ``start()``): every rank
+  describes each tensor's block (local shape and offsets in the full tensor, from DTensor's
+  own ``compute_local_shape_and_global_offset``; index lists where a ``_StridedShard``
+  makes rows non-contiguous). A block counts on the ranks of rank 0's mesh whose
+  coordinate is 0 on every ``Replicate()`` mesh dim; replicas elsewhere, copies on other
+  sub-meshes (a non-TP layer on the other TP rank's "dp" mesh) and plain tensors on ranks
+  > 0 do not: their squared norms are multiplied by 0 (``owned``) and the worker assembles
+  counted blocks only. Partial gradients are redistributed to their parameter's placements
+  first (the sum of the partial terms). Only the data-parallel ranks (rank 0's
+  ``fully_shard`` mesh) add their loss, accuracy and label counts: a TP peer trains on its
+  dp rank's rows. A
   rank that cannot compute its share of a part (RANK_PARTS: its labels cannot be read,
   say) marks that part in the vector; rank 0's worker records the part as null with an
   error naming the rank (``RankFailed``), never a sum this rank's share is missing from.
@@ -51,7 +62,7 @@ from .batches import logits_of
 from .config import TelemetryConfigError
 from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
-from .snapshot import RANK_PARTS, SlotFile, local_tensor
+from .snapshot import RANK_PARTS, SlotFile, grouped_norms, local_tensor, shape_groups
 
 __all__ = ["ShardPlan", "ShardSync", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
            "plan_shards", "unsupported_sharding"]
@@ -92,44 +103,119 @@ def unsupported_sharding(model: torch.nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------- the plan
+# Where one rank's local tensor sits in the full tensor, per dimension: (start, length) for a
+# contiguous range, or the list of global indices (a ``_StridedShard`` under FSDP2 + TP can
+# give a rank rows that are not contiguous when the shards are uneven).
+Index = tuple[int, int] | list[int]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One rank's part of one full tensor: its local shape and where it sits (``Index`` per dim)."""
+
+    shape: tuple[int, ...]
+    index: tuple[Index, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _whole(shape: Sequence[int]) -> Block:
+    return Block(tuple(shape), tuple((0, d) for d in shape))
+
+
 @dataclass
 class ShardPlan:
     """How the full tensors of a sharded model are cut over the ranks (agreed at ``start()``).
 
-    Per layout tensor (parameters, then buffers): ``dims[j]`` is the dimension the ranks'
-    shards are cut along, or None when rank 0's copy is the whole tensor (replicated);
-    ``sizes[j][r]`` is rank r's length along it. Sharded tensors are stored in each rank's
-    slot in layout order; ``paths[r]`` is rank r's shard file (None for rank 0, whose
-    shards are in its SlotPool).
+    Per layout tensor (parameters, then buffers) ``j``, ``blocks[j][r]`` is the part of the
+    full tensor rank r's local tensor holds *and is counted for*, or None: rank r's copy is
+    not used, because it is a replica of a block another rank counts (a ``Replicate()`` mesh
+    dimension where r's coordinate is not 0, a copy of the tensor on another sub-mesh, a
+    plain tensor on a rank > 0). The used blocks of a tensor tile it exactly once. A tensor
+    whose rank 0 block is the whole of it is "whole" (rank 0's copy is recorded, as for one
+    process); the others are "sharded": stored in each using rank's slot in layout order and
+    assembled by rank 0's worker. ``paths[r]`` is rank r's shard file (None for rank 0,
+    whose shards are in its SlotPool, and for ranks that hold no used block).
+
+    ``data_ranks``: the ranks whose batch, loss and outputs count (the data-parallel ranks of
+    rank 0's FSDP mesh); a tensor-parallel peer sees the same batch as its data-parallel
+    rank and adds nothing to the loss, accuracy or label counts.
+
+    The 1-D form of the first version (``dims``: the dimension cut, ``sizes[j][r]``: rank r's
+    length along it) still builds a plan (the unit tests use it).
     """
 
     world_size: int
     specs: list[TensorSpec]  # global shapes
-    dims: list[int | None]
-    sizes: list[list[int]]
-    num_slots: int
+    dims: list[int | None] = field(default_factory=list)
+    sizes: list[list[int]] = field(default_factory=list)
+    num_slots: int = 2
     paths: list[str | None] = field(default_factory=list)
     same_host: bool = True
     hosts: int = 1
+    blocks: list[list[Block | None]] = field(default_factory=list)
+    data_ranks: list[int] | None = None  # None: every rank
+
+    def __post_init__(self) -> None:
+        if self.blocks:
+            return
+        for j, spec in enumerate(self.specs):  # the 1-D form: contiguous cuts along one dim
+            d = self.dims[j] if j < len(self.dims) else None
+            if d is None:
+                self.blocks.append([_whole(spec.shape), *([None] * (self.world_size - 1))])
+                continue
+            row: list[Block | None] = []
+            at = 0
+            for r in range(self.world_size):
+                size = self.sizes[j][r]
+                shape = list(spec.shape)
+                shape[d] = size
+                index = [(0, n) for n in spec.shape]
+                index[d] = (at, size)
+                row.append(Block(tuple(shape), tuple(index)))
+                at += size
+            self.blocks.append(row)
 
     @property
     def sharded(self) -> list[int]:
-        """Indices (in layout order) of the tensors cut over the ranks."""
-        return [j for j, d in enumerate(self.dims) if d is not None]
+        """Indices (in layout order) of the tensors assembled from several ranks."""
+        return [j for j, row in enumerate(self.blocks) if not self.is_whole(j)]
+
+    def is_whole(self, j: int) -> bool:
+        b0 = self.blocks[j][0]
+        return b0 is not None and b0.shape == tuple(self.specs[j].shape) and all(b is None for b in self.blocks[j][1:])
+
+    def owned(self, rank: int) -> list[float]:
+        """1.0 for each tensor whose local copy this rank counts (its gradient norm, say), else 0.0."""
+        return [0.0 if row[rank] is None else 1.0 for row in self.blocks]
+
+    def counts_data(self, rank: int) -> bool:
+        return self.data_ranks is None or rank in self.data_ranks
+
+    def file_tensors(self, rank: int) -> list[int]:
+        """The tensors (layout order) rank ``rank`` (> 0) copies into its shard file."""
+        return [j for j in self.sharded if self.blocks[j][rank] is not None]
 
     def local_shape(self, j: int, rank: int) -> tuple[int, ...]:
-        shape = list(self.specs[j].shape)
-        d = self.dims[j]
-        if d is not None:
-            shape[d] = self.sizes[j][rank]
-        return tuple(shape)
+        block = self.blocks[j][rank]
+        return tuple(self.specs[j].shape) if block is None else block.shape
 
     def file_specs(self, rank: int) -> list[tuple[tuple[int, ...], str]]:
         """(shape, dtype) of what rank ``rank``'s shard file holds per slot."""
-        return [(self.local_shape(j, rank), self.specs[j].dtype) for j in self.sharded]
+        return [(self.local_shape(j, rank), self.specs[j].dtype) for j in self.file_tensors(rank)]
 
 
-def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> ShardPlan | Exception:
+PIPELINE_HINT = ("pipeline parallelism (each stage holds its own parameters) is not supported: set enabled: false "
+                 "for pipeline-parallel runs")
+
+
+def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int,
+                model: torch.nn.Module | None = None) -> ShardPlan | Exception:
     """Every rank: describe its shards, gather the descriptions, agree on one plan.
 
     Called on every rank at ``start()`` before anything that can fail on one rank only (one
@@ -137,43 +223,64 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int) -> 
     or the error every rank raises (the same on each).
     """
     dist = torch.distributed
-    world = dist.get_world_size()
-    mine: dict[str, Any] = {"host": host_identity(dist.get_rank(), world), "token": uuid.uuid4().hex[:12], "error": None}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine: dict[str, Any] = {"host": host_identity(rank, world), "token": uuid.uuid4().hex[:12], "error": None}
     try:
-        mine["tensors"] = [_describe(name, t, world) for name, t in tensors]
+        mine["tensors"] = [_describe(name, t) for name, t in tensors]
+        mine["data_mesh"] = _data_mesh_ranks(model) if model is not None else None
     except Exception as exc:
-        mine["error"] = f"rank {dist.get_rank()}: {exc}"
+        mine["error"] = f"rank {rank}: {exc}"
     said: list[Any] = [None] * world
     dist.all_gather_object(said, mine)
     errors = [s["error"] for s in said if s["error"]]
     if errors:
         return TelemetryConfigError(f"this sharded model is not supported: {errors[0]}")
-    first = said[0]["tensors"]
-    specs: list[TensorSpec] = []
-    dims: list[int | None] = []
-    sizes: list[list[int]] = []
-    for j, (name, shape, dtype, dim, _coord, _length) in enumerate(first):
-        specs.append(TensorSpec(name, tuple(shape), dtype))
-        dims.append(dim)
-        if dim is None:
-            sizes.append([])
-            continue
-        by_coord = {s["tensors"][j][4]: s["tensors"][j][5] for s in said}
-        if sorted(by_coord) != list(range(world)):
-            return TelemetryConfigError(
-                f"parameter {name!r} is sharded over a mesh that is not one shard per rank of the whole "
-                "job (HSDP, or FSDP over a subgroup): not supported; use fully_shard over all ranks")
-        sizes.append([by_coord[c] for c in range(world)])
-        if sum(sizes[-1]) != shape[dim]:
-            return TelemetryConfigError(f"parameter {name!r}: its shards do not add up to its shape {tuple(shape)}")
+    try:
+        plan = _agree(said, world, num_slots)
+    except ValueError as exc:
+        return TelemetryConfigError(f"this sharded model is not supported: {exc}")
     token = said[0]["token"]
-    hosts = len({s["host"] for s in said})
-    same_host = hosts == 1
-    plan = ShardPlan(world_size=world, specs=specs, dims=dims, sizes=sizes, num_slots=num_slots,
-                     same_host=same_host, hosts=hosts)
-    plan.paths = [None, *(os.path.join(SHM_DIR, f"train-telemetry-{token}-rank{r}") if same_host else None
-                          for r in range(1, world))]
+    plan.paths = [None, *(os.path.join(SHM_DIR, f"train-telemetry-{token}-rank{r}")
+                          if plan.same_host and plan.file_tensors(r) else None for r in range(1, world))]
     return plan
+
+
+def _agree(said: list[dict[str, Any]], world: int, num_slots: int) -> ShardPlan:
+    """The plan from every rank's description (the same on every rank); ValueError says what is wrong."""
+    first = said[0]["tensors"]
+    signature = [(d["name"], d["shape"], d["dtype"]) for d in first]
+    for r, s in enumerate(said):
+        theirs = [(d["name"], d["shape"], d["dtype"]) for d in s["tensors"]]
+        if theirs != signature:
+            diff = next((f"{a} vs {b}" for a, b in zip(signature, theirs, strict=False) if a != b),
+                        f"{len(signature)} vs {len(theirs)} tensors")
+            raise ValueError(f"rank {r} holds other parameters than rank 0 ({diff}): {PIPELINE_HINT}")
+    specs = [TensorSpec(name, tuple(shape), dtype) for name, shape, dtype in signature]
+    blocks: list[list[Block | None]] = []
+    for j, spec in enumerate(specs):
+        d0 = first[j]
+        if d0["mesh"] is None:  # a plain tensor: every rank holds all of it; rank 0's copy counts
+            blocks.append([_whole(spec.shape), *([None] * (world - 1))])
+            continue
+        row: list[Block | None] = []
+        for s in said:
+            d = s["tensors"][j]
+            used = d["mesh"] == d0["mesh"] and not d["replica"]
+            row.append(Block(tuple(d["block"][0]), tuple(d["block"][1])) if used else None)
+        total = sum(b.numel for b in row if b is not None)
+        numel = _whole(spec.shape).numel
+        if total != numel:
+            raise ValueError(f"parameter {spec.name!r}: the ranks' blocks hold {total} of its {numel} elements "
+                             f"(placements {d0['placements']} on mesh {d0['mesh']})")
+        blocks.append(row)
+    data_mesh = said[0]["data_mesh"]
+    if data_mesh is None and any(d["mesh"] is not None and d["model_parallel"] for d in first):
+        raise ValueError("DTensor parameters without fully_shard (tensor parallelism alone): which ranks see "
+                         "different batches is not known; apply fully_shard over the data-parallel mesh dimension "
+                         "(FSDP2 + TP), or set enabled: false")
+    hosts = len({s["host"] for s in said})
+    return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, same_host=hosts == 1, hosts=hosts,
+                     blocks=blocks, data_ranks=None if data_mesh is None or len(data_mesh) == world else list(data_mesh))
 
 
 TEST_HOSTS_ENV = "TRAIN_TELEMETRY_TEST_HOSTS"
@@ -189,30 +296,100 @@ def host_identity(rank: int, world: int) -> str:
     return socket.gethostname()
 
 
-def _describe(name: str, t: torch.Tensor, world: int) -> tuple[str, list[int], str, int | None, int, int]:
-    """(name, global shape, dtype, shard dim or None, this rank's mesh coordinate, local length)."""
-    dtype = str(t.dtype).removeprefix("torch.")
+def _data_mesh_ranks(model: torch.nn.Module) -> list[int] | None:
+    """The ranks of the first FSDP2 mesh in ``model`` (the mesh ``fully_shard`` was given: its
+    ranks see different batches), or None without ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        return None
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        state = fully_shard.state(m)  # type: ignore[attr-defined]
+        groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+        for group in groups:
+            info = getattr(group, "mesh_info", None)
+            if info is not None:
+                return sorted(int(r) for r in info.mesh.mesh.flatten().tolist())
+    return None
+
+
+def _describe(name: str, t: torch.Tensor) -> dict[str, Any]:
+    """What this rank holds of tensor ``name``: its mesh (the global ranks, None for a plain
+    tensor), whether its copy is a replica (a Replicate() mesh dim where its coordinate is not
+    0), and its block of the full tensor (DTensor's own layout: no layout re-derived here)."""
+    out: dict[str, Any] = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                           "mesh": None, "replica": False, "block": None, "placements": None, "model_parallel": False}
     placements = getattr(t, "placements", None)
     if placements is None:  # a plain tensor: every rank holds all of it (rank 0's copy is recorded)
-        return name, list(t.shape), dtype, None, 0, 0
-    from torch.distributed.tensor import Replicate, Shard
+        return out
+    from torch.distributed.tensor import Partial, Replicate
 
     mesh = t.device_mesh  # type: ignore[attr-defined]
-    if mesh.ndim != 1:
-        raise ValueError(f"parameter {name!r} lives on a {mesh.ndim}-D device mesh (HSDP or tensor parallelism): "
-                         "only fully_shard over a 1-D mesh of all ranks is supported")
-    placement = placements[0]
-    if isinstance(placement, Replicate):
-        return name, list(t.shape), dtype, None, 0, 0
-    if not isinstance(placement, Shard):
-        raise ValueError(f"parameter {name!r} has placement {placement}: only Shard and Replicate are supported")
-    if mesh.size() != world:
-        raise ValueError(f"parameter {name!r} is sharded over {mesh.size()} of the {world} ranks (HSDP, or FSDP "
-                         "over a subgroup): only fully_shard over all ranks is supported")
     coord = mesh.get_coordinate()
+    if coord is None:
+        raise ValueError(f"parameter {name!r} lives on a device mesh this rank is not part of")
+    out["mesh"] = [int(r) for r in mesh.mesh.flatten().tolist()] + [-1, *mesh.mesh.shape]
+    out["placements"] = str(tuple(placements))
+    for dim, placement in enumerate(placements):
+        if isinstance(placement, Partial):
+            raise ValueError(f"parameter {name!r} has a Partial placement ({placement}) on mesh dim {dim}: its value is "
+                             "a sum over ranks that no rank holds; keep parameters Shard or Replicate (Partial "
+                             "gradients are fine: telemetry reduces them)")
+        if isinstance(placement, Replicate) and coord[dim] != 0:
+            out["replica"] = True
+    out["model_parallel"] = len(placements) > 1 or not isinstance(placements[0], Replicate)
+    shape, index = local_block(t.shape, mesh, placements)
     local = local_tensor(t)
-    dim = placement.dim % max(t.dim(), 1)
-    return name, list(t.shape), dtype, dim, int(coord[0]) if coord else 0, int(local.shape[dim])
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"parameter {name!r}: its local tensor has shape {tuple(local.shape)}, but its placements "
+                         f"{tuple(placements)} give {tuple(shape)}: a layout telemetry cannot place; set enabled: false")
+    out["block"] = (list(shape), [list(i) if isinstance(i, list) else tuple(i) for i in index])
+    return out
+
+
+def local_block(global_shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> tuple[tuple[int, ...], list[Index]]:
+    """This rank's local shape and its ``Index`` per dim of a DTensor (``global_shape``, ``mesh``, ``placements``).
+
+    DTensor's own arithmetic: ``compute_local_shape_and_global_offset`` for the start of
+    each dim, and, where a ``_StridedShard`` can make the rows non-contiguous, the per-dim
+    global indices DTensor itself computes on the way (its ``_get_shard_size_and_offsets``).
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tuple(global_shape), mesh, tuple(placements))
+    index: list[Index] = [(int(o), int(s)) for o, s in zip(offset, shape, strict=True)]
+    if not any(type(p).__name__ == "_StridedShard" for p in placements):
+        return tuple(int(s) for s in shape), index
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import _utils as dt_utils
+
+    coord = mesh.get_coordinate()
+    local = list(global_shape)
+    offsets: dict[int, torch.Tensor] = {}
+    for mesh_dim, placement in enumerate(placements):
+        if not (isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard"):
+            continue
+        d = placement.dim
+        try:  # the function compute_local_shape_and_global_offset runs (private: its signature may change)
+            size, at = dt_utils._get_shard_size_and_offsets(
+                local[d], mesh.size(mesh_dim), coord[mesh_dim], placement, offsets.get(d), global_shape[d], False)
+        except Exception as exc:
+            raise ValueError(f"the rows a {placement} placement gives this rank could not be located with this "
+                             f"torch version ({type(exc).__name__}: {exc}); set enabled: false") from None
+        local[d] = int(size)
+        if at is not None:
+            offsets[d] = at
+    for d, at in offsets.items():
+        ids = [int(i) for i in at.tolist()][: local[d]]
+        if not ids:
+            index[d] = (0, 0)
+        elif ids == list(range(ids[0], ids[0] + len(ids))):
+            index[d] = (ids[0], len(ids))
+        else:
+            index[d] = ids
+    return tuple(local), index
 
 
 # ---------------------------------------------------------------------- the hook's collective
@@ -244,9 +421,17 @@ class ShardSync:
         self.counts_at = self.HEAD + 2 * n
         self.failed_at = self.counts_at + COUNT_VECTOR_LEN
         self.size = self.failed_at + 2 * len(RANK_PARTS)
-        # rank 0 counts every parameter; the others only their shards (replicated ones are rank 0's)
-        owned = [1.0 if rank == 0 or plan.dims[j] is not None else 0.0 for j in range(n)]
+        # 1/replication: each element is counted on the one rank whose block holds it (the first
+        # replica of a Replicate() mesh dim, the copy on rank 0's sub-mesh, rank 0 for plain tensors)
+        owned = plan.owned(rank)[:n]
+        self.owned_list = owned
         self.owned = torch.tensor(owned, dtype=torch.float64, device=device)
+        self.all_owned = all(owned)
+        self.counts_data = plan.counts_data(rank)  # a tensor-parallel peer's batch is its dp rank's
+        # the local shards by shape, for one norm per shape instead of one per tensor (many tensors, CPU)
+        self.groups = shape_groups([local_tensor(p) for p in self.params])
+        self._partial: list[int] = []  # parameters whose gradients are Partial
+        self._partial_seen = -1  # ... read when this many gradients were there
         self.file: SlotFile | None = None
         self.sources: list[torch.Tensor] = []
         self.failures: list[tuple[str, Exception]] = []  # this rank's failed parts at the last reduce
@@ -289,6 +474,8 @@ class ShardSync:
                 vec[0], vec[1] = float(loss), 1.0
         except Exception as exc:
             self._fail(vec, "train_loss", exc)
+        if not self.counts_data:  # the same batch, loss and outputs as a rank that counts them
+            return
         labels = None
         if (batch is None or self.formats is None) and self.want_counts:
             # no batch from this rank: the counts say "unknown", as DDP's do (distributed.global_counts)
@@ -315,23 +502,53 @@ class ShardSync:
                 self._fail(vec, "train_accuracy", exc)
 
     def _add_grad_norms(self, vec: torch.Tensor) -> None:
+        """Squared local gradient norms times ``owned`` (one ``_foreach_norm``, no host sync).
+
+        Only the list comprehensions below touch each parameter in Python (reading ``.grad``
+        and the DTensor's local tensor): the rest is one fused norm and a few vector ops.
+        """
         n, head = self.n, self.HEAD
-        grads = [g for p in self.params if (g := p.grad) is not None]
+        params = self.params
+        grads = [g for p in params if (g := p.grad) is not None]
         if not grads:
             return
-        locals_ = [local_tensor(g) for g in grads]
+        if self._partial_seen != len(grads):  # the placements a TP plan gives: read once per set of gradients
+            self._partial, self._partial_seen = _partial_grads(params), len(grads)
+        if self._partial:
+            grads = self._reduce_partial()
+        locals_ = [getattr(g, "_local_tensor", g) for g in grads]  # the hook runs with grad mode off: no detach
         if len(grads) == n:
-            norms = torch.stack(torch._foreach_norm(locals_)).to(vec.device, torch.float64)
-            vec[head : head + n] = norms.square() * self.owned
-            vec[head + n : head + 2 * n] = self.owned
+            if self.groups is not None:  # many small shards whose shapes repeat (snapshot.shape_groups)
+                norms = grouped_norms(locals_, self.groups).to(vec.device)
+            else:
+                norms = torch.stack(torch._foreach_norm(locals_)).to(vec.device, torch.float64)
+            if self.all_owned:
+                vec[head : head + n] = norms.square()
+                vec[head + n : head + 2 * n] = 1.0
+            else:
+                vec[head : head + n] = norms.square() * self.owned
+                vec[head + n : head + 2 * n] = self.owned
             return
-        it = iter(torch._foreach_norm(locals_))
-        for j, p in enumerate(self.params):
-            if p.grad is not None:
-                value = next(it)
-                if self.owned[j]:
-                    vec[head + j] = value.double().square()
-                    vec[head + n + j] = 1.0
+        have = torch.tensor([p.grad is not None for p in params], device=vec.device)
+        norms = torch.stack(torch._foreach_norm(locals_)).to(vec.device, torch.float64)
+        squares = torch.zeros(n, dtype=torch.float64, device=vec.device)
+        squares[have] = norms.square()
+        vec[head : head + n] = squares * self.owned
+        vec[head + n : head + 2 * n] = have.to(torch.float64) * self.owned
+
+    def _reduce_partial(self) -> list[torch.Tensor]:
+        """The gradients, with each Partial one (a sum over ranks that no rank holds)
+        redistributed to its parameter's placements: the sum of the partial contributions,
+        as the optimizer sees it. A collective per such parameter, over its mesh; every rank
+        makes the same ones (placements are the same on every rank). Plans without Partial
+        gradients never get here."""
+        reduced = {}
+        for j in self._partial or ():
+            p = self.params[j]
+            g = p.grad
+            if g is not None and any(pl.is_partial() for pl in getattr(g, "placements", ())):
+                reduced[j] = g.redistribute(p.device_mesh, p.placements)  # type: ignore[attr-defined]
+        return [reduced.get(j, g) for j, p in enumerate(self.params) if (g := p.grad) is not None]
 
     def unpack(self, vec: torch.Tensor, want_loss: bool, want_accuracy: bool) -> dict[str, torch.Tensor | None]:
         """Rank 0: the global values, as tensors the hook copies into its slot (no host sync).
@@ -357,7 +574,7 @@ class ShardSync:
         if path is None:
             return
         self.file = SlotFile(path, self.plan.num_slots, self.plan.file_specs(rank), create=True)
-        self.sharded = self.plan.sharded
+        self.sharded = self.plan.file_tensors(rank)
 
     def copy_shards(self, ordinal: int, all_tensors: Sequence[torch.Tensor], wait_s: float = 0.0) -> bool:
         """Rank > 0: copy this rank's shards (of ``all_tensors``, layout order) into a free slot."""
@@ -368,6 +585,17 @@ class ShardSync:
     def close(self) -> None:
         if self.file is not None:
             self.file.unlink()
+
+
+def _partial_grads(params: Sequence[torch.nn.Parameter]) -> list[int]:
+    """Indices of the parameters whose gradients have a Partial placement (read once, at the
+    first collection where every parameter has a gradient: a TP plan fixes them)."""
+    out = []
+    for j, p in enumerate(params):
+        placements = getattr(p.grad, "placements", None)
+        if placements is not None and any(pl.is_partial() for pl in placements):
+            out.append(j)
+    return out
 
 
 # ---------------------------------------------------------------------- rank 0's worker
@@ -388,10 +616,20 @@ class Assembler:
                           "LRs, loss and batch statistics are exact")
             return
         for r in range(1, plan.world_size):
-            path = plan.paths[r]
-            assert path is not None
-            self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
+            path = plan.paths[r] if r < len(plan.paths) else None
+            if path is not None:  # None: a rank whose every block is a replica (nothing to read)
+                self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
         self.full = {j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
+        # per assembled tensor: (rank, its position in that rank's slot, where it goes in the full tensor)
+        at_in_file = {r: {j: k for k, j in enumerate(plan.file_tensors(r))} for r in self.files}
+        self.places: dict[int, list[tuple[int, int, Any]]] = {}
+        for j in plan.sharded:
+            places = []
+            for r, block in enumerate(plan.blocks[j]):
+                if block is None or block.numel == 0:
+                    continue
+                places.append((r, j if r == 0 else at_in_file[r][j], _placer(block)))
+            self.places[j] = places
 
     def tensors(self, slot: int, ordinal: int | None) -> tuple[list[torch.Tensor] | None, str | None]:
         """The full tensors (layout order) of the collection in rank 0's ``slot``; or None and why not.
@@ -409,21 +647,12 @@ class Assembler:
             if ordinal is not None:
                 self._held.append((r, found))
         mine = self.rank0_slots[slot]
-        out: list[torch.Tensor] = []
-        for j, t0 in enumerate(mine):
-            d = self.plan.dims[j]
-            if d is None:
-                out.append(t0)
-                continue
+        out: list[torch.Tensor] = list(mine)
+        for j, places in self.places.items():
             full = self.full[j]
-            k = self.plan.sharded.index(j)
-            at = 0
-            for r in range(self.plan.world_size):
-                size = self.plan.sizes[j][r]
-                if size:
-                    full.narrow(d, at, size).copy_(t0 if r == 0 else parts[r][k])
-                at += size
-            out.append(full)
+            for r, k, place in places:
+                place(full, mine[k] if r == 0 else parts[r][k])
+            out[j] = full
         return out, None
 
     def _find(self, r: int, f: SlotFile, ordinal: int | None) -> int | str:
@@ -451,6 +680,28 @@ class Assembler:
             return
         for f in self.files.values():  # collections rank 0 dropped but another rank copied
             f.release_through(ordinal)
+
+
+def _placer(block: Block) -> Any:
+    """A function copying a rank's local tensor into its block of the full tensor: a chain of
+    ``narrow`` views for contiguous ranges, ``index_put_`` where a dim's indices are a list."""
+    ranges = [(d, i) for d, i in enumerate(block.index) if isinstance(i, tuple)]
+    if len(ranges) == len(block.index):
+        def place(full: torch.Tensor, src: torch.Tensor) -> None:
+            view = full
+            for d, (start, length) in ranges:
+                view = view.narrow(d, start, length)
+            view.copy_(src.view(block.shape))
+        return place
+    ndim = len(block.shape)
+    index = []
+    for d, i in enumerate(block.index):
+        ids = torch.arange(i[0], i[0] + i[1]) if isinstance(i, tuple) else torch.tensor(i, dtype=torch.int64)
+        index.append(ids.view([-1 if e == d else 1 for e in range(ndim)]))
+
+    def place_indexed(full: torch.Tensor, src: torch.Tensor) -> None:
+        full.index_put_(tuple(index), src.view(block.shape))
+    return place_indexed
 
 
 # ---------------------------------------------------------------------- the eval model

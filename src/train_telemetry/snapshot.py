@@ -50,8 +50,9 @@ from .config import TelemetryConfigError
 from .messages import HEADER_BYTES, TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN
 
-__all__ = ["Channel", "Layout", "SlotFile", "SlotPool", "SlotStates", "aux_view", "bind_model", "build_layout", "meta_views", "model_on_slot",
-           "grad_norms", "pin_in_place", "unwrap_model"]
+__all__ = ["MANY_TENSORS", "Channel", "Layout", "SlotFile", "SlotPool", "SlotStates", "aux_view", "bind_model", "build_layout",
+           "ShapeGroups", "flat_sources", "grouped_norms", "meta_views", "model_on_slot", "grad_norms", "pin_in_place", "shape_groups",
+           "unwrap_model"]
 
 
 FREE = 0
@@ -95,7 +96,11 @@ class Layout:
         a parameter's local tensor, e.g. at its lazy init after start())."""
         if not self.sharded:
             return self.sources
-        return [local_tensor(p) for p in self.params] + [local_tensor(b) for b in self.buffers]
+        if torch.is_grad_enabled():  # at start(): detached, so no copy of them builds a graph
+            return [local_tensor(p) for p in self.params] + [local_tensor(b) for b in self.buffers]
+        # In the hook (grad mode off): no detach, one builtin call per tensor (~0.1 us, vs ~1 us
+        # for local_tensor's detach: 20,000 tensors, scripts/many_tensors_bench.py).
+        return [getattr(t, "_local_tensor", t) for t in self.params] + [getattr(t, "_local_tensor", t) for t in self.buffers]
 
     @property
     def num_params(self) -> int:
@@ -322,6 +327,7 @@ class SlotPool:
                 )
         pin = layout.on_cuda and torch.cuda.is_available()
         self.slots: list[list[torch.Tensor]] = []
+        self.flats: list[dict[torch.dtype, torch.Tensor]] = []  # per slot: the flat buffer per dtype
         self.meta: list[torch.Tensor] = []
         for _ in range(num_slots):
             # One flat buffer per dtype, each tensor a view into it: a slot is then a few
@@ -338,6 +344,7 @@ class SlotPool:
                 starts[src.dtype] = start + src.numel()
                 tensors.append(flats[src.dtype][start : start + src.numel()].view(src.shape))
             self.slots.append(tensors)
+            self.flats.append({dtype: flat[: starts[dtype]] for dtype, flat in flats.items()})
             self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
         views = meta_views(self.meta, n_params)
         self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
@@ -539,7 +546,70 @@ def pin_in_place(t: torch.Tensor) -> None:
         os.environ.setdefault("TRAIN_TELEMETRY_PIN_FAILED", str(int(err)))
 
 
-def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool) -> list[torch.Tensor] | torch.Tensor | None:
+# From this many tensors on, the hook copies the weights with one ``torch.cat`` per dtype into
+# the slot's flat buffer and stacks the gradient norms into one tensor: per tensor, a
+# ``_foreach_copy_`` costs ~1 us and each 0-d norm view another copy, against ~0.5 us per
+# input of a cat (scripts/many_tensors_bench.py: 20,000 tensors of 256 floats).
+MANY_TENSORS = 1000
+
+
+def flat_sources(layout: Layout) -> list[tuple[torch.dtype, list[torch.Tensor]]] | None:
+    """Per dtype (the slot's flat buffers' order), 1-D views of the layout's sources, for one
+    ``torch.cat(out=)`` per dtype; None where that does not apply (few tensors, FSDP2 shards
+    that are re-read at each collection, CUDA, or a non-contiguous tensor)."""
+    sources = layout.sources
+    if len(sources) < MANY_TENSORS or layout.sharded or layout.on_cuda:
+        return None
+    if not all(t.is_contiguous() for t in sources):
+        return None
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in sources:
+        out.setdefault(t.dtype, []).append(t.view(-1))  # views of the live weights: read at each copy
+    return list(out.items())
+
+
+# Many tensors of one shape: ``torch.stack`` of each shape's gradients and one norm per row
+# costs ~1 us per tensor here, ``_foreach_norm`` (a per-tensor loop on the CPU) ~3 us plus
+# freeing its 0-d results. Worth it where the shapes repeat this often on average.
+SAME_SHAPE_MIN = 8
+
+
+@dataclass
+class ShapeGroups:
+    """The parameters grouped by (shape, dtype), decided once (``shape_groups``), for
+    ``grad_norms`` on many small CPU gradients: per group, its members' indices."""
+
+    members: list[list[int]]
+    at: list[torch.Tensor]  # the same indices, as index tensors
+    numel: list[int]  # elements per member of each group
+
+
+def shape_groups(params: Sequence[torch.Tensor]) -> ShapeGroups | None:
+    """``params`` by (shape, dtype) when there are many and their shapes repeat (float32/64 on
+    the CPU only: the row norms below are computed in the gradients' dtype); else None."""
+    if len(params) < MANY_TENSORS or any(p.is_cuda or p.dtype not in (torch.float32, torch.float64) for p in params):
+        return None
+    by: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        by.setdefault((tuple(p.shape), p.dtype), []).append(i)
+    if len(params) < SAME_SHAPE_MIN * len(by):
+        return None
+    members = list(by.values())
+    return ShapeGroups(members=members, at=[torch.tensor(m, dtype=torch.int64) for m in members],
+                       numel=[params[m[0]].numel() for m in members])
+
+
+def grouped_norms(grads: list[torch.Tensor], groups: ShapeGroups) -> torch.Tensor:
+    """float64 [n]: each gradient's norm, one stack and one row norm per (shape, dtype) group."""
+    out = torch.empty(len(grads), dtype=torch.float64)
+    for members, at, numel in zip(groups.members, groups.at, groups.numel, strict=True):
+        block = torch.stack([grads[i] for i in members]).reshape(len(members), numel)  # [k, numel]: a copy
+        out[at] = torch.linalg.vector_norm(block, dim=1).double()
+    return out
+
+
+def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool,
+               groups: ShapeGroups | None = None) -> list[torch.Tensor] | torch.Tensor | None:
     """Each parameter's gradient norm, computed on the gradients' device; call under no_grad.
 
     Common case (every parameter has a dense gradient on one device): one fused
@@ -547,11 +617,17 @@ def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool) -> list[torch.
     them into the slot's 0-d views in its one fused copy) or stacked into one tensor
     (``stack=True``, CUDA: one device-to-host copy instead of one per parameter).
     Otherwise a float64 CPU tensor with -1 for parameters without a gradient. None when no
-    parameter has a gradient.
+    parameter has a gradient. ``groups`` (many small CPU tensors whose shapes repeat,
+    ``shape_groups``): one stack and one row norm per shape instead of a norm per tensor.
     """
     grads = [g for p in params if (g := p.grad) is not None]
     if not grads:
         return None
+    if groups is not None and len(grads) == len(params):
+        try:
+            return grouped_norms(grads, groups)
+        except RuntimeError:  # a gradient unlike its parameter (sparse, another device): below
+            pass
     if len(grads) == len(params) and not grads[0].is_sparse:
         try:
             norms = torch._foreach_norm(grads)
