@@ -535,7 +535,13 @@ def step_stats(step_ns: Sequence[int], hook_ns: Sequence[int], collect: Sequence
     taken = [i for i, c in enumerate(collect) if c and not dropped[i]]
     coll = [i for i, c in enumerate(collect) if c]
     normal = [i for i, c in enumerate(collect) if not c]
+    # Plain: not within AFTER steps of a collection taken (its step and the ones its record
+    # leaves cold caches in): the step without telemetry, measured in the same segment, so
+    # conv's drift between segments (up to +-10% here) does not enter mean / plain.
+    near = {j for i in taken for j in range(i, i + 3)}
+    plain = [ms[i] for i in range(len(ms)) if i not in near]
     return {
+        "plain_mean_ms": statistics.fmean(plain) if len(plain) >= 8 else None,
         "steps": len(ms),
         "mean_ms": statistics.fmean(ms),
         "p50_ms": _pct(srt, 50),
@@ -609,6 +615,7 @@ def aggregate(segments: list[dict[str, Any]], preset: Preset, bare_worker: dict[
         row["collect_x_off"] = _median([_ratio(s.get("collect_taken_mean_ms"), bases[id(s)].get("mean_ms"))
                                        for s in group])
         row["collect_x_normal"] = _median([_ratio(s.get("collect_taken_mean_ms"), s.get("normal_mean_ms")) for s in group])
+        row["mean_x_plain"] = _median([_ratio(s.get("mean_ms"), s.get("plain_mean_ms")) for s in group])
         row["hook_x_floor"] = _ratio(row["hook_collect_mean_ms"], floor_ms) if mode != "floor" else 1.0
         row["hook_p50_x_floor"] = _ratio(row["hook_collect_p50_ms"], floor_ms) if mode != "floor" else 1.0
         row["trainer_peak_mb"] = _median([s["trainer"].get("VmHWM") for s in group])
@@ -683,9 +690,14 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
                 delivered = "" if r.get("delivered") is None else f", {100 * r['delivered']:.0f}% delivered"
                 add(f"default (drop, budget auto 0.10): mean step / off (every {every}{delivered})",
                     r["mean_x_off"], 1.10, "{:.3f}x", name)
+                # the same against the segment's own plain steps: free of the drift between segments
+                add(f"default (drop): mean step / its plain steps (every {every})", r.get("mean_x_plain"), 1.10,
+                    "{:.3f}x", name)
             r = rows.get(("budget", every))
             if r:
                 add(f"budget 0.05: mean step / off (every {every})", r["mean_x_off"], 1.05, "{:.3f}x", name)
+                add(f"budget 0.05: mean step / its plain steps (every {every})", r.get("mean_x_plain"), 1.05,
+                    "{:.3f}x", name)
             r = rows.get(("block", every))
             if r and idle_core and every in (1, 10):  # every record, with a core to spare
                 add(f"idle core, every record (block): mean step / off (every {every})", r["mean_x_off"],
@@ -708,8 +720,9 @@ def evaluate_targets(result: dict[str, Any], num_slots: int) -> list[dict[str, A
 
 
 def summary_table(p: dict[str, Any]) -> list[str]:
-    """Per interval, one cell per mode: mean step (x off) / collection step (x off), records delivered,
-    and where a budget ran, the mean step it measured (x its baseline) over the whole segment."""
+    """Per interval, one cell per mode: mean step (x off) / collection step (x off), records delivered;
+    the mean step over the segment's own plain steps (x plain), and where a budget ran, the
+    mean step it measured (x its baseline) over the whole segment."""
     rows = {(r["mode"], r["every"]): r for r in p["rows"]}
     modes = [m for m in TELEMETRY_MODES if any(k[0] == m for k in rows)]
     everies = sorted({k[1] for k in rows if k[0] in TELEMETRY_MODES})
@@ -723,9 +736,11 @@ def summary_table(p: dict[str, Any]) -> list[str]:
         for m in modes:
             r = rows.get((m, every))
             measured = r and r.get("budget_measured")
+            within = r and r.get("mean_x_plain")
             cells.append("-" if r is None else f"{_f(r['mean_x_off'])} / {_f(r['collect_x_off'])}, "
                          f"{_f(None if r.get('delivered') is None else 100 * r['delivered'], '.0f')}%"
-                         + ("" if measured is None else f" (budget read {1 + measured:.2f})"))
+                         + ("" if within is None else f"; x plain {within:.2f}")
+                         + ("" if measured is None else f", budget read {1 + measured:.2f}"))
         if "block" in modes and "sync" in modes:
             b, s_ = rows.get(("block", every)), rows.get(("sync", every))
             cells.append(_f(_ratio(b and b["mean_x_off"], s_ and s_["mean_x_off"])))

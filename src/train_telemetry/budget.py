@@ -27,10 +27,12 @@ A window measures whole cycles: its steps end where the last collection it took 
 the steps that collection slows are measured with it in the next window (cut at the
 window's end instead, a window at stride 8 held a collection but not the steps it slowed
 and read 0.1%, the next one twice the truth, and the stride sawed 8 -> 1 -> 2 -> 1 -> 8).
-A window with MIN_PLAIN plain steps measures its own baseline (the same minute of the
+A window with MIN_PLAIN plain steps measures its own baseline (the same second of the
 run, so a trainer whose step time drifts is compared with itself); one with fewer (every
 step collected, the worker always busy) uses the last baseline if it is younger than
-BASELINE_MAX_AGE_S, else starts a *probe*: due collections are skipped (and counted as
+BASELINE_MAX_AGE_S and the window's few plain steps, if any, are within STALE_FACTOR of it
+(a test sharing two cores with another job read 178% against a baseline measured before
+the other job began, where the loop's own clock said 7%), else starts a *probe*: due collections are skipped (and counted as
 skipped) until MIN_PLAIN plain steps are in, at most MAX_PROBE_S. At every step on conv,
 a probe of about a second every 30 s costs 3% of the records it would have kept.
 
@@ -97,6 +99,7 @@ SETTLE_FACTOR = 2.0  # ... nor those before the worker had this times its CPU pe
 MIN_PLAIN = 8  # plain steps that measure a baseline
 PAUSE_FACTOR = 10.0  # a step this many times the baseline is a pause (eval, checkpoint), not a step
 BASELINE_MAX_AGE_S = 30.0  # an older baseline is measured again (a probe)
+STALE_FACTOR = 1.25  # ... and one that a window's few plain steps miss by more than this is not used
 MAX_PROBE_S = 10.0  # a probe that finds too few plain steps in this long ends without a baseline
 
 
@@ -164,6 +167,10 @@ def measure_steps(ticks: Sequence[float], first: int, dues: dict[int, tuple[floa
         median = statistics.median(plain_rests)
         kept = [r for r in plain_rests if r <= PAUSE_FACTOR * median]
         baseline, own = sum(kept) / len(kept), True
+    elif baseline is not None and plain_rests:  # the last baseline, if the few plain steps here agree
+        median = statistics.median(plain_rests)
+        if not baseline / STALE_FACTOR <= median <= baseline * STALE_FACTOR:
+            baseline = None  # the machine changed since (another job came or went): not telemetry's
     if baseline is None or baseline <= 0:
         return Steps(None, False, len(plain_rests), 0, 0.0), last_taken
     counted = [s for s, r, _ in rests if r <= PAUSE_FACTOR * baseline]

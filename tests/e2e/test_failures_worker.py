@@ -283,7 +283,7 @@ def test_hook_side_failures_cost_a_field_or_a_record_never_the_run(tmp_path: Pat
         telemetry.on_batch_end(run.model, run.opt, 1, 0, None, "not a batch")
         # 2) a collection that fails after taking its slot (sync mode has a single slot)
         real = telemetry_module.grad_norms
-        monkeypatch.setattr(telemetry_module, "grad_norms", lambda params, stack: 1 / 0)
+        monkeypatch.setattr(telemetry_module, "grad_norms", lambda params, stack, groups=None: 1 / 0)
         for step in range(2, 5):
             telemetry.on_batch_end(run.model, run.opt, step, 0, None, batch)
         monkeypatch.setattr(telemetry_module, "grad_norms", real)

@@ -211,7 +211,8 @@ def test_unclean_stop_is_reported(tmp_path: Path) -> None:
 
 
 def test_dropped_snapshots_fraction_sets_severity(tmp_path: Path) -> None:
-    """A few drops are info; a third of the snapshots dropped is a warning."""
+    """A few drops are info; a third of the snapshots dropped is a warning, unless the overhead
+    budget skipped every one of them."""
     records = make_records(n=30)
     few = make_summary(30, dropped=1)
     run = load_run(write_run(tmp_path / "few", records, meta=make_meta(), summary=few))
@@ -219,6 +220,12 @@ def test_dropped_snapshots_fraction_sets_severity(tmp_path: Path) -> None:
     many = make_summary(30, dropped=15)
     run = load_run(write_run(tmp_path / "many", records, meta=make_meta(), summary=many))
     assert [(d.code, d.severity) for d in diagnose(run)] == [("dropped_snapshots", "warning")]
+    # the same drops, every one skipped by the overhead budget: as configured, so info, and the
+    # hint names the budget
+    skipped = many | {"snapshots_skipped": 15}
+    run = load_run(write_run(tmp_path / "skipped", records, meta=make_meta(), summary=skipped))
+    (found,) = diagnose(run)
+    assert (found.code, found.severity) == ("dropped_snapshots", "info") and "overhead_budget" in found.hint
 
 
 def test_slow_learning_with_holdout_at_chance_is_not_overfitting(tmp_path: Path) -> None:

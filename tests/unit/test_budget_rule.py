@@ -136,13 +136,22 @@ def test_a_pause_between_two_calls_is_not_a_step_and_the_worker_settles() -> Non
 
 def test_too_few_plain_steps_use_the_last_baseline_or_none() -> None:
     """Every call collected: no plain step. The last baseline measures the window; without
-    one there is no measurement (the budget then probes)."""
+    one there is no measurement (the budget then probes); nor with one that the window's
+    few plain steps contradict."""
     ticks = _ticks([0.012], 20)
     dues = {c: (0.002, True) for c in range(20)}
     steps, _ = measure_steps(ticks, 0, dues, None, 0.0, 0.010)
     assert not steps.own_baseline and steps.plain == 0 and abs((steps.overhead or 0) - 0.2) < 1e-9
     none, _ = measure_steps(ticks, 0, dues, None, 0.0, None)
     assert none.overhead is None
+    # a few plain steps (4 here: every 4th call collected) that miss the last baseline by more
+    # than STALE_FACTOR: the machine changed (another job), so that baseline is not used
+    ticks = _ticks([0.024, 0.024, 0.024, 0.020], 4)
+    dues = {c: (0.002, True) for c in range(0, 16, 4)}
+    stale, _ = measure_steps(ticks, 0, dues, None, 0.0, 0.010)
+    assert stale.plain == 4 and stale.overhead is None  # 20 ms plain steps against 10 ms
+    agree, _ = measure_steps(ticks, 0, dues, None, 0.0, 0.018)
+    assert agree.overhead is not None and agree.baseline == 0.018
 
 
 def _feed(b: OverheadBudget, steps: list[float], taken_every: int, hook_s: float, t: float) -> float:

@@ -23,7 +23,7 @@ class DroppedSnapshots(Rule):
     severity = "warning"
     summary = (
         "snapshots the collector dropped (worker behind, or skipped for `overhead_budget`); "
-        f"under {DROPPED_WARNING_FRACTION:.0%} of them: info"
+        f"under {DROPPED_WARNING_FRACTION:.0%} of them, or every one a budget skip: info"
     )
 
     def check(self, run: Run) -> list[Diagnosis]:
@@ -37,9 +37,19 @@ class DroppedSnapshots(Rule):
         taken = number(summary.get("snapshots_taken")) or (len(run.records) + dropped)
         frac = dropped / max(taken + dropped if "snapshots_taken" in summary else taken, 1)
         skipped = int(number(summary.get("snapshots_skipped")) or 0)
+        # Every drop a skip of the overhead budget: telemetry kept to the share it was given,
+        # as configured; that is information, and the lever is the budget, not the worker.
+        budget_only = 0 < dropped <= skipped
+        hint = (
+            "the overhead budget kept telemetry within its share of training time: raise "
+            "overhead_budget (e.g. 0.2), set it to null for every record, or make records cheaper "
+            "(raise collect_every_n, shrink holdout_size)"
+            if budget_only
+            else "raise collect_every_n or num_slots, shrink holdout_size, or set on_full: block"
+        )
         return [
             self.diagnosis(
-                severity="warning" if frac >= DROPPED_WARNING_FRACTION else "info",
+                severity="warning" if frac >= DROPPED_WARNING_FRACTION and not budget_only else "info",
                 title=f"{dropped} snapshots dropped ({frac:.0%}): "
                 + (
                     f"{skipped} skipped to stay within overhead_budget"
@@ -51,7 +61,7 @@ class DroppedSnapshots(Rule):
                     for s, cost in run.costs()
                     if cost.dropped_before > 0
                 ][:EVIDENCE_POINTS],
-                hint="raise collect_every_n or num_slots, shrink holdout_size, or set on_full: block",
+                hint=hint,
             )
         ]
 
