@@ -615,10 +615,20 @@ class Assembler:
                           "shards, so weight metrics (norms, deltas, holdout) are not recorded; gradient norms, "
                           "LRs, loss and batch statistics are exact")
             return
+        self.lost: dict[int, str] = {}  # ranks whose shard file was gone when this worker started
         for r in range(1, plan.world_size):
             path = plan.paths[r] if r < len(plan.paths) else None
-            if path is not None:  # None: a rank whose every block is a replica (nothing to read)
+            if path is None:  # a rank whose every block is a replica (nothing to read)
+                continue
+            try:
                 self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
+            except FileNotFoundError:
+                # A replacement worker started after rank r's stop() removed its file (a worker
+                # killed near the end of a short run): the records it replays keep everything
+                # but the weights, and say why, rather than this worker failing to start and
+                # every snapshot it holds being lost.
+                self.lost[r] = (f"rank {r}'s shard file was gone when this worker started (rank {r} had "
+                                "stopped and removed it before rank 0's worker was replaced): its shards are missing")
         self.full = {j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
         # per assembled tensor: (rank, its position in that rank's slot, where it goes in the full tensor)
         at_in_file = {r: {j: k for k, j in enumerate(plan.file_tensors(r))} for r in self.files}
@@ -626,7 +636,7 @@ class Assembler:
         for j in plan.sharded:
             places = []
             for r, block in enumerate(plan.blocks[j]):
-                if block is None or block.numel == 0:
+                if block is None or block.numel == 0 or r in self.lost:
                     continue
                 places.append((r, j if r == 0 else at_in_file[r][j], _placer(block)))
             self.places[j] = places
@@ -638,6 +648,8 @@ class Assembler:
         """
         if self.error is not None:
             return None, self.error
+        if self.lost and ordinal is not None:
+            return None, next(iter(self.lost.values()))
         parts: dict[int, list[torch.Tensor]] = {}
         for r, f in self.files.items():
             found = self._find(r, f, ordinal)
