@@ -211,7 +211,7 @@ def test_a_killed_worker_on_a_2d_mesh_blocks_no_rank_and_every_record_stays_exac
 
 
 PARTIAL_GRADS = """
-import sys, torch
+import os, sys, torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -232,16 +232,20 @@ if case == "tp_alone":
         Telemetry(TelemetryConfig(output_dir=out, mode="sync")).start(model)
     except TelemetryConfigError as exc:
         print("refused:", exc, flush=True)
+    dist.barrier()  # neither rank tears gloo down while the other is still in start()'s collective
     dist.destroy_process_group()
-    sys.exit(0)
+    sys.stdout.flush()
+    os._exit(0)  # not the interpreter's teardown: gloo's threads under a DeviceMesh abort there now and then
 fully_shard(model)
 if case == "pipeline":
     try:
         Telemetry(TelemetryConfig(output_dir=out, mode="sync")).start(model)
     except TelemetryConfigError as exc:
         print("refused:", exc, flush=True)
+    dist.barrier()  # neither rank tears gloo down while the other is still in start()'s collective
     dist.destroy_process_group()
-    sys.exit(0)
+    sys.stdout.flush()
+    os._exit(0)  # not the interpreter's teardown: gloo's threads under a DeviceMesh abort there now and then
 t = Telemetry(TelemetryConfig(output_dir=out, mode="sync", collect_every_n=1))
 t.start(model)
 # Each rank's share of a gradient as a Partial DTensor: the gradient is the sum of both
@@ -261,6 +265,8 @@ if rank == 0:
     print("norm", record["gradient_norm"]["overall"], torch.stack([f.norm() for f in full]).norm().item(), flush=True)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as above: no interpreter teardown under gloo's DeviceMesh threads
 """
 
 
