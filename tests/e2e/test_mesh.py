@@ -228,16 +228,9 @@ if case == "pipeline" and rank == 1:
 if case == "tp_alone":
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
     parallelize_module(model, mesh, {"0": ColwiseParallel()})
-    try:
-        Telemetry(TelemetryConfig(output_dir=out, mode="sync")).start(model)
-    except TelemetryConfigError as exc:
-        print("refused:", exc, flush=True)
-    dist.barrier()  # neither rank tears gloo down while the other is still in start()'s collective
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # not the interpreter's teardown: gloo's threads under a DeviceMesh abort there now and then
-fully_shard(model)
-if case == "pipeline":
+else:
+    fully_shard(model)
+if case in ("tp_alone", "pipeline"):  # layouts start() must refuse on both ranks
     try:
         Telemetry(TelemetryConfig(output_dir=out, mode="sync")).start(model)
     except TelemetryConfigError as exc:
