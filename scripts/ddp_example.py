@@ -168,10 +168,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # After optimizer.step(), once per optimizer step, with the step counter (the same
         # on every rank) and this rank's whole share of the step's rows.
         outputs = torch.cat(step_logits)
-        with _counting(collectives, step, args.count_collectives):
+        fail_fill = args.fail_fill_rank == rank and step == args.fail_fill_at
+        with _counting(collectives, step, args.count_collectives), _failing_copies(fail_fill):
             telemetry.on_batch_end(ddp, optimizer, step, batch=hook_batch, loss=step_loss, outputs=outputs)
         if step == args.kill_worker_at and telemetry.worker_pid is not None:
             _kill_and_wait(telemetry.worker_pid)  # for the tests: the worker dies mid-run
+        host_worker = getattr(telemetry._dist, "host_worker", None)  # for the tests only: no public handle
+        if step == args.kill_host_worker_at and host_worker is not None and host_worker.proc is not None:
+            _kill_and_wait(host_worker.proc.pid)  # for the tests: another host's worker dies mid-run
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if args.step_sleep:
@@ -241,6 +245,25 @@ def shard(model: TinyNet, how: str, world_size: int) -> None:
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "all_to_all", "all_to_all_single",
                "reduce", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+@contextlib.contextmanager
+def _failing_copies(enabled: bool) -> Any:
+    """For the tests: every ``torch._foreach_copy_`` in the block raises (a rank > 0's shard copy,
+    as a device error would make it fail)."""
+    if not enabled:
+        yield
+        return
+    original = torch._foreach_copy_
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected by --fail-fill-rank: the shard copy failed")
+
+    torch._foreach_copy_ = fail
+    try:
+        yield
+    finally:
+        torch._foreach_copy_ = original
 
 
 @contextlib.contextmanager
@@ -327,6 +350,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="this rank's holdout lacks the label key: start() fails there (and so on every rank)")
     tests.add_argument("--overhead-budget", type=float, default=None, help="telemetry.overhead_budget")
     tests.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
+    tests.add_argument("--fail-fill-rank", type=int, default=None, help="this rank's shard copy fails at --fail-fill-at")
+    tests.add_argument("--fail-fill-at", type=int, default=None)
+    tests.add_argument("--kill-host-worker-at", type=int, default=None,
+                       help="the lowest rank of another host than rank 0's SIGKILLs its host worker at this step")
     tests.add_argument("--bad-labels-rank", type=int, default=None, help="this rank passes labels it cannot count")
     tests.add_argument("--count-collectives", action="store_true",
                        help="record the collectives each on_batch_end issues (result.rank<r>.json: collectives)")

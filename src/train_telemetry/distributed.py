@@ -38,6 +38,7 @@ import torch
 
 from .batches import BatchFormatCache
 from .config import TelemetryConfig, TelemetryConfigError
+from .hosts import HostWorker
 from .metrics.batch import count_vector
 from .shards import (
     ShardPlan,
@@ -228,6 +229,7 @@ class Sharded:
         self.plan: ShardPlan | None = None
         self.sync: ShardSync | None = None
         self.layout: Layout | None = None
+        self.host_worker: HostWorker | None = None  # on another host than rank 0's: its lowest rank's (hosts.py)
         # on_full: block makes a rank > 0 wait for a free shard slot as rank 0 waits for its own
         self.copy_wait_s = config.block_timeout_s if config.on_full == "block" else 0.0
 
@@ -247,9 +249,10 @@ class Sharded:
             raise TelemetryConfigError(
                 "per_rank: true with a sharded (FSDP2) model would record each rank's shard, not the model: "
                 "remove per_rank; rank 0 records the exact global values")
-        if not plan.same_host and "weights" in self.needs:
-            self.warn("shards_hosts", f"the ranks run on {plan.hosts} hosts: weight metrics (norms, deltas, "
-                      "holdout) of a sharded model are recorded on one host only; records say why they are absent")
+        if plan.cross_host and "weights" in self.needs and self.info.writes:
+            self.warn("shards_hosts", f"the model's counted shards lie on {plan.hosts} hosts: weight norms, deltas "
+                      "and update ratios are summed over the hosts, but the holdout and activations (which need the "
+                      "whole model in one process) are not recorded; records say so (docs/distributed.md)")
         self.plan = plan
         info = self.info
         info.formats = info.formats or BatchFormatCache(
@@ -264,6 +267,16 @@ class Sharded:
         error = agree_on_start(error)
         if error is not None:
             raise error
+        rank, host = self.info.rank, plan.host_of[self.info.rank]
+        if "weights" in self.needs and host in plan.remote_hosts() and rank == min(plan.ranks_on(host)):
+            # after every rank made its file: this host's worker sums its ranks' shards (hosts.py)
+            self.host_worker = HostWorker(plan, host, len(self.layout.params) if self.layout else 0,
+                                          "weight_deltas" in self.needs, self.config, self.warn)
+            try:
+                self.host_worker.start()
+            except Exception as exc:
+                self.warn("host_worker_start", f"could not start the host worker of host {host} ({type(exc).__name__}: "
+                          f"{exc}): rank 0 records this host's weight numbers as missing")
 
     def _prepare(self, inner: torch.nn.Module, plan: ShardPlan) -> None:
         """The collective's vector, and on a rank > 0 a shard file rank 0's worker reads (same host)."""
@@ -271,8 +284,8 @@ class Sharded:
         self.layout = layout = build_layout(inner)
         self.sync = sync = ShardSync(layout.params, plan, info.rank, info.count_device, info.formats,
                                      want_counts=info.global_batch)
-        if info.rank > 0 and "weights" in self.needs and plan.same_host:
-            sync.open_file(info.rank)
+        if info.rank > 0 and "weights" in self.needs:
+            sync.open_file(info.rank)  # in this rank's host's shared memory
             if "weight_deltas" in self.needs:  # rank 0's first reference: every rank's shards at start
                 sync.copy_shards(-1, layout.live_sources())
 
@@ -286,9 +299,14 @@ class Sharded:
             self.warn(f"rank_part:{where}:{type(exc).__name__}", (
                 f"rank {self.info.rank} could not add its part to the global {where} of a collection "
                 f"({type(exc).__name__}: {exc}); rank 0 records it as null for that collection, not summed without it"))
-        if not self.info.writes:  # a rank > 0: copy its shards for rank 0's worker, done
+        if not self.info.writes:  # a rank > 0: copy its shards for its host's reader, done
             if sync.file is not None:
-                sync.copy_shards(ordinal, layout.live_sources(), self.copy_wait_s)
+                try:
+                    sync.copy_shards(ordinal, layout.live_sources(), self.copy_wait_s)
+                except Exception as exc:  # the reader records this collection's weights as missing, without waiting
+                    self.warn(f"copy_shards:{type(exc).__name__}", (
+                        f"rank {self.info.rank} could not copy its shards at a collection ({type(exc).__name__}: "
+                        f"{exc}); rank 0 records that collection's weight metrics as missing, later ones as usual"))
             return None
         reduced = sync.unpack(vec, want_loss=loss is not None, want_accuracy=outputs is not None)
         return Shared(counts=reduced["counts"], reduced=reduced)
@@ -299,7 +317,9 @@ class Sharded:
 
     def close(self) -> None:
         if self.sync is not None:
-            self.sync.close()  # rank 0's worker keeps its mapping of our shard file
+            self.sync.close()  # rank 0's worker (or our host's worker) keeps its mapping of our shard file
+        if self.host_worker is not None:  # it ends when rank 0's worker has written every record
+            self.host_worker.close(self.config.stop_timeout_s)
 
 
 def open_strategy(config: TelemetryConfig, model: torch.nn.Module | None, needs: frozenset[str],

@@ -22,6 +22,7 @@ from msgspec import UNSET
 
 from .build import build_record
 from .config import TelemetryConfig
+from .hosts import CrossHost
 from .messages import ALL_MISSING, IN_AUX, IN_EXTRA, IN_SLOT, Groups, Setup, Snapshot
 from .metrics.api import RunInfo, SnapshotData, _Lazy
 from .metrics.batch import LabelCounts, batch_accuracy, label_counts, unpack_count_vector
@@ -35,6 +36,8 @@ from .writer import OnceLog, RecordWriter
 
 _MAX_LOGGED_ERRORS = 20
 # What a record loses when a rank could not add its share to a part (snapshot.RANK_PARTS).
+# Weight metrics built from per-parameter norms alone: across hosts they come from each host's sums (hosts.py).
+_FROM_SUMS = frozenset({"weight_norm", "weight_delta", "update_ratio", "layers"})
 _PART_FIELDS = {"gradient_norm": (), "train_loss": ("loss",), "batch_stats": ("label_counts", "batch_size"),
                 "train_accuracy": ("train_accuracy",)}
 
@@ -61,7 +64,11 @@ class SnapshotProcessor:
         self.param_names = [spec.name for spec in setup.specs[: setup.num_params]]
         self.buffer_names = [spec.name for spec in setup.specs[setup.num_params :]]
         self.reference: ReferenceCheckpoint | None = None
-        if "weight_deltas" in setup.needs and setup.slots:
+        # FSDP2 with counted shards on several hosts: weight numbers summed over the hosts (hosts.py)
+        plan = setup.shards
+        self.cross_host = (CrossHost(plan, setup.num_params, "weight_deltas" in setup.needs, setup.slots)
+                           if plan is not None and plan.cross_host and setup.slots else None)
+        if "weight_deltas" in setup.needs and setup.slots and self.cross_host is None:
             self.reference = ReferenceCheckpoint(
                 run_dir / setup.checkpoint_name, [s.name for s in setup.specs], setup.num_params)
         self.model = setup.model
@@ -89,6 +96,8 @@ class SnapshotProcessor:
         for m in setup.metrics:
             m.setup(info)
         init = self.slot(setup.init_slot, -1)[0] if setup.init_slot is not None else None
+        if self.cross_host is not None and setup.init_slot is not None and "weight_deltas" in setup.needs:
+            self.cross_host.start_reference(setup.init_slot)
         if init is not None and self.reference is not None:
             self.reference.save(init, None, None)
             self.release_shards(-1)
@@ -128,6 +137,13 @@ class SnapshotProcessor:
     def release_shards(self, ordinal: int) -> None:
         if self.assembler is not None:
             self.assembler.release(ordinal)
+        if self.cross_host is not None:
+            self.cross_host.release(ordinal)
+
+    def finish(self) -> None:
+        """Every record is written (stop()): let the other hosts' workers go."""
+        if self.cross_host is not None:
+            self.cross_host.finish()
 
     # -- one snapshot -> one record ------------------------------------------------
     def handle(self, snap: Snapshot, release: Callable[[int], None]) -> None:
@@ -184,8 +200,10 @@ class SnapshotProcessor:
         setup, i = self.setup, snap.slot
         groups = self.groups.get(snap.groups_version) or self.groups[max(self.groups)]
         slot, why = self.slot(i, snap.ordinal)
-        if why is not None:
+        if why is not None and self.cross_host is None:
             errors.append({"where": "weights", "type": "ShardsMissing", "message": why})
+        elif why is not None and self._needs_model():  # weight numbers come from the hosts' sums below
+            errors.append({"where": "holdout", "type": "WeightsOnOtherHosts", "message": why})
         n = setup.num_params
         data = SnapshotData(
             batch_idx=snap.batch_idx, step=snap.step, epoch=snap.epoch, seq=snap.seq, time=snap.time, config=self.config,
@@ -201,6 +219,14 @@ class SnapshotProcessor:
                 data._deltas = _Lazy(lambda: reference.distances(params))
             if self.model is not None and setup.holdout is not None:
                 data._holdout = _Lazy(lambda: self.evaluate(slot))
+        if self.cross_host is not None:
+            found = self.cross_host.numbers(i, snap.ordinal, snap.batch_idx)
+            data._weight_norms = found.norms
+            if found.deltas is not None:
+                data._deltas = _Lazy(lambda: found.deltas)
+            errors += [{"where": "weights", "type": "ShardsMissing", "message": p} for p in found.problems]
+            if found.no_delta is not None and "weight_deltas" in setup.needs:
+                errors.append({"where": "weight_delta", "type": "NoReference", "message": found.no_delta})
         if snap.grads == IN_SLOT:
             data.grad_norms = [None if v < 0 else v for v in self.norms[i][:n].tolist()]  # NaN stays NaN
         elif snap.grads == ALL_MISSING:
@@ -234,6 +260,11 @@ class SnapshotProcessor:
         if any(failed):
             self._drop_failed_parts(data, failed, errors)
         return data
+
+    def _needs_model(self) -> bool:
+        """Whether this run asks for what needs the whole model in one process (holdout, activations, ...)."""
+        return self.setup.holdout is not None or any(
+            m.needs & {"weights", "buffers", "holdout"} and m.key not in _FROM_SUMS for m in self.setup.metrics)
 
     def _drop_failed_parts(self, data: SnapshotData, failed: list[float], errors: list[dict[str, str]]) -> None:
         """FSDP2: a part some rank could not add its share to (shards.ShardSync) is recorded as

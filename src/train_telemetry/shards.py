@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -60,15 +59,15 @@ import torch
 
 from .batches import logits_of
 from .config import TelemetryConfigError
+from .hosts import store_address
 from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
-from .snapshot import RANK_PARTS, SlotFile, grouped_norms, local_tensor, shape_groups
+from .snapshot import RANK_PARTS, SlotFile, find_shards, grouped_norms, local_tensor, shape_groups
 
 __all__ = ["ShardPlan", "ShardSync", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
            "plan_shards", "unsupported_sharding"]
 
 SHM_DIR = "/dev/shm"
-WAIT_FOR_RANK_S = 30.0  # the worker waits this long for a rank's shards before recording them missing
 
 
 def _dtensor_type() -> type | None:
@@ -160,6 +159,10 @@ class ShardPlan:
     hosts: int = 1
     blocks: list[list[Block | None]] = field(default_factory=list)
     data_ranks: list[int] | None = None  # None: every rank
+    # several hosts (hosts.py): each rank's host (rank 0's is 0), the job's c10d store, this run's token
+    host_of: list[int] = field(default_factory=list)
+    store: tuple[str, int] | None = None
+    token: str = ""
 
     def __post_init__(self) -> None:
         if self.blocks:
@@ -197,6 +200,19 @@ class ShardPlan:
     def counts_data(self, rank: int) -> bool:
         return self.data_ranks is None or rank in self.data_ranks
 
+    def ranks_on(self, host: int) -> list[int]:
+        return [r for r, h in enumerate(self.host_of) if h == host]
+
+    def remote_hosts(self) -> list[int]:
+        """The hosts other than rank 0's whose ranks count some block (hosts.py combines their numbers)."""
+        return sorted({h for r, h in enumerate(self.host_of) if h != 0 and self.file_tensors(r)})
+
+    @property
+    def cross_host(self) -> bool:
+        """Whether counted blocks lie on another host than rank 0's (an HSDP run that replicates
+        across hosts keeps them all on rank 0's host: then everything is read through shared memory)."""
+        return bool(self.host_of) and bool(self.remote_hosts())
+
     def file_tensors(self, rank: int) -> list[int]:
         """The tensors (layout order) rank ``rank`` (> 0) copies into its shard file."""
         return [j for j in self.sharded if self.blocks[j][rank] is not None]
@@ -224,7 +240,8 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int,
     """
     dist = torch.distributed
     world, rank = dist.get_world_size(), dist.get_rank()
-    mine: dict[str, Any] = {"host": host_identity(rank, world), "token": uuid.uuid4().hex[:12], "error": None}
+    mine: dict[str, Any] = {"host": host_identity(rank, world), "token": uuid.uuid4().hex[:12], "error": None,
+                            "store": store_address() if rank == 0 else None}
     try:
         mine["tensors"] = [_describe(name, t) for name, t in tensors]
         mine["data_mesh"] = _data_mesh_ranks(model) if model is not None else None
@@ -239,9 +256,12 @@ def plan_shards(tensors: Sequence[tuple[str, torch.Tensor]], num_slots: int,
         plan = _agree(said, world, num_slots)
     except ValueError as exc:
         return TelemetryConfigError(f"this sharded model is not supported: {exc}")
-    token = said[0]["token"]
+    plan.token = token = said[0]["token"]
+    plan.store = said[0]["store"]
+    # each rank's file is in its own host's shared memory: rank 0's worker reads those on its host,
+    # a host worker (hosts.py) those on another
     plan.paths = [None, *(os.path.join(SHM_DIR, f"train-telemetry-{token}-rank{r}")
-                          if plan.same_host and plan.file_tensors(r) else None for r in range(1, world))]
+                          if plan.file_tensors(r) else None for r in range(1, world))]
     return plan
 
 
@@ -278,9 +298,11 @@ def _agree(said: list[dict[str, Any]], world: int, num_slots: int) -> ShardPlan:
         raise ValueError("DTensor parameters without fully_shard (tensor parallelism alone): which ranks see "
                          "different batches is not known; apply fully_shard over the data-parallel mesh dimension "
                          "(FSDP2 + TP), or set enabled: false")
-    hosts = len({s["host"] for s in said})
-    return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, same_host=hosts == 1, hosts=hosts,
-                     blocks=blocks, data_ranks=None if data_mesh is None or len(data_mesh) == world else list(data_mesh))
+    host_index: dict[str, int] = {}
+    host_of = [host_index.setdefault(s["host"], len(host_index)) for s in said]  # rank 0's host is 0
+    return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, same_host=len(host_index) == 1,
+                     hosts=len(host_index), blocks=blocks, host_of=host_of,
+                     data_ranks=None if data_mesh is None or len(data_mesh) == world else list(data_mesh))
 
 
 TEST_HOSTS_ENV = "TRAIN_TELEMETRY_TEST_HOSTS"
@@ -610,10 +632,11 @@ class Assembler:
         self.error: str | None = None
         self.full: dict[int, torch.Tensor] = {}
         self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
-        if not plan.same_host:
-            self.error = (f"the ranks run on {plan.hosts} hosts: rank 0's worker cannot read the other hosts' "
-                          "shards, so weight metrics (norms, deltas, holdout) are not recorded; gradient norms, "
-                          "LRs, loss and batch statistics are exact")
+        if plan.cross_host or (not plan.host_of and not plan.same_host):
+            self.error = (f"the model's shards lie on {plan.hosts} hosts and weights do not cross hosts, so the "
+                          "holdout, activations and metrics that need the whole model in one process are not built "
+                          "(weight norms, deltas and update ratios are: each host sends its sums). HSDP that "
+                          "replicates across hosts keeps a whole copy on rank 0's host and records them")
             return
         self.lost: dict[int, str] = {}  # ranks whose shard file was gone when this worker started
         for r in range(1, plan.world_size):
@@ -670,18 +693,7 @@ class Assembler:
     def _find(self, r: int, f: SlotFile, ordinal: int | None) -> int | str:
         if ordinal is None:
             return 0
-        if r in self.gone:
-            return f"rank {r} stopped answering: its shards are missing"
-        deadline = time.monotonic() + WAIT_FOR_RANK_S
-        while f.progress[0] < ordinal:
-            if time.monotonic() > deadline:
-                self.gone.add(r)
-                return f"rank {r}'s shards of this collection did not arrive within {WAIT_FOR_RANK_S:.0f} s"
-            time.sleep(0.0005)
-        i = f.find(ordinal)
-        if i is not None:
-            return i
-        return f"rank {r} had no free snapshot slot at this collection (raise num_slots): its shards are missing"
+        return find_shards(r, f, ordinal, self.gone)
 
     def release(self, ordinal: int | None) -> None:
         """After the record of ``ordinal`` is written: free the shards it used, and stale ones."""

@@ -114,6 +114,7 @@ class InlineSink:
             self.writer.close()
         p = self.processor
         if p is not None:  # the records are on disk: now the trackers, abandoned at the deadline
+            p.finish()
             close_mirrors(p.mirrors, self.config, deadline)
         done = Done(self.writer.records_written, dict(p.errors) if p else {}, list(p.last_errors) if p else [],
                     self.writer.io_errors)

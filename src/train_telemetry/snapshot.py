@@ -480,7 +480,12 @@ class SlotFile:
         while True:
             i = self.states.acquire()
             if i is not None:
-                torch._foreach_copy_(self.slots[i], list(sources))
+                try:
+                    torch._foreach_copy_(self.slots[i], list(sources))
+                except BaseException:  # the reader must not wait for this collection, nor the slot stay taken
+                    self.states.release(i)
+                    self.progress[0] = ordinal
+                    raise
                 self.tags[i] = ordinal  # after the data, and the state after the tag: the worker reads them first
                 self.states.publish(i)
                 self.progress[0] = ordinal
@@ -642,3 +647,29 @@ def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool,
         if g is not None:
             out[i] = (g.coalesce().values() if g.is_sparse else g).norm().double().cpu()
     return out
+
+
+WAIT_FOR_RANK_S = 30.0  # a reader waits this long for a rank's shards before recording them missing
+
+
+def find_shards(r: int, f: SlotFile, ordinal: int, late: set[int]) -> int | str:
+    """The slot of rank ``r``'s file holding collection ``ordinal``, or why there is none.
+
+    Waits up to WAIT_FOR_RANK_S for the rank to reach the collection; a rank that did not
+    (``late``) is not waited for again until it catches up, so one slow or stuck rank costs
+    one wait, and its later collections are read again as soon as it copies them.
+    """
+    if r in late and f.progress[0] < ordinal:
+        return f"rank {r} is behind (it did not reach an earlier collection in time): its shards are missing"
+    late.discard(r)
+    deadline = time.monotonic() + WAIT_FOR_RANK_S
+    while f.progress[0] < ordinal:
+        if time.monotonic() > deadline:
+            late.add(r)
+            return f"rank {r}'s shards of this collection did not arrive within {WAIT_FOR_RANK_S:.0f} s"
+        time.sleep(0.0005)
+    i = f.find(ordinal)
+    if i is not None:
+        return i
+    return (f"rank {r} has no shards of this collection (it had no free snapshot slot: raise num_slots; or its copy "
+            "failed: its warning says why): its shards are missing")

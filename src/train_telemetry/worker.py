@@ -273,6 +273,8 @@ class _Loop:
         with contextlib.suppress(OSError):  # e.g. EIO from close(): still send Done
             self.writer.close()
         if self.processor is not None:  # the records are on disk: now the trackers, bounded in time
+            if self.stopping:  # a clean stop, not a death a replacement recovers from
+                self.processor.finish()
             close_mirrors(self.processor.mirrors, self.config)
         processor, writer = self.processor, self.writer
         errors = dict(processor.errors) if processor else {}

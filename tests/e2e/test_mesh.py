@@ -27,6 +27,7 @@ from test_fsdp import assert_same
 
 from train_telemetry import read_records
 from train_telemetry.metrics.batch import COUNT_VECTOR_LEN
+from train_telemetry.shards import TEST_HOSTS_ENV
 from train_telemetry.snapshot import RANK_PARTS
 
 STEPS, EVERY = 6, 2
@@ -40,6 +41,10 @@ def _shm_files() -> set[str]:
 
 @pytest.fixture(scope="module")
 def float64_reference() -> list[dict[str, Any]]:
+    return float64_records(STEPS)
+
+
+def float64_records(steps: int) -> list[dict[str, Any]]:
     """What each collection should record, computed in float64 on one process with the whole
     model and the whole global batch (the example's model, data, optimizer and schedule)."""
     torch.manual_seed(0)
@@ -53,7 +58,7 @@ def float64_reference() -> list[dict[str, Any]]:
     holdout = example.holdout_batch()
     previous = [p.detach().clone() for p in params]  # the first delta measures from start()
     out = []
-    for step in range(STEPS):
+    for step in range(steps):
         batch = example.global_batch(step)
         logits = model(batch["x"].double())
         loss = torch.nn.functional.cross_entropy(logits, batch["y"])  # the mean over the global batch
@@ -79,11 +84,43 @@ def float64_reference() -> list[dict[str, Any]]:
                 "learning_rates": {g["name"]: g["lr"] for g in optimizer.param_groups},
                 "loss": float(loss.detach()), "accuracy": float((logits.detach().argmax(1) == batch["y"]).double().mean()),
                 "labels": batch["y"].tolist(), "holdout": held.tolist(),
+                "reference_batch_idx": out[-1]["batch_idx"] if out else None,
             })
             previous = [w.clone() for w in weights.values()]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def assert_matches(got: dict[str, Any], want: dict[str, Any], where: str, weights: bool = True,
+                   deltas: bool = True, holdout: bool = True) -> None:
+    """``got`` (a record) equals ``want`` (float64_records) at rel 1e-5: gradient norms, and
+    with ``weights`` weight norms (with ``deltas`` deltas and update ratios too), overall,
+    per group and per layer; the LRs, loss, accuracy and global batch statistics; with
+    ``holdout`` the holdout logits."""
+    families = ["gradient_norm", *(["weight_norm"] if weights else []),
+                *(["weight_delta", "update_ratio"] if weights and deltas else [])]
+    for family in families:
+        assert set(got[family]) == set(want[family]) == {"overall", "backbone", "head"}, (where, family)
+        for key, value in want[family].items():
+            assert close(got[family][key], value), (where, family, key, got[family][key], value)
+        assert set(got["layers"][family]) == set(want["layers"][family]) == {"backbone.0", "backbone.2", "head"}
+        for key, value in want["layers"][family].items():
+            assert close(got["layers"][family][key], value), (where, "layers", family, key, got["layers"][family][key], value)
+    if weights and deltas:
+        assert got["reference_batch_idx"] == want["reference_batch_idx"], where
+    for name, lr in want["learning_rates"].items():
+        assert close(got["learning_rates"][name], lr), (where, name)
+    assert close(got["train"]["loss"], want["loss"]) and close(got["train"]["accuracy"], want["accuracy"]), where
+    labels = want["labels"]
+    assert got["batch_stats"]["batch_size"] == len(labels) == 16, where  # TP peers' rows counted once
+    for c in range(3):
+        assert close(got["batch_stats"][f"y_{c}_pct"], 100.0 * labels.count(c) / len(labels)), (where, c)
+    if holdout:
+        held = got["holdout_logits"]["logits"]
+        for row_got, row_want in zip(held, want["holdout"], strict=True):
+            for a, b in zip(row_got, row_want, strict=True):
+                assert close(a, b, abs_tol=1e-6), (where, "holdout", a, b)
 
 
 def _norms(squares: dict[str, float], key: dict[str, str]) -> dict[str, float]:
@@ -130,24 +167,7 @@ def test_2d_mesh_records_equal_the_float64_reference_per_group_and_layer(
         where = f"{mesh_run['layout']} batch {want['batch_idx']}"
         assert "errors" not in got, (where, got["errors"])
         assert (got["rank"], got["world_size"]) == (0, 4)
-        for family in ("gradient_norm", "weight_norm", "weight_delta", "update_ratio"):
-            assert set(got[family]) == set(want[family]) == {"overall", "backbone", "head"}, (where, family)
-            for key, value in want[family].items():
-                assert close(got[family][key], value), (where, family, key, got[family][key], value)
-            assert set(got["layers"][family]) == set(want["layers"][family]) == {"backbone.0", "backbone.2", "head"}
-            for key, value in want["layers"][family].items():
-                assert close(got["layers"][family][key], value), (where, "layers", family, key, got["layers"][family][key], value)
-        for name, lr in want["learning_rates"].items():
-            assert close(got["learning_rates"][name], lr), (where, name)
-        assert close(got["train"]["loss"], want["loss"]) and close(got["train"]["accuracy"], want["accuracy"]), where
-        labels = want["labels"]
-        assert got["batch_stats"]["batch_size"] == len(labels) == 16, where  # TP peers' rows counted once
-        for c in range(3):
-            assert close(got["batch_stats"][f"y_{c}_pct"], 100.0 * labels.count(c) / len(labels)), (where, c)
-        held = got["holdout_logits"]["logits"]
-        for row_got, row_want in zip(held, want["holdout"], strict=True):
-            for a, b in zip(row_got, row_want, strict=True):
-                assert close(a, b, abs_tol=1e-6), (where, "holdout", a, b)
+        assert_matches(got, want, where)
     assert not mesh_run["shm_left"], f"shard files left in /dev/shm: {mesh_run['shm_left']}"
 
 
@@ -208,6 +228,92 @@ def test_a_killed_worker_on_a_2d_mesh_blocks_no_rank_and_every_record_stays_exac
             kept = ("batch_idx", "epoch", "gradient_norm", "learning_rates", "batch_stats", "train")
             got, want = {k: got[k] for k in kept}, {k: want[k] for k in kept}
         assert_same(got, want, f"hsdp, worker killed, batch {want['batch_idx']}")
+
+
+@pytest.fixture(scope="module", params=["hsdp", "tp"])
+def hosts_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same 2x2 runs with ranks 0-1 and 2-3 on two "hosts" that share no memory
+    (TRAIN_TELEMETRY_TEST_HOSTS=2). HSDP's mesh replicates across them (rows of the
+    (replicate, shard) mesh are hosts); torchtitan's layout puts "tp" within a host and "dp"
+    across, so the weights' counted blocks lie on both."""
+    before = _shm_files()
+    out, results = run_example(tmp_path_factory.mktemp(f"hosts-{request.param}"), *FLAGS, "--fsdp", request.param,
+                               "--count-collectives", ranks=4, env={TEST_HOSTS_ENV: "2"})
+    return {"layout": request.param, "records": read_records(out), "results": results,
+            "shm_left": _shm_files() - before}
+
+
+@pytest.mark.timeout(240)
+def test_on_two_hosts_every_weight_number_is_exact_and_the_holdout_is_there_or_explained(
+        hosts_run: dict[str, Any], float64_reference: list[dict[str, Any]]) -> None:
+    """Across hosts nothing but a few numbers per parameter crosses: every gradient norm,
+    weight norm, delta and update ratio (overall, per group, per layer) still equals the
+    float64 one-process values. HSDP replicating across hosts has a whole copy on rank 0's
+    host, so its records are complete, holdout included; with shards on both hosts the
+    holdout (the whole model in one process) is absent and each record says why. The hook
+    still issues one small all_reduce per collection and nothing else."""
+    layout, results = hosts_run["layout"], hosts_run["results"]
+    assert_all_written(results[0]["summary"])
+    assert all(results[r]["summary"]["hook_errors"] == 0 for r in (1, 2, 3))
+    records = hosts_run["records"]
+    assert [r["batch_idx"] for r in records] == [w["batch_idx"] for w in float64_reference]
+    for got, want in zip(records, float64_reference, strict=True):
+        where = f"{layout} on two hosts, batch {want['batch_idx']}"
+        if layout == "hsdp":
+            assert "errors" not in got, (where, got["errors"])
+            assert_matches(got, want, where)
+            continue
+        assert_matches(got, want, where, holdout=False)
+        (error,) = got["errors"]
+        assert (error["where"], error["type"]) == ("holdout", "WeightsOnOtherHosts"), error
+        assert "2 hosts" in error["message"] and "HSDP that replicates across hosts" in error["message"], error
+        assert "holdout_logits" not in got and "activations" not in got, where
+    size = 4 + 2 * len(PARAMS) + COUNT_VECTOR_LEN + 2 * len(RANK_PARTS)
+    for rank, result in results.items():
+        for step, calls in result["collectives"].items():
+            want_calls = [] if int(step) % EVERY else [["all_reduce", 4, size], ["gloo", None, "gloo:all_reduce"]]
+            assert calls == want_calls, (layout, rank, step, calls)
+    assert not hosts_run["shm_left"], f"shard files left in /dev/shm: {hosts_run['shm_left']}"
+
+
+@pytest.mark.timeout(300)
+def test_on_two_hosts_a_failed_fill_and_a_killed_host_worker_hang_nothing_and_cost_only_their_records(
+        tmp_path: Path) -> None:
+    """FSDP2 + TP on two "hosts", 12 steps: rank 3 (on host 1) fails its shard copy at step 2,
+    and host 1's worker is SIGKILLed after step 6. No rank waits: every collection is
+    recorded, gradient norms, LRs, loss and batch statistics exact throughout. Step 2's
+    record has no weight numbers and names rank 3; step 4's has exact weight norms but no
+    delta (host 1's reference is gone) and says why; the replacement host worker has no
+    reference either, so exactly one of steps 6 and 8 has no delta and says it was replaced;
+    every other record, and the last, is exact."""
+    steps = 12
+    out, results = run_example(tmp_path, "--steps", str(steps), "--collect-every-n", str(EVERY), "--accum", "2",
+                               "--fsdp", "tp", "--fail-fill-rank", "3", "--fail-fill-at", "2",
+                               "--kill-host-worker-at", "6", ranks=4, env={TEST_HOSTS_ENV: "2"})
+    assert sorted(results) == [0, 1, 2, 3] and all(r["steps"] == steps for r in results.values())
+    records = read_records(out)
+    reference = float64_records(steps)
+    assert [r["batch_idx"] for r in records] == [w["batch_idx"] for w in reference] == list(range(0, steps, EVERY))
+    replaced = []
+    for got, want in zip(records, reference, strict=True):
+        step, where = want["batch_idx"], f"failures on two hosts, batch {want['batch_idx']}"
+        errors = {e["type"]: e["message"] for e in got.get("errors", []) if e["type"] != "WeightsOnOtherHosts"}
+        if step == 2:
+            assert_matches(got, want, where, weights=False, holdout=False)
+            assert "weight_norm" not in got and all(v is None for v in got["weight_delta"].values()), where
+            assert "rank 3 has no shards of this collection" in errors["ShardsMissing"], errors
+        elif step == 4 or "NoReference" in errors:
+            assert_matches(got, want, where, deltas=False, holdout=False)
+            assert all(v is None for v in got["weight_delta"].values()), where
+            if step == 4:
+                assert "missing at the previous collection" in errors["NoReference"], errors
+            else:
+                replaced.append(step)
+                assert "worker was replaced" in errors["NoReference"], errors
+        else:
+            assert errors == {}, (where, errors)
+            assert_matches(got, want, where, holdout=False)
+    assert len(replaced) == 1 and replaced[0] in (6, 8), replaced
 
 
 PARTIAL_GRADS = """

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import torch
 
-from train_telemetry import shards
+from train_telemetry import snapshot
 from train_telemetry.messages import TensorSpec
 from train_telemetry.shards import Assembler, ShardPlan
 from train_telemetry.snapshot import FREE, PUBLISHED, TAKEN, SlotFile
@@ -23,7 +23,7 @@ def make_plan(num_slots: int = 2, same_host: bool = True) -> ShardPlan:
     # weight [7, 3] cut 4 + 3 over 2 ranks along dim 0; bias [5] cut 3 + 2; a replicated buffer
     specs = [TensorSpec("w", (7, 3), "float32"), TensorSpec("b", (5,), "float64"), TensorSpec("buf", (2,), "float32")]
     plan = ShardPlan(world_size=2, specs=specs, dims=[0, 0, None], sizes=[[4, 3], [3, 2], []], num_slots=num_slots,
-                     same_host=same_host, hosts=1 if same_host else 2)
+                     same_host=same_host, hosts=1 if same_host else 2, host_of=[0, 0] if same_host else [0, 1])
     plan.paths = [None, f"/dev/shm/train-telemetry-test-{uuid.uuid4().hex[:8]}-rank1" if same_host else None]
     return plan
 
@@ -71,7 +71,7 @@ def test_collections_rank0_dropped_are_freed_and_a_missing_shard_is_named(plan: 
     assert rank1.copy_in(4, rank1_part(full_tensors(4)))  # and rank 1 has no slot left
     assert not rank1.copy_in(5, rank1_part(full_tensors(5)))
     got, why = assembler.tensors(0, 5)
-    assert got is None and "rank 1 had no free snapshot slot" in (why or "")
+    assert got is None and "rank 1 has no shards of this collection (it had no free snapshot slot" in (why or "")
     assembler.release(5)
     assert list(rank1.states) == [FREE, FREE]  # the stale ones are freed, not leaked
     assert rank1.copy_in(6, rank1_part(full_tensors(6)))
@@ -92,20 +92,38 @@ def test_a_slot_being_filled_is_never_freed_under_its_filler(plan: ShardPlan) ->
     assert list(rank1.states)[filling] == TAKEN
 
 
-def test_a_rank_that_never_copies_is_waited_for_once_then_named(plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shards, "WAIT_FOR_RANK_S", 0.05)
-    SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
-    assembler = Assembler(plan, [rank0_slot(full_tensors(0))] * 2)
+def test_a_rank_that_stops_copying_is_waited_for_once_then_read_again_when_it_catches_up(
+        plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "WAIT_FOR_RANK_S", 0.05)
+    rank1 = SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    assembler = Assembler(plan, [rank0_slot(full_tensors(2))] * 2)
     got, why = assembler.tensors(0, 0)
     assert got is None and "did not arrive within" in (why or "")
-    got, why = assembler.tensors(1, 1)  # no second wait
-    assert got is None and "stopped answering" in (why or "")
+    monkeypatch.setattr(snapshot, "WAIT_FOR_RANK_S", 60.0)
+    got, why = assembler.tensors(1, 1)  # no second wait: a minute here would fail the test's timeout
+    assert got is None and "is behind" in (why or "")
+    assembler.release(1)
+    assert rank1.copy_in(2, rank1_part(full_tensors(2)))  # the slow rank catches up
+    got, why = assembler.tensors(0, 2)
+    assert why is None and got is not None and all(torch.equal(a, b) for a, b in zip(got, full_tensors(2), strict=True))
+
+
+def test_a_copy_that_fails_frees_its_slot_and_is_not_waited_for(plan: ShardPlan) -> None:
+    """A rank whose shard copy raises (a device error): its slot is not left taken, and the
+    reader names the rank at once instead of waiting for shards that will not come."""
+    rank1 = SlotFile(plan.paths[1], plan.num_slots, plan.file_specs(1), create=True)
+    with pytest.raises(RuntimeError):
+        rank1.copy_in(0, [torch.zeros(9), torch.zeros(2, dtype=torch.float64)])  # wrong size: the copy raises
+    assert list(rank1.states) == [FREE, FREE] and rank1.progress[0] == 0
+    got, why = Assembler(plan, [rank0_slot(full_tensors(0))] * 2).tensors(0, 0)
+    assert got is None and "rank 1 has no shards of this collection" in (why or "")
 
 
 def test_ranks_on_other_hosts_give_a_reason_instead_of_weights() -> None:
     plan = make_plan(same_host=False)
     got, why = Assembler(plan, [rank0_slot(full_tensors(0))]).tensors(0, 0)
-    assert got is None and "2 hosts" in (why or "") and "gradient norms" in (why or "")
+    assert got is None and "shards lie on 2 hosts" in (why or "") and "holdout" in (why or "")
+    assert "weight norms, deltas and update ratios are" in (why or "")  # from the hosts' sums (test_hosts.py)
 
 
 def test_a_full_dev_shm_fails_with_the_fix(plan: ShardPlan, monkeypatch: pytest.MonkeyPatch) -> None:
