@@ -23,8 +23,9 @@ The strategies: :class:`Local` (no collective: one process, ``per_rank``, DDP wi
 batch statistics), :class:`DataParallel` (DDP: the label-count all_reduce) and
 :class:`Sharded` (FSDP2: global gradient norms, loss, accuracy and counts in one
 all_reduce, each rank's weight shards in shared memory; NOTE [sharded snapshots] in
-shards.py), on 1-D and 2-D meshes alike (HSDP, FSDP2 + tensor parallel). Several hosts
-are reported by ``Sharded`` (no weight metrics), pipeline parallelism is refused.
+shards.py), on 1-D and 2-D meshes alike (HSDP, FSDP2 + tensor parallel). On several
+hosts ``Sharded`` also starts, on the lowest rank of each other host holding counted
+shards, that host's worker (NOTE [hosts] in hosts.py); pipeline parallelism is refused.
 """
 
 from __future__ import annotations

@@ -41,8 +41,12 @@ Design (NOTE [sharded snapshots]):
   exactly as it does for rank 0's slots.
 - A rank with no free slot copies nothing and says so (its ``progress`` counter moves on);
   the record then has no weight metrics, with an error naming the rank, never a wrong
-  value. Ranks on another host than rank 0 cannot share memory with its worker: the run
-  then records no weight metrics (each record says why) and the rest stays exact.
+  value; so does a rank whose copy fails (the slot is freed and ``progress`` moves on).
+- Ranks on another host than rank 0 cannot share memory with its worker. A rank's file is
+  in its own host's /dev/shm; where counted blocks lie on another host (``cross_host``),
+  that host's worker sums its blocks' squares and rank 0's worker adds the hosts' sums
+  (NOTE [hosts] in hosts.py): weight norms, deltas and update ratios stay exact, the
+  holdout is absent and each record says why.
 """
 
 from __future__ import annotations
