@@ -162,6 +162,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             step_loss += loss.detach()  # the mean loss of this rank's rows of the step
             step_logits.append(logits.detach())
         optimizer.step()
+        if args.diverge_rank == rank and step == args.diverge_at:  # for the tests: a rank-dependent bug
+            with torch.no_grad():
+                next(ddp.parameters()).mul_(1.001)  # this rank's weights now differ from the others'
         hook_batch: dict[str, Any] = share
         if args.bad_labels_rank == rank:  # for the tests: labels this rank cannot count
             hook_batch = {"x": share["x"], "y": ["?"] * per_rank_rows}
@@ -350,6 +353,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="this rank's holdout lacks the label key: start() fails there (and so on every rank)")
     tests.add_argument("--overhead-budget", type=float, default=None, help="telemetry.overhead_budget")
     tests.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
+    tests.add_argument("--diverge-rank", type=int, default=None,
+                       help="this rank scales its first weight by 1.001 at --diverge-at (its replica drifts)")
+    tests.add_argument("--diverge-at", type=int, default=None)
     tests.add_argument("--fail-fill-rank", type=int, default=None, help="this rank's shard copy fails at --fail-fill-at")
     tests.add_argument("--fail-fill-at", type=int, default=None)
     tests.add_argument("--kill-host-worker-at", type=int, default=None,

@@ -22,7 +22,7 @@ import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,6 +52,9 @@ from .snapshot import (
     grad_norms,
     shape_groups,
 )
+
+if TYPE_CHECKING:
+    from .distributed import Shared
 
 __all__ = ["Collector", "Fill"]
 
@@ -118,14 +121,15 @@ class Collector:
         self._minus_one = torch.tensor(-1.0, dtype=torch.float64)
 
     def fill(self, slot: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], batch: Any,
-             loss: Any, outputs: Any, counts: torch.Tensor | None,
-             reduced: dict[str, torch.Tensor | None] | None = None, pre_clip: PreClip | None = None) -> Fill:
+             loss: Any, outputs: Any, shared: Shared | None = None, pre_clip: PreClip | None = None) -> Fill:
         """Copy this step's data into ``slot`` (one fused copy; asynchronous on CUDA).
 
-        ``reduced`` (FSDP2, shards.ShardSync): the global gradient norms, loss and accuracy
-        the collective summed over ranks, recorded instead of this rank's own. ``pre_clip``:
-        what ``Telemetry.clip_grad_norm_`` measured before this step's clip.
+        ``shared``: what the ranks' collective gave (distributed.Shared): DDP's summed label
+        counts; FSDP2's global gradient norms, loss and accuracy (``reduced``), recorded
+        instead of this rank's own; every rank's weight fingerprint (``replicas``).
+        ``pre_clip``: what ``Telemetry.clip_grad_norm_`` measured before this step's clip.
         """
+        counts, reduced = (shared.counts, shared.reduced) if shared is not None else (None, None)
         # Each Python call here costs a few us with cold caches: the common cases are inline.
         flat = self.flat
         if flat is None:
@@ -154,6 +158,9 @@ class Collector:
                     self._add_loss(fill, slot, loss)
             if batch is not None and (self.want_batch or counts is not None):
                 self._add_batch(fill, slot, batch, outputs, counts)
+        if shared is not None and shared.replicas is not None:  # the replica check's values (no host sync)
+            fill.src.append(shared.replicas)
+            fill.dst.append(self.pool.replicas[slot])
         torch._foreach_copy_(fill.dst, fill.src, non_blocking=self.on_cuda)
         if flat is not None:
             flats = self.pool.flats[slot]

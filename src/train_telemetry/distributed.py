@@ -49,7 +49,15 @@ from .shards import (
     plan_shards,
     unsupported_sharding,
 )
-from .snapshot import Layout, build_layout, model_on_slot, unwrap_model
+from .snapshot import (
+    Layout,
+    ShapeGroups,
+    build_layout,
+    model_on_slot,
+    shape_groups,
+    unwrap_model,
+    weight_fingerprint,
+)
 from .worker_handle import TelemetryStartError
 
 __all__ = ["DataParallel", "DistInfo", "Local", "Shared", "Sharded", "Strategy", "agree_on_start",
@@ -142,6 +150,18 @@ def global_counts(formats: BatchFormatCache | None, batch: Any, device: torch.de
     return count_vector(labels, size, device)
 
 
+def replica_fingerprint(tensors: Sequence[torch.Tensor], groups: ShapeGroups | None, device: torch.device) -> Any:
+    """This rank's weight fingerprint for the replica check (a 0-d tensor on ``device``, no host
+    sync), or NaN where it cannot be taken (no model; weights on several devices): that rank is
+    then reported as not compared, never as diverged. Never raises (it runs before the collective)."""
+    if not tensors:
+        return float("nan")
+    try:
+        return weight_fingerprint(tensors, groups).to(device)
+    except Exception:
+        return float("nan")
+
+
 class Shared:
     """What a collection's collective gave the rank that records it (tensors: no host sync).
 
@@ -150,11 +170,13 @@ class Shared:
     not contribute (``ShardSync.unpack``).
     """
 
-    __slots__ = ("counts", "reduced")
+    __slots__ = ("counts", "reduced", "replicas")
 
-    def __init__(self, counts: torch.Tensor | None = None, reduced: dict[str, torch.Tensor | None] | None = None) -> None:
+    def __init__(self, counts: torch.Tensor | None = None, reduced: dict[str, torch.Tensor | None] | None = None,
+                 replicas: torch.Tensor | None = None) -> None:
         self.counts = counts
         self.reduced = reduced
+        self.replicas = replicas  # float64 per rank: each rank's weight fingerprint (the replica check)
 
 
 _NOTHING_SHARED = Shared()  # no collective: the record holds this rank's own values
@@ -173,6 +195,8 @@ class Strategy(Protocol):
     def eval_copy(self, module: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module: ...
 
     def close(self) -> None: ...
+
+    def replica_groups(self) -> list[list[int]]: ...
 
 
 class Local:
@@ -197,10 +221,28 @@ class Local:
     def close(self) -> None:
         pass
 
+    def replica_groups(self) -> list[list[int]]:
+        return []
+
 
 class DataParallel(Local):
-    """DDP (or any data-parallel layout) with global batch statistics: one all_reduce of
-    the ranks' label counts per collection step; rank 0 records the sum."""
+    """DDP (or any data-parallel layout) with global batch statistics: one all_reduce per
+    collection step of the ranks' label counts (rank 0 records the sum) and of each rank's
+    weight fingerprint (the replica check: every rank should hold the same weights)."""
+
+    def __init__(self, info: DistInfo | None = None) -> None:
+        super().__init__(info)
+        self.params: list[torch.Tensor] = []
+        self.groups: ShapeGroups | None = None
+
+    def at_start(self, model: torch.nn.Module | None) -> None:
+        if model is not None:
+            self.params = list(unwrap_model(model).parameters())  # read in the hook (grad mode off)
+            self.groups = shape_groups(self.params)
+
+    def replica_groups(self) -> list[list[int]]:
+        world = self.info.world_size
+        return [list(range(world))] if world > 1 and self.params else []
 
     def at_collection(self, ordinal: int, batch: Any, loss: Any, outputs: Any) -> Shared | None:
         # Every rank joins this all_reduce at every collection step, before anything that
@@ -209,8 +251,14 @@ class DataParallel(Local):
         # global_counts never raises. On CPU (gloo) this blocks until all ranks arrive.
         info = self.info
         counts = global_counts(info.formats, batch, info.count_device)
-        torch.distributed.all_reduce(counts)  # SUM; unpacked by the worker (no sync here)
-        return Shared(counts=counts) if info.writes else None
+        n = counts.numel()
+        vec = torch.zeros(n + info.world_size, dtype=torch.float64, device=info.count_device)
+        vec[:n] = counts  # integers below 2**53: exact in float64
+        vec[n + info.rank] = replica_fingerprint(self.params, self.groups, vec.device)
+        torch.distributed.all_reduce(vec)  # SUM; unpacked by the worker (no sync here)
+        if not info.writes:
+            return None
+        return Shared(counts=vec[:n].to(torch.int64), replicas=vec[n:] if self.params else None)
 
 
 class Sharded:
@@ -310,11 +358,14 @@ class Sharded:
                         f"{exc}); rank 0 records that collection's weight metrics as missing, later ones as usual"))
             return None
         reduced = sync.unpack(vec, want_loss=loss is not None, want_accuracy=outputs is not None)
-        return Shared(counts=reduced["counts"], reduced=reduced)
+        return Shared(counts=reduced["counts"], reduced=reduced, replicas=reduced["replicas"])
 
     def eval_copy(self, module: torch.nn.Module, slot: Sequence[torch.Tensor]) -> torch.nn.Module:
         """A plain copy on the meta device; the worker points it at the assembled weights."""
         return plain_skeleton(module)
+
+    def replica_groups(self) -> list[list[int]]:
+        return self.plan.replica_groups if self.plan is not None else []
 
     def close(self) -> None:
         if self.sync is not None:

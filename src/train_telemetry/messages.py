@@ -64,6 +64,13 @@ class Setup:
     # FSDP2: how the ranks' shards make the full tensors (shards.ShardPlan); ``slots`` then
     # hold rank 0's shards and the worker assembles the rest from the other ranks' files.
     shards: Any = None
+    # The replica check (replicas.py): groups of ranks that should hold the same weights;
+    # then each slot's meta holds one fingerprint per rank (``world_size`` of them).
+    replica_groups: list[list[int]] = field(default_factory=list)
+
+    @property
+    def replica_slots(self) -> int:
+        return self.world_size if self.replica_groups else 0
 
 
 @dataclass

@@ -78,7 +78,8 @@ def set_up_model(config: TelemetryConfig, metrics: Sequence[Metric], needs: froz
     # snapshots can wait for the worker: a slow or hung worker then costs drops, never memory.
     copy_weights = "weights" in needs
     slot_layout = layout if copy_weights else Layout(specs=[], params=layout.params, buffers=[], on_cuda=layout.on_cuda)
-    pool = sink.slot_pool(slot_layout)
+    replica_groups = strategy.replica_groups()
+    pool = sink.slot_pool(slot_layout, strategy.info.world_size if replica_groups else 0)
     collector = Collector(config, needs, layout, pool)
     eval_model = None
     if "holdout" in needs and holdout is not None and copy_weights:
@@ -121,6 +122,7 @@ def set_up_model(config: TelemetryConfig, metrics: Sequence[Metric], needs: froz
         world_size=strategy.info.world_size,
         checkpoint_name=checkpoint_name,
         shards=strategy.plan if copy_weights else None,
+        replica_groups=replica_groups,
     )
     sink.setup(setup, layout.on_cuda)
     return collector

@@ -54,9 +54,10 @@ class SnapshotProcessor:
         self.mirrors = open_mirrors(config, run_dir, writer.path, setup.rank, log.once)
         self.built_by = "worker"  # "trainer" when the training process runs us inline (sinks.InlineSink)
         self.groups: dict[int, Groups] = {setup.groups.version: setup.groups}
-        views = meta_views(setup.meta, max(setup.num_params, 1))
+        views = meta_views(setup.meta, max(setup.num_params, 1), setup.replica_slots)
         self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
         self.counts, self.aux, self.failed = views["counts"], views["aux"], views["failed"]
+        self.replicas = views["replicas"]
         self._aux_views: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self.errors: dict[str, int] = {}
         self.last_errors: list[str] = []
@@ -92,7 +93,7 @@ class SnapshotProcessor:
             num_classes = counts.num_classes if counts is not None else 0
         info = RunInfo(config=config, param_names=self.param_names, buffer_names=self.buffer_names,
                        module_types=setup.module_types, rank=setup.rank, world_size=setup.world_size,
-                       num_classes=num_classes, label_name=setup.label_name)
+                       num_classes=num_classes, label_name=setup.label_name, replica_groups=setup.replica_groups)
         for m in setup.metrics:
             m.setup(info)
         init = self.slot(setup.init_slot, -1)[0] if setup.init_slot is not None else None
@@ -256,6 +257,8 @@ class SnapshotProcessor:
             data.label_counts = extra.get("label_counts")
         if isinstance(data.label_counts, LabelCounts):
             data.label_counts.name = extra.get("label_name")  # the hook's batch format: keys <name>_<id>_pct
+        if setup.replica_groups:  # every rank's weight fingerprint, from the collective
+            data.replica_values = self.replicas[i].tolist()
         failed = self.failed[i].tolist()  # zeros unless FSDP2's collective says otherwise
         if any(failed):
             self._drop_failed_parts(data, failed, errors)

@@ -50,6 +50,7 @@ __all__ = [
     "ErrorEntry",
     "HoldoutLogits",
     "NonfiniteOrigin",
+    "ReplicaCheck",
     "NonfiniteTensor",
     "Record",
     "RecordError",
@@ -310,6 +311,15 @@ class NonfiniteOrigin(msgspec.Struct, forbid_unknown_fields=True):
     step_skipped: bool | None  # non-finite gradients on finite weights: the optimizer did not apply them
 
 
+class ReplicaCheck(msgspec.Struct, forbid_unknown_fields=True):
+    """``replicas``: whether the ranks that should hold the same weights do (metrics/replicas.py)."""
+
+    compared: int  # ranks whose weights were compared with their replicas'
+    not_compared: int  # ranks that could not give their value (no model, weights on several devices)
+    max_rel_spread: float  # the largest (max - min) / median of a group's sums of squares of the weights
+    diverged: list[int]  # ranks whose weights differ from their replicas' (both, when two differ)
+
+
 class Record(msgspec.Struct, omit_defaults=True):
     """The core keys of one line of ``telemetry.jsonl`` (other keys are metrics' dicts)."""
 
@@ -344,6 +354,7 @@ class Record(msgspec.Struct, omit_defaults=True):
     model_mode: dict[str, int | float | None] | UnsetType = UNSET
     gradient_clipping: dict[str, float | None] | UnsetType = UNSET
     gradient_norm_pre_clip: dict[str, float | None] | UnsetType = UNSET
+    replicas: ReplicaCheck | UnsetType = UNSET
     segment: int | UnsetType = UNSET
     restarts: int | UnsetType = UNSET
 

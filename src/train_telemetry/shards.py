@@ -66,7 +66,15 @@ from .config import TelemetryConfigError
 from .hosts import store_address
 from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
-from .snapshot import RANK_PARTS, SlotFile, find_shards, grouped_norms, local_tensor, shape_groups
+from .snapshot import (
+    RANK_PARTS,
+    SlotFile,
+    find_shards,
+    grouped_norms,
+    local_tensor,
+    shape_groups,
+    weight_fingerprint,
+)
 
 __all__ = ["ShardPlan", "ShardSync", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
            "plan_shards", "unsupported_sharding"]
@@ -167,6 +175,9 @@ class ShardPlan:
     host_of: list[int] = field(default_factory=list)
     store: tuple[str, int] | None = None
     token: str = ""
+    # ranks whose local tensors are the same blocks of every tensor (HSDP: a shard's replicas
+    # across the replicate dim): their weights should be equal (the replica check, replicas.py)
+    replica_groups: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.blocks:
@@ -304,8 +315,13 @@ def _agree(said: list[dict[str, Any]], world: int, num_slots: int) -> ShardPlan:
                          "(FSDP2 + TP), or set enabled: false")
     host_index: dict[str, int] = {}
     host_of = [host_index.setdefault(s["host"], len(host_index)) for s in said]  # rank 0's host is 0
+    same_blocks: dict[str, list[int]] = {}
+    for r, s in enumerate(said):  # every tensor's block, with the mesh's shape but not its ranks
+        key = repr([(d["block"], d["placements"], d["mesh"] and d["mesh"][d["mesh"].index(-1):]) for d in s["tensors"]])
+        same_blocks.setdefault(key, []).append(r)
+    replica_groups = [ranks for ranks in same_blocks.values() if len(ranks) > 1]
     return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, same_host=len(host_index) == 1,
-                     hosts=len(host_index), blocks=blocks, host_of=host_of,
+                     hosts=len(host_index), blocks=blocks, host_of=host_of, replica_groups=replica_groups,
                      data_ranks=None if data_mesh is None or len(data_mesh) == world else list(data_mesh))
 
 
@@ -428,8 +444,9 @@ class ShardSync:
 
     The vector (float64): loss sum and count, correct predictions and rows, each
     parameter's squared local gradient norm and whether it has a gradient, the
-    label-count vector, then per RANK_PARTS (ranks that could not add their share, the
-    sum of those ranks).
+    label-count vector, per RANK_PARTS (ranks that could not add their share, the sum of
+    those ranks), then, where some ranks are replicas of others (``plan.replica_groups``),
+    one weight fingerprint per rank at its own position (metrics/replicas.py).
     """
 
     HEAD = 4
@@ -446,7 +463,9 @@ class ShardSync:
         self.n = n
         self.counts_at = self.HEAD + 2 * n
         self.failed_at = self.counts_at + COUNT_VECTOR_LEN
-        self.size = self.failed_at + 2 * len(RANK_PARTS)
+        self.replicas_at = self.failed_at + 2 * len(RANK_PARTS)
+        # the replica check: each rank's weight fingerprint at its own position (replicas.py)
+        self.size = self.replicas_at + (plan.world_size if plan.replica_groups else 0)
         # 1/replication: each element is counted on the one rank whose block holds it (the first
         # replica of a Replicate() mesh dim, the copy on rank 0's sub-mesh, rank 0 for plain tensors)
         owned = plan.owned(rank)[:n]
@@ -477,8 +496,18 @@ class ShardSync:
         except Exception as exc:  # outside the guarded parts: none of this rank's share counts
             for where in RANK_PARTS:
                 self._fail(vec, where, exc)
+        if self.size > self.replicas_at:
+            vec[self.replicas_at + self.rank] = self.fingerprint()
         torch.distributed.all_reduce(vec)
         return vec
+
+    def fingerprint(self) -> Any:
+        """This rank's local weights' fingerprint (snapshot.weight_fingerprint), NaN if it cannot be taken."""
+        try:
+            local = [getattr(p, "_local_tensor", p) for p in self.params]  # grad mode is off in the hook
+            return weight_fingerprint(local, self.groups).to(self.device)
+        except Exception:
+            return float("nan")
 
     def _fail(self, vec: torch.Tensor, where: str, exc: Exception) -> None:
         at = self.failed_at + 2 * RANK_PARTS.index(where)
@@ -591,7 +620,8 @@ class ShardSync:
             "loss": (vec[0] / vec[1].clamp(min=1)).reshape(()) if want_loss else None,
             "accuracy": (vec[2] / vec[3].clamp(min=1)).float() if want_accuracy else None,
             "counts": vec[self.counts_at : self.failed_at].to(torch.int64) if self.want_counts else None,
-            "failed": vec[self.failed_at :],
+            "failed": vec[self.failed_at : self.replicas_at],
+            "replicas": vec[self.replicas_at :] if self.size > self.replicas_at else None,
         }
 
     # -- ranks > 0: the shards

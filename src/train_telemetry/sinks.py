@@ -74,8 +74,8 @@ class InlineSink:
     worker_pid: int | None = None  # no worker: the training thread builds the records
     worker_exitcode: int | None = None
 
-    def slot_pool(self, layout: Layout) -> SlotPool:
-        return SlotPool(layout, self.channel, shared=False)  # read by this process only
+    def slot_pool(self, layout: Layout, replicas: int = 0) -> SlotPool:
+        return SlotPool(layout, self.channel, shared=False, replicas=replicas)  # read by this process only
 
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.on_cuda = on_cuda
@@ -170,8 +170,8 @@ class WorkerSink:
     def worker_exitcode(self) -> int | None:
         return self.worker.exitcode
 
-    def slot_pool(self, layout: Layout) -> SlotPool:
-        return SlotPool(layout, self.channel, shared=True)  # mapped by every worker of the run
+    def slot_pool(self, layout: Layout, replicas: int = 0) -> SlotPool:
+        return SlotPool(layout, self.channel, shared=True, replicas=replicas)  # mapped by every worker of the run
 
     def setup(self, setup: Setup, on_cuda: bool) -> None:
         self.setup_obj = setup
@@ -350,7 +350,7 @@ class Sink(Protocol):
     @property
     def worker_exitcode(self) -> int | None: ...
 
-    def slot_pool(self, layout: Layout) -> SlotPool: ...
+    def slot_pool(self, layout: Layout, replicas: int = 0) -> SlotPool: ...
 
     def setup(self, setup: Setup, on_cuda: bool) -> None: ...
 

@@ -308,14 +308,15 @@ class SlotPool:
     ``scalars[i]`` (float64: loss, accuracy, total pre-clip norm),
     ``counts[i]`` (int64, the DDP label-count vector), ``failed[i]`` (FSDP2: the parts some
     rank could not add to, RANK_PARTS) and ``aux[i]`` (AUX_BYTES for the batch's labels and
-    outputs).
+    outputs) and ``replicas[i]`` (float64 per rank: the replica check's weight fingerprints,
+    ``replicas`` of them; none without a replica check).
     """
 
-    def __init__(self, layout: Layout, channel: Channel, shared: bool) -> None:
+    def __init__(self, layout: Layout, channel: Channel, shared: bool, replicas: int = 0) -> None:
         self.channel = channel
         num_slots = channel.num_slots
         n_params = max(len(layout.params), 1)
-        meta_bytes = meta_size(n_params)
+        meta_bytes = meta_size(n_params, replicas)
         need = (layout.nbytes + meta_bytes) * num_slots
         if shared:
             free = _shm_free_bytes()
@@ -346,9 +347,10 @@ class SlotPool:
             self.slots.append(tensors)
             self.flats.append({dtype: flat[: starts[dtype]] for dtype, flat in flats.items()})
             self.meta.append(_shared_zeros(meta_bytes, torch.uint8, shared, pin))
-        views = meta_views(self.meta, n_params)
+        views = meta_views(self.meta, n_params, replicas)
         self.norms, self.pre_clip, self.scalars = views["norms"], views["pre_clip"], views["scalars"]
         self.counts, self.aux, self.failed = views["counts"], views["aux"], views["failed"]
+        self.replicas = views["replicas"]
         self.norm_views = [list(norms[: len(layout.params)].unbind()) for norms in self.norms]  # 0-d each
         self.pre_clip_views = [list(norms[: len(layout.params)].unbind()) for norms in self.pre_clip]
         self.nbytes = need
@@ -372,6 +374,7 @@ RANK_PARTS = ("gradient_norm", "train_loss", "batch_stats", "train_accuracy")
 
 # A slot's meta buffer, declared once (the hook's SlotPool and the worker's views read it):
 # name, dtype, number of elements (None: one per parameter, -1 = no gradient).
+# (name, dtype, numel): numel None is one per parameter, -1 one per rank when the run checks replicas
 META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
     ("norms", torch.float64, None),  # each parameter's gradient norm
     ("pre_clip", torch.float64, None),  # ... before Telemetry.clip_grad_norm_ scaled it (-1: none)
@@ -382,29 +385,31 @@ META_FIELDS: tuple[tuple[str, torch.dtype, int | None], ...] = (
     # zeros unless the collective says otherwise (only the sharded path writes it, every time)
     ("failed", torch.float64, 2 * len(RANK_PARTS)),
     ("aux", torch.uint8, AUX_BYTES),  # the batch's labels and the model's outputs, when they fit
+    # every rank's weight fingerprint (replicas.py), one float64 per rank; sized by the run's world
+    ("replicas", torch.float64, -1),
 )
 
 
-def _meta_layout(n_params: int) -> list[tuple[str, torch.dtype, int, int]]:
+def _meta_layout(n_params: int, replicas: int = 0) -> list[tuple[str, torch.dtype, int, int]]:
     """(name, dtype, numel, byte offset) of each meta field, each 64-byte aligned."""
     out, offset = [], 0
     for name, dtype, numel in META_FIELDS:
-        count = n_params if numel is None else numel
+        count = n_params if numel is None else replicas if numel == -1 else numel
         out.append((name, dtype, count, offset))
         offset += _align(count * _itemsize(dtype))
     return out
 
 
-def meta_size(n_params: int) -> int:
+def meta_size(n_params: int, replicas: int = 0) -> int:
     """Bytes of one slot's meta buffer."""
-    name, dtype, numel, offset = _meta_layout(n_params)[-1]
+    name, dtype, numel, offset = _meta_layout(n_params, replicas)[-1]
     return offset + _align(numel * _itemsize(dtype))
 
 
-def meta_views(meta: Sequence[torch.Tensor], n_params: int) -> dict[str, list[torch.Tensor]]:
+def meta_views(meta: Sequence[torch.Tensor], n_params: int, replicas: int = 0) -> dict[str, list[torch.Tensor]]:
     """Each META_FIELDS name -> its view in each slot's meta buffer (the worker rebuilds them too)."""
     views: dict[str, list[torch.Tensor]] = {}
-    for name, dtype, numel, offset in _meta_layout(n_params):
+    for name, dtype, numel, offset in _meta_layout(n_params, replicas):
         views[name] = [m[offset : offset + numel * _itemsize(dtype)].view(dtype) for m in meta]
     return views
 
@@ -611,6 +616,22 @@ def grouped_norms(grads: list[torch.Tensor], groups: ShapeGroups) -> torch.Tenso
         block = torch.stack([grads[i] for i in members]).reshape(len(members), numel)  # [k, numel]: a copy
         out[at] = torch.linalg.vector_norm(block, dim=1).double()
     return out
+
+
+def weight_fingerprint(tensors: Sequence[torch.Tensor], groups: ShapeGroups | None = None) -> torch.Tensor:
+    """0-d float64 on the tensors' device: the sum of their squares (the replica check:
+    replicas hold bitwise-equal weights, so theirs are equal). Each tensor's norm in float32
+    (bf16/fp16 upcast: their own precision would hide a difference below 1e-3), added in
+    float64. float64 norms would be exact to the last bit but cost 30x on the CPU (37 vs
+    1.1 ms for 34 MB); the check's tolerance allows for float32 summation instead.
+    ``groups`` (many small tensors, ``shape_groups``): one stack per shape, not a norm per tensor."""
+    if groups is not None:
+        parts = [torch.linalg.vector_norm(torch.stack([tensors[i] for i in members])).double().square()
+                 for members in groups.members]
+        return torch.stack(parts).sum()
+    wide = all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    norms = torch._foreach_norm(list(tensors)) if wide else torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    return torch.stack([n.double() for n in norms]).square().sum()
 
 
 def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool,

@@ -360,7 +360,7 @@ class Telemetry:
             return
         self._unsent_slot = slot  # on_batch_end releases it if we fail before it is submitted
         pre_clip, self._pre_clip = self._pre_clip, None
-        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, shared.counts, shared.reduced, pre_clip)
+        fill = collector.fill(slot, model, optimizers, batch, loss, outputs, shared, pre_clip)
         seq, self._clock.resumed_epoch = self._seq, None  # a resumed run's first drop is read by now
         self._seq += 1
         counts.taken += 1

@@ -177,6 +177,9 @@ def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: 
     assert {(r["rank"], r["world_size"]) for r in records} == {(0, 2)}
     assert_same_training(records, reference)
     assert_batch_stats(records, rank=None)
+    # the replica check: both ranks' weights compared at every collection, equal bit for bit
+    assert all(r["replicas"] == {"compared": 2, "not_compared": 0, "max_rel_spread": 0.0, "diverged": []}
+               for r in records), [r["replicas"] for r in records]
     run = read_json(out / "run.json")
     assert run is not None and (run["rank"], run["world_size"], run["global_batch_stats"]) == (0, 2, True)
     assert sorted(run["groups"]) == ["backbone", "head"]
@@ -206,6 +209,30 @@ def test_per_rank_every_rank_writes_its_own_files(tmp_path: Path, reference: lis
     # After the all-reduce both ranks hold the same gradients and weights, bit for bit.
     for a, b in zip(*per_rank, strict=True):
         assert (a["gradient_norm"], a["weight_delta"]) == (b["gradient_norm"], b["weight_delta"])
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_whose_weights_drift_from_the_others_is_named(tmp_path: Path) -> None:
+    """Rank 1 scales one weight matrix by 1.001 after step 4 (a rank-dependent bug: DDP never
+    re-syncs weights, so from there the two ranks train different models). The records before
+    show the two replicas equal; from the next collection on, both ranks are named, with the
+    size of the difference, at no extra collective; the report calls it serious, naming the
+    steps between which it happened."""
+    out, results = run_example(tmp_path, "--diverge-rank", "1", "--diverge-at", "4")
+    assert_all_written(results[0]["summary"])
+    records = read_records(out)
+    assert [r["batch_idx"] for r in records] == [0, 3, 6, 9]
+    for r in records:
+        check = r["replicas"]
+        assert (check["compared"], check["not_compared"]) == (2, 0), check
+        if r["batch_idx"] < 4:
+            assert check["max_rel_spread"] == 0.0 and check["diverged"] == [], check
+        else:
+            assert check["diverged"] == [0, 1] and 1e-5 < check["max_rel_spread"] < 1e-2, check
+    from train_telemetry.analysis import diagnose, load_run
+
+    (found,) = [d for d in diagnose(load_run(out)) if d.code == "replica_divergence"]
+    assert found.severity == "serious" and "ranks [0, 1]" in found.title and "between step 3 and step 6" in found.title
 
 
 @pytest.mark.timeout(150)

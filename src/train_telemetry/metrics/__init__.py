@@ -31,6 +31,7 @@ from .holdout import HoldoutLogits
 from .layers import Layers
 from .learning_rates import LearningRates
 from .mode import ModelMode
+from .replicas import Replicas
 from .weights import UpdateRatio, WeightDelta, WeightNorm
 
 __all__ = ["NEEDS", "Metric", "MetricResult", "RunInfo", "SnapshotData", "WeightDeltas", "all_needs",
@@ -54,6 +55,7 @@ def resolve_metrics(config: TelemetryConfig, user: Sequence[Metric] = ()) -> lis
     if config.track_batch_stats:
         out.append(BatchStats())
     out.append(TrainStats())  # only when the hook got loss / outputs
+    out.append(Replicas())  # only when the ranks' collective carried the replica check
     # activations observe the holdout forward: without holdout_logits there is none to observe.
     out += [make() for name, make in _NAMED.items()
             if getattr(config, f"track_{name}") and (name != "activations" or config.track_holdout_logits)]

@@ -70,6 +70,8 @@ class RunInfo:
     world_size: int = 1
     num_classes: int = 0  # classes seen in the holdout's labels (0: none)
     label_name: str = "label"  # the label key as a string, for keys such as "<label>_<cls>_pct"
+    # ranks that should hold the same weights (DDP: all; HSDP: each shard's replicas); [] = no check
+    replica_groups: list[list[int]] = field(default_factory=list)
 
 
 class Metric:
@@ -265,6 +267,7 @@ class SnapshotData:
     rank: int = 0
     world_size: int = 1
     step: int | None = None  # the collector's monotonic step (messages.Snapshot.step)
+    replica_values: list[float] | None = None  # each rank's weight fingerprint (NaN: that rank had none)
     _weight_norms: list[float] | None = field(default=None, repr=False)
     _deltas: _Lazy | None = field(default=None, repr=False)
     _holdout: _Lazy | None = field(default=None, repr=False)

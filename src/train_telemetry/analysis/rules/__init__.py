@@ -38,6 +38,7 @@ from train_telemetry.analysis.rules import (
     model_mode,
     nonfinite,
     outputs,
+    replicas,
     scale,
     schedule,
     spikes,
@@ -65,6 +66,7 @@ __all__ = [
 # make gradients grow or vanish and training swing or stall); the collector's own health last.
 RULES: tuple[Rule, ...] = (
     nonfinite.Nonfinite(),
+    replicas.ReplicaDivergence(),
     gradients.GradientsNotZeroed(),
     updates.ParamsNotUpdated(),
     outputs.ProbabilitiesAsLogits(),
