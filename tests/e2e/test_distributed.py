@@ -180,6 +180,10 @@ def test_rank0_writes_records_that_match_one_process(tmp_path: Path, reference: 
     # the replica check: both ranks' weights compared at every collection, equal bit for bit
     assert all(r["replicas"] == {"compared": 2, "not_compared": 0, "max_rel_spread": 0.0, "diverged": []}
                for r in records), [r["replicas"] for r in records]
+    from train_telemetry.analysis import load_run, render_report, report_data
+
+    assert "replicas: 2 ranks that should hold the same weights compared, their weights equal at every collection" in (
+        render_report(report_data(load_run(out))))
     run = read_json(out / "run.json")
     assert run is not None and (run["rank"], run["world_size"], run["global_batch_stats"]) == (0, 2, True)
     assert sorted(run["groups"]) == ["backbone", "head"]
@@ -229,10 +233,12 @@ def test_a_rank_whose_weights_drift_from_the_others_is_named(tmp_path: Path) -> 
             assert check["max_rel_spread"] == 0.0 and check["diverged"] == [], check
         else:
             assert check["diverged"] == [0, 1] and 1e-5 < check["max_rel_spread"] < 1e-2, check
-    from train_telemetry.analysis import diagnose, load_run
+    from train_telemetry.analysis import diagnose, load_run, render_report, report_data
 
     (found,) = [d for d in diagnose(load_run(out)) if d.code == "replica_divergence"]
     assert found.severity == "serious" and "ranks [0, 1]" in found.title and "between step 3 and step 6" in found.title
+    text = render_report(report_data(load_run(out)))
+    assert "replicas: 2 ranks that should hold the same weights compared, their weights differ" in text, text
 
 
 @pytest.mark.timeout(150)

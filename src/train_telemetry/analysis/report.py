@@ -620,7 +620,8 @@ def render_report(data: dict[str, Any], *, ascii_only: bool = False) -> str:
     lines.extend(_holdout_lines(s, ascii_only=ascii_only))
     lines.extend(_batch_lines(s))
     lines.extend(_layer_lines(s.get("layers")))
-    lines.extend(_metric_lines(s.get("metrics") or {}, skip={"layers"} if s.get("layers") else set()))
+    lines.extend(_replica_lines((s.get("metrics") or {}).get("replicas")))
+    lines.extend(_metric_lines(s.get("metrics") or {}, skip={"replicas", *(["layers"] if s.get("layers") else [])}))
     lines.extend(_telemetry_lines(s))
     for note in s["notes"]:
         add(f"note: {note}")
@@ -960,6 +961,19 @@ def _layer_lines(layers: Mapping[str, Any] | None) -> list[str]:
         values = " ".join(f"{format_number(row.get(family)):>13}" for family, _ in LAYER_COLUMNS)
         lines.append(f"    {row['layer']:<{width}} {values}")
     return lines
+
+
+def _replica_lines(leaves: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """The replica check (DDP, HSDP) in one line: how many ranks, and whether they stayed equal."""
+    if not leaves or "compared" not in leaves:
+        return []
+    ranks = format_number(leaves["compared"]["max"])
+    spread = number(leaves.get("max_rel_spread", {}).get("max"))
+    missing = number(leaves.get("not_compared", {}).get("max")) or 0
+    verdict = ("their weights equal at every collection" if not spread
+               else f"their weights differ (relative spread up to {format_number(spread)}: replica_divergence below)")
+    extra = f"; up to {format_number(missing)} ranks could not be compared" if missing else ""
+    return ["", f"  replicas: {ranks} ranks that should hold the same weights compared, {verdict}{extra}"]
 
 
 def _metric_lines(metrics: Mapping[str, Mapping[str, Any]], skip: set[str]) -> list[str]:
