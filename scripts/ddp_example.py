@@ -99,7 +99,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # The ranks that see different rows: every rank, except under tensor parallelism, where
     # the two ranks of a "tp" pair train on the same rows (their data-parallel coordinate's).
     data_rank, data_world = rank, world_size
-    if args.fsdp == "tp" and world_size > 1:
+    if args.fsdp in ("tp", "hsdp_tp") and world_size > 1:
         data_rank, data_world = rank // TP_SIZE, world_size // TP_SIZE
     per_rank_rows = GLOBAL_BATCH // data_world
     if GLOBAL_BATCH % (data_world * args.accum):
@@ -213,12 +213,16 @@ def shard(model: TinyNet, how: str, world_size: int) -> None:
     every Linear and the root over "dp" (torchtitan's FSDP2 + TP)."""
     from torch.distributed.fsdp import fully_shard
 
-    if how in ("hsdp", "tp"):
+    if how in ("hsdp", "tp", "hsdp_tp"):
         from torch.distributed.device_mesh import init_device_mesh
 
-        names = ("replicate", "shard") if how == "hsdp" else ("dp", "tp")
-        mesh = init_device_mesh("cpu", (world_size // TP_SIZE, TP_SIZE), mesh_dim_names=names)
-        if how == "tp":
+        if how == "hsdp_tp":  # 3-D: (replicate 2, shard world / 4, tp 2); torchtitan's HSDP + TP
+            names: tuple[str, ...] = ("replicate", "shard", "tp")
+            mesh = init_device_mesh("cpu", (2, world_size // (2 * TP_SIZE), TP_SIZE), mesh_dim_names=names)
+        else:
+            names = ("replicate", "shard") if how == "hsdp" else ("dp", "tp")
+            mesh = init_device_mesh("cpu", (world_size // TP_SIZE, TP_SIZE), mesh_dim_names=names)
+        if how in ("tp", "hsdp_tp"):
             from torch.distributed.tensor.parallel import (
                 ColwiseParallel,
                 RowwiseParallel,
@@ -226,7 +230,7 @@ def shard(model: TinyNet, how: str, world_size: int) -> None:
             )
 
             parallelize_module(model.backbone, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        dp_mesh = mesh if how == "hsdp" else mesh["dp"]
+        dp_mesh = mesh if how == "hsdp" else mesh["dp"] if how == "tp" else mesh["replicate", "shard"]
         for layer in [*model.backbone, model.head]:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=dp_mesh)
@@ -338,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--collect-every-n", type=int, default=3)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (no_sync)")
     parser.add_argument("--per-rank", action="store_true", help="every rank writes telemetry.rank<r>.jsonl")
-    parser.add_argument("--fsdp", choices=["none", "full", "mixed", "hsdp", "tp"], default="none",
+    parser.add_argument("--fsdp", choices=["none", "full", "mixed", "hsdp", "tp", "hsdp_tp"], default="none",
                         help="FSDP2 instead of DDP: full = fully_shard every Linear and the root; mixed = the "
                         "backbone sharded, the head replicated; on a 2-D mesh (4 ranks: 2x2): hsdp = HSDP, "
                         "tp = FSDP2 over 'dp' + tensor parallel backbone over 'tp'")

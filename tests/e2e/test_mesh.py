@@ -1,9 +1,10 @@
-"""2-D device meshes: HSDP and FSDP2 + tensor parallel on 4 real torchrun ranks (gloo, CPU, loopback).
+"""2-D and 3-D device meshes: HSDP, FSDP2 + tensor parallel, HSDP + TP on 4 real torchrun ranks
+(gloo, CPU, loopback); also on two simulated hosts.
 
-scripts/ddp_example.py --fsdp hsdp | tp runs the tiny classifier on a 2x2 mesh: HSDP
-(``fully_shard`` on a (replicate, shard) mesh) or torchtitan's layout (the backbone's
+scripts/ddp_example.py --fsdp hsdp | tp | hsdp_tp runs the tiny classifier on a 2x2 mesh:
+HSDP (``fully_shard`` on a (replicate, shard) mesh) or torchtitan's layout (the backbone's
 Linears column- then row-wise over "tp", every Linear and the root ``fully_shard`` over
-"dp"), with two named param groups, an LR that changes every step and two accumulated
+"dp"), or on the 3-D mesh (replicate 2, shard 1, tp 2) of torchtitan's HSDP + TP, with two named param groups, an LR that changes every step and two accumulated
 micro-batches per optimizer step. Every per-group and per-layer value rank 0 records must
 equal a float64 one-process computation written here with plain torch (replicated
 parameters counted once: counted twice, a norm would come out up to sqrt(2) too large), and
@@ -138,7 +139,12 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     return read_records(out)
 
 
-@pytest.fixture(scope="module", params=["hsdp", "tp"])
+# The layouts whose ranks include replicas of each other (the replica check compares them):
+# HSDP's replicate dim, and the 3-D mesh's (replicate 2, shard 1, tp 2), torchtitan's HSDP + TP.
+WITH_REPLICAS = ("hsdp", "hsdp_tp")
+
+
+@pytest.fixture(scope="module", params=["hsdp", "tp", "hsdp_tp"])
 def mesh_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One 4-rank run on a 2x2 mesh, the hook's collectives counted on every rank."""
     before = _shm_files()
@@ -184,7 +190,7 @@ def test_2d_mesh_records_equal_the_one_process_run_key_by_key(
         # HSDP: each shard's two replicas (ranks 0 and 2, 1 and 3) compared, equal bit for bit;
         # FSDP2 + TP: no two ranks hold the same blocks of every tensor, so nothing to compare
         want_check = {"compared": 4, "not_compared": 0, "max_rel_spread": 0.0, "diverged": []}
-        assert check == (want_check if mesh_run["layout"] == "hsdp" else None), check
+        assert check == (want_check if mesh_run["layout"] in WITH_REPLICAS else None), check
 
 
 @pytest.mark.timeout(240)
@@ -195,7 +201,7 @@ def test_the_hook_issues_one_small_all_reduce_per_collection_and_nothing_else(me
     replicas to compare, one number per rank) at each collection, whatever the mesh; no
     all-gather of weights or gradients; none between."""
     size = 4 + 2 * len(PARAMS) + COUNT_VECTOR_LEN + 2 * len(RANK_PARTS)
-    size += 4 if mesh_run["layout"] == "hsdp" else 0  # the replica check: one number per rank
+    size += 4 if mesh_run["layout"] in WITH_REPLICAS else 0  # the replica check: one number per rank
     for rank, result in mesh_run["results"].items():
         seen = {int(step): calls for step, calls in result["collectives"].items()}
         assert sorted(seen) == list(range(STEPS)), (rank, seen)
