@@ -96,6 +96,24 @@ def time_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, collections: 
     return took[1:]
 
 
+def time_training_ops(count: int, numel: int, fsdp: bool, repeats: int = 5) -> dict[str, float]:
+    """What torch itself takes for the same model, in ms (median of ``repeats``): an AdamW step
+    (``foreach``, the default) and ``clip_grad_norm_``, both paying per tensor as the hook does."""
+    model, _ = build(count, numel, fsdp)
+    params = list(model.parameters())
+    adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    adamw.step()  # its state, allocated once
+    out: dict[str, list[float]] = {"adamw_step": [], "clip_grad_norm": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        adamw.step()
+        out["adamw_step"].append((time.perf_counter() - t0) * 1000.0)
+        t0 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1e9)  # a max_norm no gradient reaches: nothing scaled
+        out["clip_grad_norm"].append((time.perf_counter() - t0) * 1000.0)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def _lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for _ in f)
@@ -137,6 +155,9 @@ def main() -> int:
                 del model, optimizer
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # torch's own per-tensor cost on the same models: what a training step with them already pays
+    # (one process only: under FSDP2 AdamW over 20,000 DTensors took over 10 minutes here)
+    training = {name: time_training_ops(*shape, fsdp) for name, shape in shapes.items()} if not fsdp else {}
     if rank == 0:
         result: dict[str, Any] = {
             "layout": (f"FSDP2 over {dist.get_world_size()} ranks" if fsdp else "one process")
@@ -154,6 +175,11 @@ def main() -> int:
               f"{total * 4 / 2**20:.1f} MiB, {len(times['many'])} collections each: hook at a collection "
               f"median {med['many']:.2f} vs {med['few']:.2f} ms (ratio {result['ratio_many_over_few']:.2f}x), "
               f"lower quartile {q1['many']:.2f} vs {q1['few']:.2f} ms (ratio {result['ratio_q1']:.2f}x)", flush=True)
+        result["training_ops_ms"] = training
+        for op in ("adamw_step", "clip_grad_norm") if training else ():
+            many, few = training["many"][op], training["few"][op]
+            print(f"  torch's own {op} on the same models: {many:.1f} vs {few:.1f} ms (ratio {many / few:.1f}x); "
+                  f"the hook is {med['many'] / many:.2f} vs {med['few'] / few:.2f} of it", flush=True)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "many_tensors_bench.json").write_text(json.dumps(result, indent=1))
