@@ -35,9 +35,9 @@ from .snapshot import RANK_PARTS, aux_view, bind_model, meta_views
 from .writer import OnceLog, RecordWriter
 
 _MAX_LOGGED_ERRORS = 20
-# What a record loses when a rank could not add its share to a part (snapshot.RANK_PARTS).
 # Weight metrics built from per-parameter norms alone: across hosts they come from each host's sums (hosts.py).
 _FROM_SUMS = frozenset({"weight_norm", "weight_delta", "update_ratio", "layers"})
+# What a record loses when a rank could not add its share to a part (snapshot.RANK_PARTS).
 _PART_FIELDS = {"gradient_norm": (), "train_loss": ("loss",), "batch_stats": ("label_counts", "batch_size"),
                 "train_accuracy": ("train_accuracy",)}
 

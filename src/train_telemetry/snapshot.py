@@ -631,7 +631,7 @@ def weight_fingerprint(tensors: Sequence[torch.Tensor], groups: ShapeGroups | No
         return torch.stack(parts).sum()
     wide = all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     norms = torch._foreach_norm(list(tensors)) if wide else torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
-    return torch.stack([n.double() for n in norms]).square().sum()
+    return torch.stack(norms).double().square().sum()  # stack promotes mixed float32/float64 norms
 
 
 def grad_norms(params: Sequence[torch.nn.Parameter], stack: bool,

@@ -60,19 +60,22 @@ def assert_same(got: Any, want: Any, where: str) -> None:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("mode", ["async", "sync"])
 def test_fsdp2_on_two_hosts_records_every_weight_number_and_says_why_the_holdout_is_absent(
-        tmp_path: Path, one_process: list[dict[str, Any]]) -> None:
+        tmp_path: Path, one_process: list[dict[str, Any]], mode: str) -> None:
     """Each rank on a host of its own (no shared memory between them): every collection is
     recorded; gradient norms, LRs, loss, batch statistics and also the weight norms, deltas
     and update ratios (overall, per group, per layer: summed from each host's worker,
     hosts.py) equal one process's; the holdout and activations, which need the whole model
     in one process, are absent and each record says why. Before, the weight numbers were
-    absent too, and before that most records were lost (an AttributeError in the hook)."""
-    out, results = run_example(tmp_path, *STEPS, "--fsdp", "full", env={TEST_HOSTS_ENV: "2"})
+    absent too, and before that most records were lost (an AttributeError in the hook).
+    The same records whether rank 0's worker builds them or its training thread does."""
+    out, results = run_example(tmp_path, *STEPS, "--fsdp", "full", "--mode", mode, env={TEST_HOSTS_ENV: "2"})
     assert_all_written(results[0]["summary"])
     assert results[0]["summary"]["hook_errors"] == 0 == results[1]["summary"]["hook_errors"]
     records = read_records(out)
     assert len(records) == len(one_process) == 4
+    assert {r["telemetry"]["built_by"] for r in records} == {"worker" if mode == "async" else "trainer"}
     for got, want in zip(records, one_process, strict=True):
         for key in ("gradient_norm", "learning_rates", "train", "batch_stats", "weight_norm", "weight_delta",
                     "update_ratio", "layers", "reference_batch_idx"):
