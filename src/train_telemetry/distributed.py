@@ -39,7 +39,7 @@ import torch
 
 from .batches import BatchFormatCache
 from .config import TelemetryConfig, TelemetryConfigError
-from .hosts import HostWorker
+from .hosts import NO_STORE, HostWorker
 from .metrics.batch import count_vector
 from .shards import (
     ShardPlan,
@@ -301,7 +301,8 @@ class Sharded:
         if plan.cross_host and "weights" in self.needs and self.info.writes:
             self.warn("shards_hosts", f"the model's counted shards lie on {plan.hosts} hosts: weight norms, deltas "
                       "and update ratios are summed over the hosts, but the holdout and activations (which need the "
-                      "whole model in one process) are not recorded; records say so (docs/distributed.md)")
+                      "whole model in one process) are not recorded; records say so (docs/distributed.md)"
+                      + ("" if plan.store is not None else f". And: {NO_STORE}"))
         self.plan = plan
         info = self.info
         info.formats = info.formats or BatchFormatCache(
@@ -317,7 +318,8 @@ class Sharded:
         if error is not None:
             raise error
         rank, host = self.info.rank, plan.host_of[self.info.rank]
-        if "weights" in self.needs and host in plan.remote_hosts() and rank == min(plan.ranks_on(host)):
+        if "weights" in self.needs and plan.store is not None and host in plan.remote_hosts() \
+                and rank == min(plan.ranks_on(host)):
             # after every rank made its file: this host's worker sums its ranks' shards (hosts.py)
             self.host_worker = HostWorker(plan, host, len(self.layout.params) if self.layout else 0,
                                           "weight_deltas" in self.needs, self.config, self.warn)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -57,6 +58,11 @@ ASK_AGAIN_S = 2.0  # an unanswered ask is repeated this often (a replaced host w
 ASK_POLL_S = 0.005  # how often a host worker looks for rank 0's next ask
 PARENT_POLL_S = 0.5
 _CACHE = 8  # answers a host worker keeps, for a replaced rank-0 worker that asks again
+
+
+NO_STORE = ("the job's c10d store is not a TCPStore (init_process_group with init_method='file://...'?): the "
+            "other hosts' weight numbers cannot reach rank 0's worker, so they are missing; initialise with "
+            "env:// (torchrun's default) or tcp://")
 
 
 def store_address() -> tuple[str, int] | None:
@@ -232,6 +238,9 @@ class CrossHost:
         self.reference_batch_idx: int | None = None  # the collection every host's reference holds (None: start())
         self.store: Any = None
         self.error: str | None = None
+        if plan.store is None:
+            self.error = NO_STORE
+            return
         try:
             self.store = connect(plan.store, plan.token)
         except Exception as exc:
@@ -250,9 +259,9 @@ class CrossHost:
         problems = [] if why is None else [f"host 0 (rank 0's): {why}"]
         if self.error is not None:
             problems.append(self.error)
-        for h in self.remote:
+        for h in self.remote if self.store is not None else ():  # without a store: self.error says why
             waited = LATE_WAIT_S if h in self.late else WAIT_FOR_HOST_S
-            got = self._answer(h, ordinal, waited) if self.store is not None else None
+            got = self._answer(h, ordinal, waited)
             if got is None:
                 problems.append(f"host {h} (ranks {self.plan.ranks_on(h)}) did not answer within {waited:g} s: its "
                                 "weight numbers are missing (is its host worker running? its lowest rank's warnings say)")
@@ -320,12 +329,17 @@ def host_loop(plan: Any, host: int, num_params: int, deltas: bool, config: Any, 
 
     termination = _Termination()
     _prepare_process(config, False, termination)  # niceness and threads of the worker; SIGTERM ends the loop
-    blocks = HostBlocks(plan, host, num_params, deltas)
-    store = connect(plan.store, plan.token)
-    if first and deltas:  # the shards at start(): the first reference (a replacement has none: its first deltas are null)
-        blocks.partials(-1)
-        blocks.release(None)
-    serve(store, blocks, lambda: termination.requested or os.getppid() != parent_pid)
+    try:
+        blocks = HostBlocks(plan, host, num_params, deltas)
+        store = connect(plan.store, plan.token)
+        if first and deltas:  # the shards at start(): the first reference (a replacement has none)
+            blocks.partials(-1)
+            blocks.release(None)
+        serve(store, blocks, lambda: termination.requested or os.getppid() != parent_pid)
+    except Exception as exc:  # one line, not a traceback: the store went away with the job, most often
+        sys.stderr.write(f"train-telemetry: the host worker of host {host} stops: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
+        os._exit(1)
     os._exit(0)  # no interpreter teardown: everything is answered
 
 

@@ -174,6 +174,18 @@ def test_a_host_that_does_not_answer_is_waited_for_once_then_read_again(
     assert got.problems == [] and got.deltas is not None and close_to(got.deltas.deltas, expected(8, 6)["deltas"])
 
 
+def test_without_a_tcp_store_the_other_hosts_numbers_are_missing_and_say_why(two_hosts: TwoHosts) -> None:
+    """A job initialised with init_method='file://...' has no TCPStore for the hosts' sums:
+    records say so and how to fix it, never a norm of rank 0's host's shards alone."""
+    two_hosts.plan.store = None
+    cross = start(two_hosts)
+    assert two_hosts.collect(0, 2)
+    got = cross.numbers(0, 0, batch_idx=2)
+    assert got.norms is None and got.deltas is None
+    (problem,) = got.problems  # one reason, not also a wait that never happened
+    assert "not a TCPStore" in problem and "env://" in problem, problem
+
+
 def test_answers_survive_the_round_trip() -> None:
     sums = torch.arange(6, dtype=torch.float64)
     for unknown, why in ((None, None), ("no reference yet", None), (None, "rank 3 had no slot")):
