@@ -256,6 +256,9 @@ class CrossHost:
         """The weight norms and deltas of the collection ``ordinal``, summed over the hosts."""
         self._ask(ordinal)
         sums, unknown, why = self.local.partials(ordinal, slot)
+        # Every host that computes this collection makes it its reference (one that cannot clears
+        # its reference and says so next time): so a later delta that is known is from this one.
+        since, self.reference_batch_idx = self.reference_batch_idx, batch_idx
         problems = [] if why is None else [f"host 0 (rank 0's): {why}"]
         if self.error is not None:
             problems.append(self.error)
@@ -278,7 +281,6 @@ class CrossHost:
         n = self.num_params
         roots = sums.sqrt().tolist()
         norms, deltas, refs = roots[:n], roots[n : 2 * n], roots[2 * n :]
-        since, self.reference_batch_idx = self.reference_batch_idx, batch_idx  # every host's reference is this one now
         if unknown is not None:
             return Numbers(norms, None, [], f"{unknown}: no delta for this collection (the next one has it)")
         return Numbers(norms, WeightDeltas(deltas, refs, since, norms), [], None)

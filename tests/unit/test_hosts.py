@@ -172,6 +172,7 @@ def test_a_host_that_does_not_answer_is_waited_for_once_then_read_again(
     assert two_hosts.collect(3, 8)
     got = cross.numbers(1, 3, batch_idx=8)
     assert got.problems == [] and got.deltas is not None and close_to(got.deltas.deltas, expected(8, 6)["deltas"])
+    assert got.deltas.reference_batch_idx == 6
 
 
 def test_without_a_tcp_store_the_other_hosts_numbers_are_missing_and_say_why(two_hosts: TwoHosts) -> None:
