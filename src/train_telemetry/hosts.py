@@ -48,9 +48,9 @@ from typing import Any
 import torch
 
 from .metrics.api import WeightDeltas
-from .snapshot import SlotFile, find_shards
+from .shards import ShardFiles
 
-__all__ = ["CrossHost", "Numbers", "HostBlocks", "HostWorker", "host_loop", "serve", "store_address"]
+__all__ = ["CrossHost", "Numbers", "HostBlocks", "HostWorker", "host_loop", "serve"]
 
 WAIT_FOR_HOST_S = 30.0  # rank 0's worker waits this long for a host's answer before recording it missing
 LATE_WAIT_S = 0.5  # ... and this long once a host has missed one, until it answers again
@@ -63,18 +63,6 @@ _CACHE = 8  # answers a host worker keeps, for a replaced rank-0 worker that ask
 NO_STORE = ("the job's c10d store is not a TCPStore (init_process_group with init_method='file://...'?): the "
             "other hosts' weight numbers cannot reach rank 0's worker, so they are missing; initialise with "
             "env:// (torchrun's default) or tcp://")
-
-
-def store_address() -> tuple[str, int] | None:
-    """Host and port of this job's c10d TCPStore (the one ``init_process_group`` made), or None."""
-    try:
-        store: Any = torch.distributed.distributed_c10d._get_default_store()
-    except Exception:
-        return None
-    while hasattr(store, "underlying_store"):
-        store = store.underlying_store
-    host, port = getattr(store, "host", None), getattr(store, "port", None)
-    return (str(host), int(port)) if host and port else None
 
 
 def connect(address: tuple[str, int], token: str, timeout_s: float = 60.0) -> Any:
@@ -108,46 +96,34 @@ class HostBlocks:
                  rank0_slots: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
         self.plan, self.host, self.num_params, self.deltas = plan, host, num_params, deltas
         self.rank0_slots = rank0_slots
-        ranks = [r for r in range(plan.world_size) if plan.host_of[r] == host]
-        self.files: dict[int, SlotFile] = {}
-        self.lost: dict[int, str] = {}
-        for r in ranks:
-            path = plan.paths[r] if 0 < r < len(plan.paths) else None
-            if path is None:
-                continue
-            try:
-                self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
-            except FileNotFoundError:
-                self.lost[r] = f"rank {r}'s shard file was gone when this worker started: its shards are missing"
+        ranks = plan.ranks_on(host)
+        self.shards = ShardFiles(plan, ranks)  # this host's ranks' files (rank 0's host: not rank 0's own)
         # per rank: (parameter j, position of its block in that rank's slot)
         self.items: dict[int, list[tuple[int, int]]] = {}
         if 0 in ranks and rank0_slots is not None:
             self.items[0] = [(j, j) for j in range(num_params) if plan.blocks[j][0] is not None]
-        for r in self.files:
+        for r in self.shards.files:
             self.items[r] = [(j, k) for k, j in enumerate(plan.file_tensors(r)) if j < num_params]
         self.reference: dict[tuple[int, int], torch.Tensor] = {}
         # why a block may have no reference: this worker started after start() (a replacement)
         self.no_reference = f"host {host}'s worker was replaced and has no reference yet"
-        self.gone: set[int] = set()
-        self._held: list[tuple[int, int]] = []
 
     def partials(self, ordinal: int, slot: int | None = None) -> tuple[torch.Tensor | None, str | None, str | None]:
         """(sums, why the deltas are unknown or None, why there are no sums or None) for
         collection ``ordinal``; ``slot``: rank 0's. Ordinal -1 (the shards at ``start()``)
         only sets the reference.
         """
-        if self.lost:
+        if self.shards.lost:
             self.reference.clear()
-            return None, None, next(iter(self.lost.values()))
+            return None, None, next(iter(self.shards.lost.values()))
         pieces: list[tuple[int, int, torch.Tensor]] = []
         problem = None
-        for r, f in self.files.items():
-            found = find_shards(r, f, ordinal, self.gone)
+        for r in self.shards.files:
+            found = self.shards.take(r, ordinal)
             if isinstance(found, str):
                 problem = problem or found
                 continue
-            self._held.append((r, found))
-            pieces += [(r, j, f.slots[found][k]) for j, k in self.items[r]]
+            pieces += [(r, j, found[k]) for j, k in self.items[r]]
         if 0 in self.items and slot is not None and self.rank0_slots is not None:
             pieces += [(0, j, self.rank0_slots[slot][k]) for j, k in self.items[0]]
         if problem is not None:  # the reference of the missing blocks would be stale: start over
@@ -174,12 +150,7 @@ class HostBlocks:
         return sums, unknown, None
 
     def release(self, ordinal: int | None) -> None:
-        for r, i in self._held:
-            self.files[r].states.release(i)
-        self._held = []
-        if ordinal is not None:
-            for f in self.files.values():  # collections rank 0 dropped but this host's ranks copied
-                f.release_through(ordinal)
+        self.shards.release(ordinal)
 
 
 def _sq(t: torch.Tensor) -> float:

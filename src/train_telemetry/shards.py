@@ -55,7 +55,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,6 @@ import torch
 
 from .batches import logits_of
 from .config import TelemetryConfigError
-from .hosts import store_address
 from .messages import TensorSpec
 from .metrics.batch import COUNT_VECTOR_LEN, batch_accuracy, count_vector
 from .snapshot import (
@@ -76,7 +75,7 @@ from .snapshot import (
     weight_fingerprint,
 )
 
-__all__ = ["ShardPlan", "ShardSync", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
+__all__ = ["ShardPlan", "ShardSync", "ShardFiles", "Assembler", "RankFailed", "has_dtensor_params", "plain_skeleton",
            "plan_shards", "unsupported_sharding"]
 
 SHM_DIR = "/dev/shm"
@@ -167,7 +166,6 @@ class ShardPlan:
     sizes: list[list[int]] = field(default_factory=list)
     num_slots: int = 2
     paths: list[str | None] = field(default_factory=list)
-    same_host: bool = True
     hosts: int = 1
     blocks: list[list[Block | None]] = field(default_factory=list)
     data_ranks: list[int] | None = None  # None: every rank
@@ -320,9 +318,20 @@ def _agree(said: list[dict[str, Any]], world: int, num_slots: int) -> ShardPlan:
         key = repr([(d["block"], d["placements"], d["mesh"] and d["mesh"][d["mesh"].index(-1):]) for d in s["tensors"]])
         same_blocks.setdefault(key, []).append(r)
     replica_groups = [ranks for ranks in same_blocks.values() if len(ranks) > 1]
-    return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, same_host=len(host_index) == 1,
-                     hosts=len(host_index), blocks=blocks, host_of=host_of, replica_groups=replica_groups,
+    return ShardPlan(world_size=world, specs=specs, num_slots=num_slots, hosts=len(host_index), blocks=blocks, host_of=host_of, replica_groups=replica_groups,
                      data_ranks=None if data_mesh is None or len(data_mesh) == world else list(data_mesh))
+
+
+def store_address() -> tuple[str, int] | None:
+    """Host and port of this job's c10d TCPStore (the one ``init_process_group`` made), or None."""
+    try:
+        store: Any = torch.distributed.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    return (str(host), int(port)) if host and port else None
 
 
 TEST_HOSTS_ENV = "TRAIN_TELEMETRY_TEST_HOSTS"
@@ -654,6 +663,48 @@ def _partial_grads(params: Sequence[torch.nn.Parameter]) -> list[int]:
     return out
 
 
+# ---------------------------------------------------------------------- the readers
+class ShardFiles:
+    """The shard files one reader maps (rank 0's worker, or a host worker, hosts.py): each
+    collection's slot of every rank, held until its record is written, then freed together
+    with the stale ones (collections the reader dropped but a rank copied)."""
+
+    def __init__(self, plan: ShardPlan, ranks: Iterable[int]) -> None:
+        self.files: dict[int, SlotFile] = {}
+        self.lost: dict[int, str] = {}  # ranks whose shard file was gone when this reader started
+        self.late: set[int] = set()  # ranks that missed a collection (snapshot.find_shards)
+        self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
+        for r in ranks:
+            path = plan.paths[r] if 0 < r < len(plan.paths) else None
+            if path is None:  # rank 0 (its own slots), or a rank whose every block is a replica
+                continue
+            try:
+                self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
+            except FileNotFoundError:
+                # A replacement reader started after rank r's stop() removed its file (a worker
+                # killed near the end of a short run): the records it replays keep everything
+                # but the weights, and say why, rather than the reader failing to start and
+                # every snapshot it holds being lost.
+                self.lost[r] = (f"rank {r}'s shard file was gone when this worker started (rank {r} had "
+                                "stopped and removed it before the worker was replaced): its shards are missing")
+
+    def take(self, r: int, ordinal: int) -> list[torch.Tensor] | str:
+        """Rank ``r``'s tensors of collection ``ordinal`` (its slot, held until ``release``), or why not."""
+        found = find_shards(r, self.files[r], ordinal, self.late)
+        if isinstance(found, str):
+            return found
+        self._held.append((r, found))
+        return self.files[r].slots[found]
+
+    def release(self, ordinal: int | None) -> None:
+        for r, i in self._held:
+            self.files[r].states.release(i)
+        self._held = []
+        if ordinal is not None:
+            for f in self.files.values():
+                f.release_through(ordinal)
+
+
 # ---------------------------------------------------------------------- rank 0's worker
 class Assembler:
     """Rank 0's worker: full tensors of a collection from every rank's shards (same host)."""
@@ -661,39 +712,24 @@ class Assembler:
     def __init__(self, plan: ShardPlan, rank0_slots: Sequence[Sequence[torch.Tensor]]) -> None:
         self.plan = plan
         self.rank0_slots = rank0_slots
-        self.files: dict[int, SlotFile] = {}
-        self.gone: set[int] = set()
         self.error: str | None = None
         self.full: dict[int, torch.Tensor] = {}
-        self._held: list[tuple[int, int]] = []  # (rank, slot) to free after the record is written
-        if plan.cross_host or (not plan.host_of and not plan.same_host):
+        if plan.cross_host:
+            self.shards = ShardFiles(plan, [])
             self.error = (f"the model's shards lie on {plan.hosts} hosts and weights do not cross hosts, so the "
                           "holdout, activations and metrics that need the whole model in one process are not built "
                           "(weight norms, deltas and update ratios are: each host sends its sums). HSDP that "
                           "replicates across hosts keeps a whole copy on rank 0's host and records them")
             return
-        self.lost: dict[int, str] = {}  # ranks whose shard file was gone when this worker started
-        for r in range(1, plan.world_size):
-            path = plan.paths[r] if r < len(plan.paths) else None
-            if path is None:  # a rank whose every block is a replica (nothing to read)
-                continue
-            try:
-                self.files[r] = SlotFile(path, plan.num_slots, plan.file_specs(r), create=False)
-            except FileNotFoundError:
-                # A replacement worker started after rank r's stop() removed its file (a worker
-                # killed near the end of a short run): the records it replays keep everything
-                # but the weights, and say why, rather than this worker failing to start and
-                # every snapshot it holds being lost.
-                self.lost[r] = (f"rank {r}'s shard file was gone when this worker started (rank {r} had "
-                                "stopped and removed it before rank 0's worker was replaced): its shards are missing")
+        self.shards = ShardFiles(plan, range(1, plan.world_size))  # every rank's file is on this host
         self.full = {j: torch.empty(plan.specs[j].shape, dtype=getattr(torch, plan.specs[j].dtype)) for j in plan.sharded}
         # per assembled tensor: (rank, its position in that rank's slot, where it goes in the full tensor)
-        at_in_file = {r: {j: k for k, j in enumerate(plan.file_tensors(r))} for r in self.files}
+        at_in_file = {r: {j: k for k, j in enumerate(plan.file_tensors(r))} for r in self.shards.files}
         self.places: dict[int, list[tuple[int, int, Any]]] = {}
         for j in plan.sharded:
             places = []
             for r, block in enumerate(plan.blocks[j]):
-                if block is None or block.numel == 0 or r in self.lost:
+                if block is None or block.numel == 0 or r in self.shards.lost:
                     continue
                 places.append((r, j if r == 0 else at_in_file[r][j], _placer(block)))
             self.places[j] = places
@@ -705,16 +741,15 @@ class Assembler:
         """
         if self.error is not None:
             return None, self.error
-        if self.lost and ordinal is not None:
-            return None, next(iter(self.lost.values()))
+        files = self.shards
+        if files.lost and ordinal is not None:
+            return None, next(iter(files.lost.values()))
         parts: dict[int, list[torch.Tensor]] = {}
-        for r, f in self.files.items():
-            found = self._find(r, f, ordinal)
+        for r, f in files.files.items():
+            found = f.slots[0] if ordinal is None else files.take(r, ordinal)
             if isinstance(found, str):
                 return None, found
-            parts[r] = f.slots[found]
-            if ordinal is not None:
-                self._held.append((r, found))
+            parts[r] = found
         mine = self.rank0_slots[slot]
         out: list[torch.Tensor] = list(mine)
         for j, places in self.places.items():
@@ -724,20 +759,9 @@ class Assembler:
             out[j] = full
         return out, None
 
-    def _find(self, r: int, f: SlotFile, ordinal: int | None) -> int | str:
-        if ordinal is None:
-            return 0
-        return find_shards(r, f, ordinal, self.gone)
-
     def release(self, ordinal: int | None) -> None:
         """After the record of ``ordinal`` is written: free the shards it used, and stale ones."""
-        for r, i in self._held:
-            self.files[r].states.release(i)
-        self._held = []
-        if ordinal is None:
-            return
-        for f in self.files.values():  # collections rank 0 dropped but another rank copied
-            f.release_through(ordinal)
+        self.shards.release(ordinal)
 
 
 def _placer(block: Block) -> Any:

@@ -109,6 +109,22 @@ def run_example(workdir: Path, *flags: str, ranks: int = 2,
 
 
 
+def run_two_ranks(script: str, *args: str, timeout: float = 100) -> list[str]:
+    """Run ``script`` (``python -c``) as ranks 0 and 1 without torchrun (its argv: the rank, then
+    ``args``), on loopback gloo; each must exit 0. Returns their outputs."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output[-4000:]
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The records of one process trained on the same global batches."""

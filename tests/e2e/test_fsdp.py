@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import EXAMPLE, REL, assert_all_written, pytestmark, run_example  # noqa: F401
+from test_distributed import (  # noqa: F401
+    EXAMPLE,
+    REL,
+    assert_all_written,
+    pytestmark,
+    run_example,
+    run_two_ranks,
+)
 
 from train_telemetry import read_records
 from train_telemetry.records import read_json
@@ -253,17 +260,8 @@ def test_a_rank_whose_share_fails_makes_its_parts_null_with_an_error_naming_it(t
     """Two FSDP2 ranks; rank 1's share of the collective fails at step 1 (all of it) and at
     step 2 (its labels): rank 0 records those parts as null with a RankFailed error naming
     rank 1, never a global value without rank 1's share; every other value is exact."""
-    store, out = tmp_path / "store", tmp_path / "run"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", FSDP2_RANK_FAILS, str(rank), str(store), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-4000:]
+    out = tmp_path / "run"
+    outputs = run_two_ranks(FSDP2_RANK_FAILS, str(tmp_path / "store"), str(out), timeout=120)
     want = {int(w[1]): [float(v) for v in w[2:]] for w in (line.split() for line in outputs[0].splitlines())
             if w and w[0] == "want"}
     records = read_records(out)

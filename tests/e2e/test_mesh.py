@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_distributed import REL, assert_all_written, example, pytestmark, run_example  # noqa: F401
+from test_distributed import (  # noqa: F401
+    REL,
+    assert_all_written,
+    example,
+    pytestmark,
+    run_example,
+    run_two_ranks,
+)
 from test_fsdp import assert_same
 
 from train_telemetry import read_records
@@ -384,18 +389,7 @@ os._exit(0)  # as above: no interpreter teardown under gloo's DeviceMesh threads
 
 
 def _two_ranks(tmp_path: Path, case: str) -> list[str]:
-    store, out = tmp_path / "store", tmp_path / "run"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", PARTIAL_GRADS, str(rank), str(store), str(out), case], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        outputs = [p.communicate(timeout=100)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-4000:]
-    return outputs
+    return run_two_ranks(PARTIAL_GRADS, str(tmp_path / "store"), str(tmp_path / "run"), case)
 
 
 @pytest.mark.timeout(120)

@@ -45,7 +45,7 @@ class TwoHosts:
         self.server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         specs = [TensorSpec("w", (7, 3), "float32"), TensorSpec("b", (5,), "float64")]
         self.plan = ShardPlan(world_size=2, specs=specs, dims=[0, 0], sizes=[[4, 3], [3, 2]], num_slots=2,
-                              same_host=False, hosts=2, host_of=[0, 1], store=("127.0.0.1", self.server.port),
+                              hosts=2, host_of=[0, 1], store=("127.0.0.1", self.server.port),
                               token=uuid.uuid4().hex[:12])
         self.plan.paths = [None, f"/dev/shm/train-telemetry-test-{self.plan.token}-rank1"]
         self.rank1 = SlotFile(self.plan.paths[1], 2, self.plan.file_specs(1), create=True)

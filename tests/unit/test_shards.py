@@ -23,7 +23,7 @@ def make_plan(num_slots: int = 2, same_host: bool = True) -> ShardPlan:
     # weight [7, 3] cut 4 + 3 over 2 ranks along dim 0; bias [5] cut 3 + 2; a replicated buffer
     specs = [TensorSpec("w", (7, 3), "float32"), TensorSpec("b", (5,), "float64"), TensorSpec("buf", (2,), "float32")]
     plan = ShardPlan(world_size=2, specs=specs, dims=[0, 0, None], sizes=[[4, 3], [3, 2], []], num_slots=num_slots,
-                     same_host=same_host, hosts=1 if same_host else 2, host_of=[0, 0] if same_host else [0, 1])
+                     hosts=1 if same_host else 2, host_of=[0, 0] if same_host else [0, 1])
     plan.paths = [None, f"/dev/shm/train-telemetry-test-{uuid.uuid4().hex[:8]}-rank1" if same_host else None]
     return plan
 
